@@ -1,0 +1,52 @@
+"""The joint multi-weight OBS block method of Zhao et al. (ALGORITHM.md section 3).
+
+Columns are processed left to right in blocks of B. In each block every row removes its whole pruned set at once
+with the optimal joint update (a small SPD solve per row, batched: ``ops.masked_solve``), and the error is
+propagated to the columns right of the block with one GEMM, as in SparseGPT's lazy update.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..config import PruneConfig
+from .common import (PruneResult, check_fixed_mask, check_layer, damped_hessian, inverse_cholesky_upper,
+                     smallest_mask)
+
+
+def select_block_mask(W1: torch.Tensor, U_B: torch.Tensor, G: torch.Tensor, config: PruneConfig) -> torch.Tensor:
+    """The pruned set of one block (section 4), chosen before the joint solve."""
+    sp = config.sparsity
+    d = torch.diagonal(U_B) ** 2 if config.mask == "sparsegpt" else torch.diagonal(G)
+    if sp.structured:
+        if config.mask == "exact":
+            return ops.nm_select(W1, G, sp.n, sp.m, exact=True, backend=config.backend)
+        return ops.nm_select(W1, torch.diag(d), sp.n, sp.m, exact=False, backend=config.backend)
+    return smallest_mask(W1 * W1 / d, sp.fraction, config.mask_scope)
+
+
+def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneConfig(), *,
+                mask: torch.Tensor | None = None) -> PruneResult:
+    """Prune ``W`` (rows, cols) given its Hessian ``H`` (cols, cols). ``mask`` (bool, True = prune) fixes the
+    pruned set instead of selecting it; the sparsity setting is then ignored."""
+    check_layer(W, H, config.sparsity)
+    check_fixed_mask(mask, W)
+    Wc, H_d, dead = damped_hessian(W, H, config.damp)
+    U = inverse_cholesky_upper(H_d)
+    rows, cols = Wc.shape
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    row_loss = torch.zeros(rows, dtype=Wc.dtype, device=W.device)
+    B = config.block_size
+    for b0 in range(0, cols, B):
+        b1 = min(b0 + B, cols)
+        W1 = Wc[:, b0:b1]
+        U_B = U[b0:b1, b0:b1]
+        G = U_B.T @ U_B
+        M1 = mask[:, b0:b1] if mask is not None else select_block_mask(W1, U_B, G, config)
+        E, loss = ops.masked_solve(G, U_B, W1, M1, backend=config.backend)
+        W1 -= E @ U_B
+        W1.masked_fill_(M1, 0.0)
+        Wc[:, b1:] -= E @ U[b0:b1, b1:]
+        pruned[:, b0:b1] = M1
+        row_loss += loss
+    return PruneResult(Wc.to(W.dtype), pruned, float(row_loss.sum()), row_loss)

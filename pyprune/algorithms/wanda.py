@@ -1,0 +1,25 @@
+"""Wanda (Sun et al., 2023): prune by |w| * ||x_j||, per output row, no weight update."""
+from __future__ import annotations
+
+import torch
+
+from ..config import PruneConfig
+from .common import (PruneResult, check_fixed_mask, check_layer, damped_hessian, layer_objective, nm_smallest_mask,
+                     smallest_mask)
+
+
+def prune_wanda(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneConfig(method="wanda"), *,
+                mask: torch.Tensor | None = None) -> PruneResult:
+    """The input norm ||x_j|| is sqrt(n/2 * H_jj); the constant factor does not change the ranking. The reported
+    loss is the layer objective with the damped Hessian against the weights with dead columns zeroed (they cost
+    nothing on the calibration data), comparable with the other methods'."""
+    check_layer(W, H, config.sparsity)
+    check_fixed_mask(mask, W)
+    sp = config.sparsity
+    Wc, H_d, _ = damped_hessian(W, H, config.damp)
+    if mask is None:
+        score = Wc.abs() * torch.sqrt(torch.diagonal(H).to(Wc.dtype)).clamp_min(0)[None, :]
+        mask = nm_smallest_mask(score, sp.n, sp.m) if sp.structured else smallest_mask(score, sp.fraction, "row")
+    W_hat = W.to(Wc.dtype).masked_fill(mask, 0.0)
+    row_loss = layer_objective(Wc, W_hat, H_d)
+    return PruneResult(W_hat.to(W.dtype), mask, float(row_loss.sum()), row_loss)

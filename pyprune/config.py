@@ -1,0 +1,112 @@
+"""Settings of a pruning run: the sparsity target and the per-layer method configuration.
+
+Plain frozen dataclasses with validation in ``__post_init__``: no global state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+METHODS = ("joint", "sparsegpt", "wanda", "magnitude")
+MASKS = ("diag", "sparsegpt", "exact")
+MASK_SCOPES = ("block", "row")
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """A sparsity target: an unstructured fraction, or N:M (exactly ``n`` of every ``m`` consecutive weights of a
+    row are pruned, as in SparseGPT's ``prunen:prunem``; "2:4" keeps 2 of 4)."""
+
+    fraction: float
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self):
+        if self.m:
+            if not (0 < self.n < self.m):
+                raise ValueError(f"N:M sparsity needs 0 < N < M, got {self.n}:{self.m}")
+            object.__setattr__(self, "fraction", self.n / self.m)
+        elif not (isinstance(self.fraction, (int, float)) and math.isfinite(self.fraction)
+                  and 0.0 <= self.fraction < 1.0):
+            raise ValueError(f"sparsity must be a fraction in [0, 1) or 'N:M', got {self.fraction!r}")
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    @classmethod
+    def parse(cls, value: "Sparsity | float | str") -> "Sparsity":
+        if isinstance(value, Sparsity):
+            return value
+        if isinstance(value, str):
+            text = value.strip()
+            if ":" in text:
+                parts = text.split(":")
+                try:
+                    n, m = (int(p) for p in parts)
+                except ValueError:
+                    raise ValueError(f"invalid N:M sparsity {value!r}: expected two integers like '2:4'") from None
+                return cls(fraction=0.0, n=n, m=m)
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"invalid sparsity {value!r}: expected a fraction like 0.5 or N:M like 2:4") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"invalid sparsity {value!r}: expected a fraction like 0.5 or N:M like 2:4")
+        return cls(fraction=float(value))
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else f"{self.fraction:g}"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How to prune one linear layer.
+
+    method:      joint (Zhao et al.: multi-weight OBS per block) | sparsegpt | wanda | magnitude
+    sparsity:    fraction in [0, 1) or "N:M"
+    block_size:  B, columns per block (joint: the size of the joint solve; sparsegpt: lazy-update and mask block)
+    damp:        relative damping, H + damp * mean(diag(H)) * I
+    mask:        how the joint method picks the pruned weights of a block (ALGORITHM.md section 4):
+                 "diag"      saliency w^2 / G_jj (the joint scheme's own diagonal),
+                 "sparsegpt" saliency w^2 / U_jj^2 (SparseGPT's),
+                 "exact"     N:M only: best subset of each group by the exact group loss under G;
+                 None picks the default: "exact" for N:M, "sparsegpt" for unstructured.
+    mask_scope:  unstructured only: "block" (the fraction of the whole rows x B block; per-row counts vary) or
+                 "row" (the fraction of every row of the block).
+    backend:     kernel backend for the ops: "auto" | "torch" | "cpp" | "cuda" | "triton".
+    """
+
+    method: str = "joint"
+    sparsity: Sparsity = dataclasses.field(default_factory=lambda: Sparsity(0.5))
+    block_size: int = 128
+    damp: float = 0.01
+    mask: str | None = None
+    mask_scope: str = "block"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
+            raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        if self.mask is None:
+            object.__setattr__(self, "mask", "exact" if self.sparsity.structured else "sparsegpt")
+        if self.mask not in MASKS:
+            raise ValueError(f"unknown mask {self.mask!r}; choose one of {', '.join(MASKS)}")
+        if self.mask == "exact" and not self.sparsity.structured:
+            raise ValueError("mask='exact' (best subset per group) needs an N:M sparsity")
+        if self.mask_scope not in MASK_SCOPES:
+            raise ValueError(f"unknown mask_scope {self.mask_scope!r}; choose one of {', '.join(MASK_SCOPES)}")
+        if self.sparsity.structured and self.block_size % self.sparsity.m:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of M={self.sparsity.m} for "
+                             f"{self.sparsity} sparsity")
+        if self.backend not in ("auto", "torch", "cpp", "cuda", "triton"):
+            raise ValueError(f"unknown backend {self.backend!r}; choose auto, torch, cpp, cuda or triton")
+
+    def replace(self, **changes) -> "PruneConfig":
+        return dataclasses.replace(self, **changes)

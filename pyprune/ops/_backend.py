@@ -1,0 +1,74 @@
+"""Backend choice for the ops: the compiled extension (C++ on CPU tensors, CUDA on CUDA tensors), Triton, or the
+plain-torch reference. Nothing here holds state beyond caching what is importable."""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _native_loaded() -> bool:
+    try:
+        importlib.import_module("pyprune._C")
+    except ImportError:
+        return False
+    return True
+
+
+def native_has(op: str, device: torch.device) -> bool:
+    """True when the compiled extension registers ``pyprune::op`` for this device type."""
+    if not _native_loaded():
+        return False
+    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+    if key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyprune::{op}", key)
+    except RuntimeError:
+        return False
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = True) -> str:
+    """Turn ``backend`` into one of "torch" | "native" | "triton" for ``op`` on ``device``, or raise a clear error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if native_has(op, device):
+            return "native"
+        if device.type == "cuda" and triton_op and triton_usable(device):
+            return "triton"
+        return "torch"
+    if backend in ("cpp", "cuda"):
+        want = "cpu" if backend == "cpp" else "cuda"
+        if device.type != want:
+            raise ValueError(f"backend={backend!r} needs {want} tensors, got {device.type} tensors")
+        if not native_has(op, device):
+            raise RuntimeError(f"backend={backend!r}: the compiled extension pyprune._C has no {want} kernel for "
+                               f"{op} (was the package built {'with CUDA' if want == 'cuda' else ''}?)")
+        return "native"
+    if backend == "triton":
+        if not triton_op:
+            raise RuntimeError(f"op {op} has no Triton implementation")
+        if not triton_usable(device):
+            raise RuntimeError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+                               f"got {device.type} tensors")
+        return "triton"
+    return "torch"

@@ -1,0 +1,44 @@
+"""Hessian accumulation op: ``H <- beta H + alpha X^T X`` in place, X in its own dtype, fp32 accumulation."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._backend import resolve
+from ._checks import check_matrix, check_same_device
+
+
+def hessian_update_(H: torch.Tensor, X: torch.Tensor, alpha: float, beta: float, *, allow_tf32: bool = False,
+                    backend: str = "auto") -> torch.Tensor:
+    """In place ``H <- beta * H + alpha * X^T X``; ``H`` is (cols, cols) float32/float64, ``X`` is (k, cols)."""
+    check_matrix("H", H, dtypes=(torch.float32, torch.float64), finite=False)
+    cols = H.shape[0]
+    check_matrix("H", H, shape=(cols, cols), dtypes=None, finite=False)
+    check_matrix("X", X, finite=False)
+    if X.shape[1] != cols:
+        raise ValueError(f"X has {X.shape[1]} columns but H is {cols} x {cols}")
+    check_same_device(H=H, X=X)
+    which = resolve(backend, "hessian_update", H.device)
+    if which == "native" and H.dtype == torch.float32:
+        torch.ops.pyprune.hessian_update(H, X.contiguous(), float(alpha), float(beta), bool(allow_tf32))
+    elif which == "triton" and H.dtype == torch.float32:
+        from ..triton_kernels.hessian import hessian_update_triton
+        hessian_update_triton(H, X.contiguous(), float(alpha), float(beta), allow_tf32=bool(allow_tf32))
+    else:
+        H.copy_(reference.hessian_update(H, X, alpha, beta))
+    return H
+
+
+def accumulate_hessian(H: torch.Tensor, n: int, X: torch.Tensor, **kwargs) -> int:
+    """Running mean of ALGORITHM.md section 1, in place on ``H``: ``H <- H n/(n+k) + 2/(n+k) X^T X``.
+
+    ``X`` may have leading batch dimensions (they are flattened into the k tokens). Returns the new count n + k.
+    """
+    X = X.reshape(-1, X.shape[-1])
+    k = X.shape[0]
+    if k == 0:
+        return n
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("calibration activations X contain NaN or Inf values")
+    hessian_update_(H, X, 2.0 / (n + k), n / (n + k), **kwargs)
+    return n + k

@@ -1,0 +1,32 @@
+"""Batched inverse-Hessian submatrix solve: every row removes its own set of weights of the block at once."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._backend import resolve
+from ._checks import check_matrix, check_same_device
+
+
+def masked_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: torch.Tensor, *,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row i: ``G[M_i, M_i] lambda_i = w_i[M_i]``, ``e_i = U_B[:, M_i] lambda_i``, ``loss_i = 1/2 lambda_i^T w_i[M_i]``.
+
+    G, U_B: (B, B) float32/float64 (U_B upper triangular, G = U_B^T U_B); W1: (rows, B); mask: (rows, B) bool,
+    True = pruned. Returns E (rows, B) and loss (rows,) in G's dtype.
+    """
+    B = G.shape[0] if G.dim() == 2 else -1
+    check_matrix("G", G, dtypes=(torch.float32, torch.float64), shape=(B, B))
+    check_matrix("U_B", U_B, dtypes=(G.dtype,), shape=(B, B))
+    check_matrix("W1", W1)
+    if W1.shape[1] != B:
+        raise ValueError(f"W1 has {W1.shape[1]} columns but G is {B} x {B}")
+    check_matrix("mask", mask, dtypes=(torch.bool,), shape=W1.shape, finite=False)
+    check_same_device(G=G, U_B=U_B, W1=W1, mask=mask)
+    which = resolve(backend, "masked_solve", G.device)
+    if which == "native" and G.dtype == torch.float32:
+        return torch.ops.pyprune.masked_solve(G.contiguous(), U_B.contiguous(), W1.contiguous(), mask.contiguous())
+    if which == "triton" and G.dtype == torch.float32:
+        from ..triton_kernels.masked_solve import masked_solve_triton
+        return masked_solve_triton(G.contiguous(), U_B.contiguous(), W1.contiguous(), mask.contiguous())
+    return reference.masked_solve(G, U_B, W1, mask)
