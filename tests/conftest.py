@@ -9,8 +9,8 @@ import torch  # noqa: E402
 
 @pytest.fixture
 def rng():
-    """A fresh generator per test, seeded from the test's own random seed, so inputs differ between runs."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = torch.Generator().manual_seed(seed)
-    g.seed_value = seed
-    return g
+    """A generator with a fresh random seed per test, so every run draws new inputs. The seed is printed (pytest
+    shows it for failing tests); set PYPRUNE_TEST_SEED to replay one."""
+    seed = int(os.environ.get("PYPRUNE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"rng seed: {seed} (replay with PYPRUNE_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,163 @@
+"""What a pruning run reports: per-linear loss and sparsity, times, peak memory. Plain data plus formatting; the
+memory probes read the OS and torch, they keep no state of their own."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    name: str            # full module name in the model, e.g. model.layers.0.self_attn.q_proj
+    block: int
+    shape: tuple[int, int]  # (out_features, in_features)
+    loss: float          # the layer loss prune_layer reports (NaN for magnitude without a Hessian)
+    sparsity: float      # fraction of the weight that is pruned (the mask)
+    seconds: float
+    method: str = ""
+    samples: int = 0     # calibration tokens behind the Hessian
+
+    @property
+    def numel(self) -> int:
+        return int(self.shape[0]) * int(self.shape[1])
+
+
+@dataclass
+class PruneReport:
+    settings: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    times: dict = field(default_factory=dict)       # seconds: capture, prune (blocks), total
+    peak_device_memory: int | None = None           # bytes (CUDA max allocated), None on CPU
+    peak_host_rss: int | None = None                # bytes
+    blocks: int = 0                                 # blocks processed (pruned or passed through)
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over all pruned weights (weighted by size)."""
+        total = sum(layer.numel for layer in self.layers)
+        return sum(layer.sparsity * layer.numel for layer in self.layers) / total if total else 0.0
+
+    @property
+    def total_loss(self) -> float:
+        return float(sum(layer.loss for layer in self.layers))
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, "sparsity": self.sparsity, "total_loss": _finite(self.total_loss),
+                "times": self.times, "peak_device_memory": self.peak_device_memory,
+                "peak_host_rss": self.peak_host_rss, "blocks": self.blocks,
+                "layers": [{**asdict(layer), "shape": list(layer.shape), "loss": _finite(layer.loss)}
+                           for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneReport":
+        layers = [LayerReport(**{**d, "shape": tuple(d["shape"]),
+                                 "loss": float("nan") if d["loss"] is None else d["loss"]}) for d in data["layers"]]
+        return cls(settings=data["settings"], layers=layers, times=data.get("times", {}),
+                   peak_device_memory=data.get("peak_device_memory"), peak_host_rss=data.get("peak_host_rss"),
+                   blocks=data.get("blocks", 0))
+
+    def save(self, path: str) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def table(self, per_layer: bool = True) -> str:
+        """A plain-text summary: one row per pruned linear (when ``per_layer``), then totals."""
+        lines = []
+        if per_layer and self.layers:
+            width = max(len(layer.name) for layer in self.layers)
+            lines.append(f"{'module':<{width}}  {'shape':>12}  {'sparsity':>8}  {'loss':>11}  {'time s':>7}")
+            for layer in self.layers:
+                shape = f"{layer.shape[0]}x{layer.shape[1]}"
+                lines.append(f"{layer.name:<{width}}  {shape:>12}  {layer.sparsity:8.4f}  {layer.loss:11.4g}  "
+                             f"{layer.seconds:7.2f}")
+            lines.append("")
+        s = self.settings
+        lines.append(f"method {s.get('method')}  sparsity {s.get('sparsity')}  block size {s.get('block_size')}  "
+                     f"modules pruned {len(self.layers)}  blocks {self.blocks}")
+        lines.append(f"achieved sparsity {self.sparsity:.4f}  total loss {self.total_loss:.6g}")
+        lines.append("time s: " + "  ".join(f"{k} {v:.1f}" for k, v in self.times.items()))
+        lines.append(f"peak host RSS {format_bytes(self.peak_host_rss)}  peak device memory "
+                     f"{format_bytes(self.peak_device_memory)}")
+        return "\n".join(lines)
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _status_field(name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def host_rss() -> int | None:
+    """Current resident set size of this process in bytes (Linux), else None."""
+    return _status_field("VmRSS")
+
+
+def host_peak_rss() -> int:
+    """Peak resident set size in bytes: VmHWM (resettable, see ``reset_host_peak_rss``), else ru_maxrss."""
+    hwm = _status_field("VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_host_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); returns False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def device_peak_memory(device) -> int | None:
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def reset_device_peak_memory(device) -> None:
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a file so that readers see the old content or the new one, never a part."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

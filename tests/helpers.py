@@ -1,0 +1,63 @@
+"""Problem generators and float64 oracles shared by the tests."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+def random_layer(rows: int, cols: int, g: torch.Generator, *, tokens: int | None = None, dead: int = 0,
+                 dtype=torch.float64):
+    """A random weight and the Hessian H = 2/n X^T X of correlated random inputs (like real activations)."""
+    n = tokens or 4 * cols
+    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols ** 0.5 + torch.eye(cols, dtype=torch.float64)
+    X = torch.randn(n, cols, generator=g, dtype=torch.float64) @ mix
+    X = X * (0.2 + torch.rand(cols, generator=g, dtype=torch.float64))  # uneven input scales
+    if dead:
+        X[:, torch.randperm(cols, generator=g)[:dead]] = 0
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    return W.to(dtype), (2.0 / n) * X.T @ X
+
+
+def spd_block(B: int, g: torch.Generator, dtype=torch.float64):
+    """U_B and G = U_B^T U_B taken from a realistic damped inverse Hessian."""
+    _, H = random_layer(1, B + 7, g)
+    H = H + 0.01 * torch.diagonal(H).mean() * torch.eye(B + 7, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U_B = U[3:3 + B, 3:3 + B].contiguous()
+    return U_B.to(dtype), (U_B.T @ U_B).to(dtype)
+
+
+def random_mask(rows: int, cols: int, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    return torch.rand(rows, cols, generator=g) < p
+
+
+def optimal_for_mask(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """argmin over W_hat with W_hat[mask] = 0 of sum_i (w_i - w_hat_i) H (w_i - w_hat_i)^T, row by row, as a
+    float64 least-squares problem ||L^T (w - w_hat)|| with H = L L^T."""
+    L = torch.linalg.cholesky(H.to(torch.float64))
+    A = L.T
+    out = torch.zeros_like(W, dtype=torch.float64)
+    for i in range(W.shape[0]):
+        keep = ~mask[i]
+        if keep.any():
+            sol = torch.linalg.lstsq(A[:, keep], (A @ W[i].to(torch.float64))[:, None]).solution[:, 0]
+            out[i, keep] = sol
+    return out
+
+
+def nm_brute_force(W1: torch.Tensor, G: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Row by row, group by group: the best n-subset by 1/2 w_S^T G[S,S]^{-1} w_S (first minimum wins)."""
+    rows, B = W1.shape
+    mask = torch.zeros(rows, B, dtype=torch.bool)
+    for i in range(rows):
+        for g0 in range(0, B, m):
+            best, best_S = None, None
+            for S in itertools.combinations(range(g0, g0 + m), n):
+                S = list(S)
+                w = W1[i, S].to(torch.float64)
+                c = 0.5 * float(w @ torch.linalg.solve(G[S][:, S].to(torch.float64), w))
+                if best is None or c < best:
+                    best, best_S = c, S
+            mask[i, best_S] = True
+    return mask
