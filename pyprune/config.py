@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 METHODS = ("joint", "sparsegpt", "wanda", "magnitude")
-MASKS = ("diag", "sparsegpt", "exact")
+MASKS = ("diag", "sparsegpt", "exact", "greedy")
 MASK_SCOPES = ("block", "row")
 
 
@@ -72,6 +72,8 @@ class PruneConfig:
                  "diag"      saliency w^2 / G_jj (the joint scheme's own diagonal),
                  "sparsegpt" saliency w^2 / U_jj^2 (SparseGPT's),
                  "exact"     N:M only: best subset of each group by the exact group loss under G;
+                 "greedy"    exact OBS order: per row remove the cheapest weight, update, repeat (the count per
+                             row is that of the "diag" choice; N:M: until every group holds N);
                  None picks the default: "exact" for N:M, "sparsegpt" for unstructured.
     mask_scope:  unstructured only: "block" (the fraction of the whole rows x B block; per-row counts vary) or
                  "row" (the fraction of every row of the block).

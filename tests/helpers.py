@@ -61,3 +61,26 @@ def nm_brute_force(W1: torch.Tensor, G: torch.Tensor, n: int, m: int) -> torch.T
                     best, best_S = c, S
             mask[i, best_S] = True
     return mask
+
+
+def greedy_brute_force(W1: torch.Tensor, G: torch.Tensor, counts=None, n: int = 0, m: int = 0) -> torch.Tensor:
+    """Row by row: grow the pruned set S one index at a time, each time adding the j whose joint removal cost
+    1/2 w_T^T G[T,T]^{-1} w_T (T = S + j, original weights) is least; N:M: only from groups holding < n."""
+    rows, B = W1.shape
+    mask = torch.zeros(rows, B, dtype=torch.bool)
+    for i in range(rows):
+        S: list[int] = []
+        steps = (B // m) * n if m else int(counts[i])
+        for _ in range(steps):
+            best, best_j = None, None
+            for j in range(B):
+                if j in S or (m and sum(1 for s in S if s // m == j // m) >= n):
+                    continue
+                T = S + [j]
+                w = W1[i, T].to(torch.float64)
+                c = 0.5 * float(w @ torch.linalg.solve(G[T][:, T].to(torch.float64), w))
+                if best is None or c < best:
+                    best, best_j = c, j
+            S.append(best_j)
+        mask[i, S] = True
+    return mask

@@ -10,6 +10,7 @@ import torch
 
 from .. import ops
 from ..config import PruneConfig
+from .greedy import greedy_mask
 from .common import (PruneResult, check_fixed_mask, check_layer, damped_hessian, inverse_cholesky_upper,
                      smallest_mask)
 
@@ -18,6 +19,11 @@ def select_block_mask(W1: torch.Tensor, U_B: torch.Tensor, G: torch.Tensor, conf
     """The pruned set of one block (section 4), chosen before the joint solve."""
     sp = config.sparsity
     d = torch.diagonal(U_B) ** 2 if config.mask == "sparsegpt" else torch.diagonal(G)
+    if config.mask == "greedy":
+        if sp.structured:
+            return greedy_mask(W1, G, n=sp.n, m=sp.m)
+        counts = smallest_mask(W1 * W1 / d, sp.fraction, config.mask_scope).sum(1)
+        return greedy_mask(W1, G, counts)
     if sp.structured:
         if config.mask == "exact":
             return ops.nm_select(W1, G, sp.n, sp.m, exact=True, backend=config.backend)
