@@ -1,0 +1,21 @@
+// The pyprune op schemas, and the Python module pyprune._C (empty: importing it registers the ops).
+// CPU kernels: csrc/cpu/*.cpp; CUDA kernels: csrc/cuda/*.cu with their torch glue in csrc/cuda/*.cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyprune, m) {
+  m.def("nm_select(Tensor W1, Tensor G, int n, int m, bool exact) -> Tensor");
+  m.def("masked_solve(Tensor G, Tensor U_B, Tensor W1, Tensor mask) -> (Tensor E, Tensor loss)");
+  m.def("hessian_update(Tensor(a!) H, Tensor X, float alpha, float beta, bool allow_tf32) -> ()");
+  // Test-only: masked_solve's per-row CUDA code run on the CPU by `threads` std::threads in warps of `warp`
+  // lanes, with the CUDA launcher's two tiers (checks the partitioning and barriers without a GPU).
+  m.def("_masked_solve_emulated(Tensor G, Tensor U_B, Tensor W1, Tensor mask, int threads, int warp) "
+        "-> (Tensor E, Tensor loss)");
+}
+
+static struct PyModuleDef pyprune_c_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "pyprune's compiled ops; importing this module registers torch.ops.pyprune.*", -1, nullptr,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&pyprune_c_module); }

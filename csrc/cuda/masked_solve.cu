@@ -1,0 +1,94 @@
+// CUDA masked_solve: one thread block ("CtaTeam", 128 or 256 threads) per row, grid-stride over rows, running
+// the per-row code of kernels/masked_solve.cuh (the same code the CPU op runs, and the CPU emulation op runs with
+// several threads). Shared memory per block: 384 bytes of team scratch plus ms_smem_words(kcap) words: the packed
+// fp32 triangle of G[M, M] (kcap (kcap + 1) / 2 words), four fp64 and two fp32 kcap-vectors and the index list.
+// Two launches ("tiers"): rows with k <= ms_split(B) pruned weights use kcap = ms_split(B) (B / 2 for B > 96:
+// 38 KB for B = 256, 11 KB for B = 128, so several blocks share an SM), rows with more use kcap = B (140 KB for
+// B = 256: one block per SM, opt-in shared memory). Each launch counts every row and skips the other tier's rows,
+// so no host synchronisation is needed. The grid is the occupancy limit times the SM count (capped at rows).
+// B is limited by the opt-in shared memory per block: B <= 329 on H100/H200 (227 KB); the glue checks it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/launchers.h"
+#include "kernels/masked_solve.cuh"
+#include "kernels/team.cuh"
+
+namespace pyprune {
+namespace {
+
+constexpr int MS_SCRATCH_BYTES = 32 * 8 + 32 * 4;
+
+template <class T>
+__global__ void masked_solve_kernel(const float* __restrict__ G, const float* __restrict__ U,
+                                    const T* __restrict__ W, const uint8_t* __restrict__ mask,
+                                    float* __restrict__ E, float* __restrict__ loss, int rows, int B, int kmin,
+                                    int kmax) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  double* fscr = reinterpret_cast<double*>(smem_raw);
+  int* iscr = reinterpret_cast<int*>(smem_raw + 32 * 8);
+  float* ws = reinterpret_cast<float*>(smem_raw + MS_SCRATCH_BYTES);
+  CtaTeam t{fscr, iscr};
+  for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+    const size_t off = (size_t)row * B;
+    masked_solve_row(t, G, U, W + off, mask + off, B, kmin, kmax, ws, E + off, loss + row);
+  }
+}
+
+size_t ms_bytes(int kcap) { return MS_SCRATCH_BYTES + 4 * ms_smem_words(kcap); }
+
+template <class T>
+cudaError_t launch(const float* G, const float* U, const T* W, const uint8_t* mask, float* E, float* loss,
+                   int rows, int B, cudaStream_t stream) {
+  int dev = 0, nsm = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
+    return err;
+  const int split = ms_split(B);
+  const int tiers[2][2] = {{0, split}, {split + 1, B}};
+  for (int tier = 0; tier < (split < B ? 2 : 1); ++tier) {
+    const int kmin = tiers[tier][0], kmax = tiers[tier][1];
+    const size_t bytes = ms_bytes(kmax);
+    if (bytes > (size_t)optin) return cudaErrorInvalidValue;
+    const int threads = kmax <= 64 ? 128 : 256;
+    if ((err = cudaFuncSetAttribute(masked_solve_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)bytes)) != cudaSuccess)
+      return err;
+    int per_sm = 0;
+    if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_solve_kernel<T>, threads, bytes)) !=
+        cudaSuccess)
+      return err;
+    const long long want = (long long)(per_sm > 0 ? per_sm : 1) * nsm;
+    const int grid = (int)(want < rows ? want : rows);
+    masked_solve_kernel<T><<<grid, threads, bytes, stream>>>(G, U, W, mask, E, loss, rows, B, kmin, kmax);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+}  // namespace pyprune
+
+extern "C" int pyprune_masked_solve_cuda_max_b(int device) {
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 0;
+  int b = 1;
+  while (pyprune::ms_bytes(b + 1) <= (size_t)optin) ++b;
+  return b;
+}
+
+extern "C" cudaError_t pyprune_masked_solve_cuda(const float* G, const float* U, const void* W, int wdtype,
+                                                 const uint8_t* mask, float* E, float* loss, int rows, int B,
+                                                 cudaStream_t stream) {
+  using namespace pyprune;
+  if (rows <= 0 || B <= 0) return cudaSuccess;
+  switch (wdtype) {
+    case 0: return launch(G, U, static_cast<const float*>(W), mask, E, loss, rows, B, stream);
+    case 1: return launch(G, U, static_cast<const __half*>(W), mask, E, loss, rows, B, stream);
+    case 2: return launch(G, U, static_cast<const __nv_bfloat16*>(W), mask, E, loss, rows, B, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
