@@ -6,10 +6,28 @@ Layer API (pure functions on tensors)::
     result = prune_layer(W, H, PruneConfig(method="joint", sparsity="2:4", block_size=128))
 
 Ops (Hessian accumulation, batched submatrix solve, N:M selection) live in ``pyprune.ops``.
+
+Model API (imported lazily, so ``import pyprune`` stays light)::
+
+    report = pyprune.prune_model(model, calibration_ids, PruneConfig(method="joint", sparsity=0.5))
+    report = pyprune.prune_checkpoint(src_dir, out_dir, calibration_ids, config)   # streamed from shards
 """
 from .algorithms import PruneResult, prune_layer
 from .config import PruneConfig, Sparsity
 
 __version__ = "0.1.0"
 
-__all__ = ["PruneConfig", "PruneResult", "Sparsity", "prune_layer", "__version__"]
+_LAZY = {"prune_model": "pyprune.models.driver", "prune_checkpoint": "pyprune.models.streaming",
+         "PruneReport": "pyprune.report", "LayerReport": "pyprune.report", "load_model": "pyprune.models.io",
+         "save_model": "pyprune.models.io", "perplexity": "pyprune.evaluate"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pyprune' has no attribute {name!r}")
+
+
+__all__ = ["LayerReport", "PruneConfig", "PruneReport", "PruneResult", "Sparsity", "load_model", "perplexity",
+           "prune_checkpoint", "prune_layer", "prune_model", "save_model", "__version__"]

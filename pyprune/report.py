@@ -63,16 +63,32 @@ class PruneReport:
     def save(self, path: str) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
-    def table(self, per_layer: bool = True) -> str:
-        """A plain-text summary: one row per pruned linear (when ``per_layer``), then totals."""
+    def table(self, per: str = "block") -> str:
+        """A plain-text summary: one row per pruned module (``per="layer"``) or per block (``"block"``, the default)
+        or none (``"none"``), then the totals."""
+        if per not in ("layer", "block", "none"):
+            raise ValueError(f"per must be 'layer', 'block' or 'none', got {per!r}")
         lines = []
-        if per_layer and self.layers:
+        if per == "layer" and self.layers:
             width = max(len(layer.name) for layer in self.layers)
             lines.append(f"{'module':<{width}}  {'shape':>12}  {'sparsity':>8}  {'loss':>11}  {'time s':>7}")
             for layer in self.layers:
                 shape = f"{layer.shape[0]}x{layer.shape[1]}"
                 lines.append(f"{layer.name:<{width}}  {shape:>12}  {layer.sparsity:8.4f}  {layer.loss:11.4g}  "
                              f"{layer.seconds:7.2f}")
+            lines.append("")
+        elif per == "block" and self.layers:
+            lines.append(f"{'block':>5}  {'modules':>7}  {'weights':>10}  {'sparsity':>8}  {'loss':>11}  "
+                         f"{'worst module':<28}  {'time s':>7}")
+            for b in sorted({layer.block for layer in self.layers}):
+                rows = [layer for layer in self.layers if layer.block == b]
+                numel = sum(r.numel for r in rows)
+                sp = sum(r.sparsity * r.numel for r in rows) / numel if numel else 0.0
+                worst = max(rows, key=lambda r: r.loss if math.isfinite(r.loss) else -1.0)
+                short = worst.name.rsplit(".", 2)
+                short = ".".join(short[-2:]) if len(short) > 2 else worst.name
+                lines.append(f"{b:5d}  {len(rows):7d}  {numel:10d}  {sp:8.4f}  {sum(r.loss for r in rows):11.4g}  "
+                             f"{short:<28}  {sum(r.seconds for r in rows):7.2f}")
             lines.append("")
         s = self.settings
         lines.append(f"method {s.get('method')}  sparsity {s.get('sparsity')}  block size {s.get('block_size')}  "
@@ -147,6 +163,12 @@ def reset_device_peak_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write a file so that readers see the old content or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -156,6 +178,7 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

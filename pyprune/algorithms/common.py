@@ -61,7 +61,11 @@ def inverse_cholesky_upper(H_d: torch.Tensor) -> torch.Tensor:
     if int(info) != 0:
         raise ValueError("the damped Hessian is not positive definite (Cholesky failed at column "
                          f"{int(info) - 1}); increase damp or check the calibration activations")
-    Hinv = torch.cholesky_inverse(L)
+    # L^{-T} L^{-1} through a triangular solve: torch.cholesky_inverse is pathologically slow on the CPU (23 s
+    # against 0.3 s for 1536 x 1536, measured here)
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    Hinv = L_inv.T @ L_inv
     U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
     if int(info) != 0:
         raise ValueError("the inverse Hessian is not positive definite in this precision; increase damp")

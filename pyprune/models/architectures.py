@@ -35,6 +35,8 @@ class Architecture:
     dense:   further modules or parameters of a block that stay dense by default (listed so that a user can ask for
              them by name: modules with a ``weight`` are then pruned by magnitude; see ``driver.prune_model``).
     transposed: module class names whose ``weight`` is stored (in_features, out_features) (GPT-2's ``Conv1D``).
+    head:    modules applied in order to the last block's output to get the logits (final norm, optional
+             projection, LM head); used by the block-by-block perplexity. Missing optional ones are skipped.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Architecture:
     groups: tuple[Group, ...]
     dense: tuple[str, ...] = ()
     transposed: tuple[str, ...] = field(default=("Conv1D",))
+    head: tuple[str, ...] = ("model.norm", "lm_head")
 
     @property
     def linear_modules(self) -> tuple[str, ...]:
@@ -63,29 +66,30 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         Group(("self_attn.out_proj",)),
         Group(("fc1",)),
         Group(("fc2",)),
-    )),
+    ), head=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head")),
     Architecture("gpt2", ("gpt2",), "transformer.h", (
         Group(("attn.c_attn",)),
         Group(("attn.c_proj",)),
         Group(("mlp.c_fc",)),
         Group(("mlp.c_proj",)),
-    )),
+    ), head=("transformer.ln_f", "lm_head")),
     Architecture("gpt_neox", ("gpt_neox",), "gpt_neox.layers", (
         Group(("attention.query_key_value",)),
         Group(("attention.dense",)),
         Group(("mlp.dense_h_to_4h",)),
         Group(("mlp.dense_4h_to_h",)),
-    )),
+    ), head=("gpt_neox.final_layer_norm", "lm_head")),
     Architecture("mamba", ("mamba",), "backbone.layers", (
         Group(("mixer.in_proj",)),
         Group(("mixer.x_proj",)),
         Group(("mixer.dt_proj",), source="mixer.x_proj", narrow="mixer.time_step_rank"),
         Group(("mixer.out_proj",)),
-    ), dense=("mixer.conv1d", "mixer.A_log", "mixer.D")),
+    ), dense=("mixer.conv1d", "mixer.A_log", "mixer.D"), head=("backbone.norm_f", "lm_head")),
     Architecture("mamba2", ("mamba2",), "backbone.layers", (
         Group(("mixer.in_proj",)),
         Group(("mixer.out_proj",)),
-    ), dense=("mixer.conv1d", "mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.norm")),
+    ), dense=("mixer.conv1d", "mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.norm"),
+        head=("backbone.norm_f", "lm_head")),
 )
 
 _BY_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
@@ -129,4 +133,14 @@ def get_submodule(root, path: str):
             raise UnsupportedArchitectureError(
                 f"{type(root).__name__} has no attribute path {path!r} (missing {part!r}); the model does not match "
                 "pyprune's architecture table")
+    return obj
+
+
+def find_submodule(root, path: str):
+    """Like ``get_submodule`` but None where the path is absent or ends in None (optional modules)."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
     return obj

@@ -46,10 +46,18 @@ def triton_usable(device: torch.device) -> bool:
     return True
 
 
-def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = True) -> str:
-    """Turn ``backend`` into one of "torch" | "native" | "triton" for ``op`` on ``device``, or raise a clear error."""
+def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = True, float64: bool = False) -> str:
+    """Turn ``backend`` into one of "torch" | "native" | "triton" for ``op`` on ``device``, or raise a clear error.
+
+    The kernels compute in float32: float64 problems (``float64=True``) go to the torch reference under "auto" and
+    are refused by an explicit kernel backend."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if float64:
+        if backend not in ("auto", "torch"):
+            raise TypeError(f"backend={backend!r} computes {op} in float32; float64 inputs need backend='torch' "
+                            "(or 'auto')")
+        return "torch"
     if backend == "auto":
         if native_has(op, device):
             return "native"

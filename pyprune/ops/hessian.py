@@ -18,10 +18,10 @@ def hessian_update_(H: torch.Tensor, X: torch.Tensor, alpha: float, beta: float,
     if X.shape[1] != cols:
         raise ValueError(f"X has {X.shape[1]} columns but H is {cols} x {cols}")
     check_same_device(H=H, X=X)
-    which = resolve(backend, "hessian_update", H.device)
-    if which == "native" and H.dtype == torch.float32:
+    which = resolve(backend, "hessian_update", H.device, float64=H.dtype == torch.float64)
+    if which == "native":
         torch.ops.pyprune.hessian_update(H, X.contiguous(), float(alpha), float(beta), bool(allow_tf32))
-    elif which == "triton" and H.dtype == torch.float32:
+    elif which == "triton":
         from ..triton_kernels.hessian import hessian_update_triton
         hessian_update_triton(H, X.contiguous(), float(alpha), float(beta), allow_tf32=bool(allow_tf32))
     else:
@@ -38,7 +38,9 @@ def accumulate_hessian(H: torch.Tensor, n: int, X: torch.Tensor, **kwargs) -> in
     k = X.shape[0]
     if k == 0:
         return n
-    if not bool(torch.isfinite(X).all()):
-        raise ValueError("calibration activations X contain NaN or Inf values")
     hessian_update_(H, X, 2.0 / (n + k), n / (n + k), **kwargs)
+    # NaN/Inf in X reach diag(H) (sums of squares): checking cols values instead of a pass over all of X
+    if not bool(torch.isfinite(torch.diagonal(H)).all()):
+        raise ValueError("the Hessian became non-finite: the calibration activations X contain NaN or Inf values "
+                         "(or overflow float32)")
     return n + k

@@ -23,10 +23,11 @@ def masked_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: tor
         raise ValueError(f"W1 has {W1.shape[1]} columns but G is {B} x {B}")
     check_matrix("mask", mask, dtypes=(torch.bool,), shape=W1.shape, finite=False)
     check_same_device(G=G, U_B=U_B, W1=W1, mask=mask)
-    which = resolve(backend, "masked_solve", G.device)
-    if which == "native" and G.dtype == torch.float32:
+    which = resolve(backend, "masked_solve", G.device,
+                    float64=G.dtype == torch.float64 or W1.dtype == torch.float64)
+    if which == "native":
         return torch.ops.pyprune.masked_solve(G.contiguous(), U_B.contiguous(), W1.contiguous(), mask.contiguous())
-    if which == "triton" and G.dtype == torch.float32:
+    if which == "triton":
         from ..triton_kernels.masked_solve import masked_solve_triton
         return masked_solve_triton(G.contiguous(), U_B.contiguous(), W1.contiguous(), mask.contiguous())
     return reference.masked_solve(G, U_B, W1, mask)

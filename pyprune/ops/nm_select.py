@@ -25,7 +25,7 @@ def nm_select(W1: torch.Tensor, G: torch.Tensor, n: int, m: int, *, exact: bool 
         raise ValueError(f"M={m} is too large for best-subset enumeration (at most 16)")
     if B % m:
         raise ValueError(f"the block has {B} columns, not a multiple of M={m}")
-    which = resolve(backend, "nm_select", W1.device)
+    which = resolve(backend, "nm_select", W1.device, float64=W1.dtype == torch.float64)
     if which == "native":
         return torch.ops.pyprune.nm_select(W1.contiguous(), G.to(torch.float32).contiguous(), n, m, bool(exact))
     if which == "triton":

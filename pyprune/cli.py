@@ -1,0 +1,351 @@
+"""The ``pyprune`` command: argument parsing and printing only; the work is done by the library API.
+
+    pyprune prune MODEL --method joint --sparsity 2:4 --calib-text FILE --nsamples 128 --seqlen 2048 \\
+                        --block-size 128 --device cpu --output DIR
+    pyprune eval MODEL --text FILE --seqlen 2048 --nsamples N [--json]
+    pyprune demo
+
+MODEL is a Hugging Face model directory, a GGUF file, or ``builtin`` (SmolLM2-135M-Instruct). Exit status: 0 on
+success, 2 for bad input (missing files, unsupported architecture, text too short, invalid settings), 1 for other
+failures, 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _BadInput(Exception):
+    pass
+
+
+def _sparsity(text: str):
+    from .config import Sparsity
+    try:
+        return Sparsity.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _blocks(text: str) -> list[int]:
+    """'0,1,5' or '0-3' or a mix."""
+    out = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out += list(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like '0,1' or '0-3', got {text!r}") from None
+    return out
+
+
+def _add_device(p):
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load the model in (auto: as stored; GGUF: float32)")
+    _add_threads(p)
+
+
+def _add_threads(p):
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import MASK_SCOPES, MASKS, METHODS
+    parser = argparse.ArgumentParser(prog="pyprune", description="One-shot LLM pruning with the joint multi-weight "
+                                     "OBS update (Zhao et al., 2024), SparseGPT, Wanda or magnitude.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,demo}")
+
+    p = sub.add_parser("prune", help="prune a model and write a Hugging Face directory",
+                       description="Prune MODEL block by block and write the pruned model to --output.")
+    p.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'builtin'")
+    p.add_argument("--method", default="joint", choices=METHODS)
+    p.add_argument("--sparsity", default="0.5", type=_sparsity, help="fraction (0.5) or N:M (2:4, 4:8)")
+    p.add_argument("--calib-text", default="wikitext2",
+                   help="calibration text file ('wikitext2' = the shared WikiText-2 validation split)")
+    p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration window")
+    p.add_argument("--block-size", type=_positive_int, default=128, help="columns per joint solve block")
+    p.add_argument("--damp", type=float, default=0.01, help="relative damping of the Hessian diagonal")
+    p.add_argument("--mask", default=None, choices=MASKS, help="mask selection (default: exact for N:M, "
+                   "sparsegpt for unstructured)")
+    p.add_argument("--mask-scope", default="block", choices=MASK_SCOPES)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "cuda", "triton"])
+    p.add_argument("--modules", nargs="+", default=None, metavar="PATTERN",
+                   help="prune only these modules (fnmatch on names relative to a block, e.g. 'mlp.*')")
+    p.add_argument("--dense", nargs="+", default=None, metavar="NAME",
+                   help="also prune these normally dense parts by magnitude (e.g. mixer.conv1d for Mamba)")
+    p.add_argument("--blocks", type=_blocks, default=None, help="prune only these blocks, e.g. '0-3'")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="collect each group's Hessian after the earlier groups of its block are pruned")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="calibration windows per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions")
+    _add_device(p)
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty directory")
+    p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                   help="stream a safetensors checkpoint block by block from disk (auto: when the weights exceed "
+                        "half of the available memory)")
+    p.add_argument("--no-resume", action="store_true", help="streaming: refuse to continue a partial run")
+    p.add_argument("--per-layer", action="store_true", help="print one row per pruned module")
+    p.add_argument("--json", action="store_true", help="print the report summary as JSON on the last line")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text",
+                       description="Perplexity on consecutive non-overlapping windows of --text.")
+    e.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'builtin'")
+    e.add_argument("--text", default="wikitext2", help="evaluation text file ('wikitext2' = shared test split)")
+    e.add_argument("--seqlen", type=_positive_int, default=2048)
+    e.add_argument("--nsamples", type=_positive_int, default=None, help="windows (default: all full windows)")
+    e.add_argument("--batch-size", type=_positive_int, default=1)
+    e.add_argument("--sequential", action="store_true",
+                   help="run one decoder block at a time on the device (models larger than its memory)")
+    _add_device(e)
+    e.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    d = sub.add_parser("demo", help="prune the built-in model and compare perplexities",
+                       description="Prune SmolLM2-135M (built in) and print dense vs pruned perplexity, sparsity and "
+                                   "wall times.")
+    d.add_argument("--method", default="joint", choices=METHODS)
+    d.add_argument("--sparsity", default="0.5", type=_sparsity)
+    d.add_argument("--nsamples", type=_positive_int, default=32, help="calibration windows (wikitext2 valid)")
+    d.add_argument("--seqlen", type=_positive_int, default=512)
+    d.add_argument("--eval-nsamples", type=_positive_int, default=20, help="evaluation windows (wikitext2 test)")
+    d.add_argument("--block-size", type=_positive_int, default=128)
+    d.add_argument("--device", default="auto")
+    _add_threads(d)
+    d.add_argument("--output", "-o", default=None, metavar="DIR", help="also save the pruned model here")
+    d.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    d.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    return parser
+
+
+def _quiet_transformers():
+    """The CLI owns the terminal: transformers' own warnings and loading bars would drown pyprune's output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from tqdm.auto import tqdm
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)  # its de-quantisation bar ignores the switch above
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+def _dtype(name: str):
+    return None if name == "auto" else name
+
+
+def _prune_config(args):
+    from .config import PruneConfig
+    return PruneConfig(method=args.method, sparsity=args.sparsity, block_size=args.block_size,
+                       damp=getattr(args, "damp", 0.01), mask=getattr(args, "mask", None),
+                       mask_scope=getattr(args, "mask_scope", "block"), backend=getattr(args, "backend", "auto"))
+
+
+def _should_stream(args, source) -> bool:
+    if source.kind != "hf" or args.stream == "off":
+        if args.stream == "on" and source.kind != "hf":
+            raise _BadInput("--stream on needs a Hugging Face directory with safetensors shards")
+        return False
+    if args.stream == "on":
+        return True
+    from .models.streaming import checkpoint_bytes
+    try:
+        size = checkpoint_bytes(source.path)
+    except FileNotFoundError:
+        return False
+    available = _mem_available()
+    return available is not None and size > available // 2
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def cmd_prune(args) -> int:
+    from .data import calibration_samples, load_text, tokenize
+    from .models.io import check_supported, load_model, load_tokenizer, prepare_output_dir, resolve_model
+    config = _prune_config(args)
+    source = resolve_model(args.model)
+    check_supported(source)
+    out = os.path.abspath(args.output)
+    if source.kind == "hf" and (out == source.path or out.startswith(source.path + os.sep)):
+        raise _BadInput("--output must not be the input model directory or inside it")
+    stream = _should_stream(args, source)
+    if not stream:
+        prepare_output_dir(out, overwrite=args.overwrite)
+    text = load_text(args.calib_text, split="calib")
+    progress = not args.quiet
+    _quiet_transformers()
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(source)
+    samples = calibration_samples(tokenize(tokenizer, text), args.nsamples, args.seqlen, seed=args.seed)
+    t_tok = time.perf_counter() - t0
+    common = dict(modules=args.modules, dense=args.dense, blocks=args.blocks, device=args.device,
+                  batch_size=args.batch_size, true_sequential=args.true_sequential, progress=progress)
+    if stream:
+        from .models.streaming import prune_checkpoint
+        _log(f"streaming {source} block by block into {out}")
+        report = prune_checkpoint(source.path, out, samples, config, resume=not args.no_resume,
+                                  overwrite=args.overwrite, **common)
+        report.times = {"tokenize": t_tok, **report.times}
+    else:
+        from .models.driver import prune_model
+        from .models.io import save_model
+        t1 = time.perf_counter()
+        model = load_model(source, dtype=_dtype(args.dtype))
+        t_load = time.perf_counter() - t1
+        report = prune_model(model, samples, config, **common)
+        report.settings.update(source=str(source), calib_text=args.calib_text, seed=args.seed)
+        report.times = {"tokenize": t_tok, "load": t_load, **report.times}
+        t1 = time.perf_counter()
+        save_model(model, out, tokenizer=tokenizer, report=report, overwrite=True)
+        report.times["save"] = time.perf_counter() - t1
+        report.save(os.path.join(out, "pyprune_report.json"))
+    print(report.table(per="layer" if args.per_layer else "block"))
+    print(f"pruned model written to {out} (report: {os.path.join(out, 'pyprune_report.json')})")
+    if args.json:
+        print(json.dumps({"output": out, "sparsity": report.sparsity, "total_loss": report.total_loss,
+                          "layers": len(report.layers), "times": report.times,
+                          "peak_host_rss": report.peak_host_rss, "peak_device_memory": report.peak_device_memory}))
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from .data import eval_windows, load_text, tokenize
+    from .evaluate import perplexity
+    from .models.driver import resolve_device
+    from .models.io import check_supported, load_model, load_tokenizer, resolve_model
+    source = resolve_model(args.model)
+    check_supported(source)
+    text = load_text(args.text, split="eval")
+    device = resolve_device(args.device)
+    _quiet_transformers()
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(source)
+    windows = eval_windows(tokenize(tokenizer, text), args.seqlen, args.nsamples)
+    model = load_model(source, dtype=_dtype(args.dtype))
+    t_load = time.perf_counter() - t0
+    result = perplexity(model, windows, device=device, batch_size=args.batch_size, progress=not args.quiet,
+                        sequential=args.sequential)
+    print(f"perplexity {result['perplexity']:.4f}  ({result['windows']} x {result['seqlen']} tokens of "
+          f"{args.text}; load {t_load:.1f} s, eval {result['seconds']:.1f} s)")
+    if args.json:
+        print(json.dumps({"model": str(source), "text": args.text, **result, "load_seconds": t_load}))
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .data import calibration_samples, eval_windows, load_text, shared_file, tokenize
+    from .evaluate import perplexity
+    from .models.driver import prune_model, resolve_device
+    from .models.io import load_model, load_tokenizer, resolve_model, save_model
+    config = _prune_config(args)
+    calib_path = shared_file("data", "wikitext2", "valid.txt")
+    eval_path = shared_file("data", "wikitext2", "test.txt")
+    device = resolve_device(args.device)
+    progress = not args.quiet
+    _quiet_transformers()
+    t0 = time.perf_counter()
+    source = resolve_model("builtin")
+    model = load_model(source)
+    tokenizer = load_tokenizer(source)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    samples = calibration_samples(tokenize(tokenizer, load_text(calib_path)), args.nsamples, args.seqlen)
+    windows = eval_windows(tokenize(tokenizer, load_text(eval_path)), args.seqlen, args.eval_nsamples)
+    t_tok = time.perf_counter() - t0
+    dense = perplexity(model, windows, device=device, progress=progress)
+    report = prune_model(model, samples, config, device=device, progress=progress)
+    pruned = perplexity(model, windows, device=device, progress=progress)
+    if args.output:
+        save_model(model, args.output, tokenizer=tokenizer, report=report, overwrite=True)
+    sp = str(config.sparsity) if config.sparsity.structured else f"{config.sparsity.fraction:.0%}"
+    rows = [
+        ("model", f"SmolLM2-135M-Instruct (built-in GGUF), {len(report.layers)} linear layers"),
+        ("method", f"{config.method}, sparsity {sp}, block size {config.block_size}, device {device}"),
+        ("calibration", f"{args.nsamples} x {args.seqlen} tokens of wikitext2/valid.txt"),
+        ("evaluation", f"{windows.shape[0]} x {windows.shape[1]} tokens of wikitext2/test.txt"),
+        ("dense perplexity", f"{dense['perplexity']:.3f}"),
+        ("pruned perplexity", f"{pruned['perplexity']:.3f}"),
+        ("achieved sparsity", f"{report.sparsity:.4f} (of the pruned linear layers)"),
+        ("wall time", f"load {t_load:.1f} s, tokenize {t_tok:.1f} s, calibrate+prune {report.times['total']:.1f} s, "
+                      f"eval {dense['seconds']:.1f} + {pruned['seconds']:.1f} s"),
+        ("peak memory", f"host RSS {report.peak_host_rss / 2**20:.0f} MiB" + (
+            f", device {report.peak_device_memory / 2**20:.0f} MiB" if report.peak_device_memory else "")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if args.json:
+        print(json.dumps({"dense_perplexity": dense["perplexity"], "pruned_perplexity": pruned["perplexity"],
+                          "sparsity": report.sparsity, "method": config.method, "target": str(config.sparsity),
+                          "load_seconds": t_load, "prune_seconds": report.times["total"],
+                          "eval_seconds": [dense["seconds"], pruned["seconds"]],
+                          "peak_host_rss": report.peak_host_rss}))
+    return EXIT_OK
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        _log("pyprune: interrupted")
+        return EXIT_INTERRUPTED
+    except (_BadInput, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+        if os.environ.get("PYPRUNE_DEBUG"):
+            raise
+        _log(f"pyprune {args.command}: error: {e}")
+        return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - a CLI reports, it does not dump a traceback unless asked
+        if os.environ.get("PYPRUNE_DEBUG"):
+            raise
+        _log(f"pyprune {args.command}: failed: {type(e).__name__}: {e} (set PYPRUNE_DEBUG=1 for a traceback)")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

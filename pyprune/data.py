@@ -1,0 +1,125 @@
+"""Calibration and evaluation text -> token batches.
+
+Text comes from local files; the names ``wikitext2`` (the project's shared copy of WikiText-2) and ``c4`` (through the
+optional ``datasets`` package, from its local cache only) are accepted as shortcuts. Nothing here needs a network.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class TextTooShortError(ValueError):
+    """The text has fewer tokens than the requested samples need."""
+
+
+def repo_root() -> str:
+    """The project root for an editable install: the parent of the ``pyprune`` package directory."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shared_dir() -> str:
+    """The shared data folder: ``$PYPRUNE_SHARED`` if set, else ``../shared`` next to the repository."""
+    env = os.environ.get("PYPRUNE_SHARED")
+    path = env or os.path.join(os.path.dirname(repo_root()), "shared")
+    if not os.path.isdir(path):
+        how = "PYPRUNE_SHARED points to" if env else "expected the shared data folder at"
+        raise FileNotFoundError(f"{how} {path!r}, which does not exist; set PYPRUNE_SHARED to the folder that holds "
+                                "data/wikitext2/{valid,test}.txt")
+    return path
+
+
+def shared_file(*parts: str) -> str:
+    path = os.path.join(shared_dir(), *parts)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shared data file {path!r} is missing")
+    return path
+
+
+_WIKITEXT_SPLITS = {"train": "valid.txt", "calib": "valid.txt", "validation": "valid.txt", "valid": "valid.txt",
+                    "eval": "test.txt", "test": "test.txt"}
+
+
+def load_text(source: str, split: str = "eval") -> str:
+    """The text of a local file, or of a named data set: ``wikitext2`` (shared copy: valid.txt to calibrate,
+    test.txt to evaluate; ``wikitext2-raw`` is the raw test split) or ``c4`` (``datasets``, local cache only).
+    ``split`` is "calib" or "eval"."""
+    if os.path.isfile(source):
+        with open(source, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if not text.strip():
+            raise TextTooShortError(f"text file {source!r} is empty")
+        return text
+    if os.path.isdir(source):
+        raise FileNotFoundError(f"{source!r} is a directory, expected a text file")
+    name = source.lower()
+    if name in ("wikitext2", "wikitext-2", "wikitext2-raw"):
+        if name == "wikitext2-raw":
+            return load_text(shared_file("data", "wikitext2", "test.raw.txt"))
+        return load_text(shared_file("data", "wikitext2", _WIKITEXT_SPLITS.get(split, "test.txt")))
+    if name == "c4":
+        return _load_c4(split)
+    raise FileNotFoundError(f"text file {source!r} not found (give a path to a text file, or 'wikitext2' / 'c4')")
+
+
+def _load_c4(split: str) -> str:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise FileNotFoundError("'c4' needs the optional 'datasets' package (not installed); give a local text "
+                                "file instead") from None
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from datasets import load_dataset
+    files = ({"train": "en/c4-train.00000-of-01024.json.gz"} if split == "calib" else
+             {"validation": "en/c4-validation.00000-of-00008.json.gz"})
+    try:
+        ds = load_dataset("allenai/c4", data_files=files, split=next(iter(files)))
+    except Exception as e:  # noqa: BLE001 - any failure means "not in the local cache"
+        raise FileNotFoundError(f"'c4' is not available offline ({type(e).__name__}); give a local text file") from e
+    return "\n\n".join(ds[i]["text"] for i in range(min(len(ds), 5000)))
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D LongTensor of token ids (no special tokens added)."""
+    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    ids = enc["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_samples(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random start positions (a seeded generator, so the same text and
+    seed give the same samples), as a (nsamples, seqlen) LongTensor."""
+    _check_counts(nsamples, seqlen)
+    n = int(tokens.numel())
+    if n < seqlen:
+        raise TextTooShortError(f"calibration text has {n} tokens, fewer than one sample of seqlen={seqlen}")
+    starts_available = n - seqlen + 1
+    if nsamples > starts_available:
+        raise TextTooShortError(f"calibration text has {n} tokens: only {starts_available} distinct windows of "
+                                f"{seqlen} tokens, fewer than nsamples={nsamples}")
+    g = torch.Generator().manual_seed(int(seed))
+    starts = torch.randint(0, starts_available, (nsamples,), generator=g)
+    return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int, nsamples: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of ``seqlen`` tokens from the start of the text, (k, seqlen). With
+    ``nsamples`` None, every full window; otherwise exactly ``nsamples`` of them (or an error)."""
+    _check_counts(nsamples if nsamples is not None else 1, seqlen)
+    n = int(tokens.numel())
+    available = n // seqlen
+    if nsamples is None:
+        if available == 0:
+            raise TextTooShortError(f"evaluation text has {n} tokens, fewer than one window of seqlen={seqlen}")
+        nsamples = available
+    elif nsamples > available:
+        raise TextTooShortError(f"evaluation text has {n} tokens: {available} windows of {seqlen} tokens, fewer "
+                                f"than nsamples={nsamples}")
+    return tokens[: nsamples * seqlen].reshape(nsamples, seqlen)
+
+
+def _check_counts(nsamples: int, seqlen: int) -> None:
+    for name, v in (("nsamples", nsamples), ("seqlen", seqlen)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")

@@ -1,0 +1,102 @@
+"""Perplexity of a causal LM on token windows."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+
+def perplexity(model, windows: torch.Tensor, *, device=None, batch_size: int = 1, progress: bool = False,
+               sequential: bool = False) -> dict:
+    """exp(mean next-token NLL) over every predicted token of the (k, seqlen) ``windows`` (each window is scored on
+    its own, as in the GPTQ/SparseGPT evaluation). Runs on ``device`` (default: where the model's weights are).
+    ``sequential`` runs the model one decoder block at a time on ``device`` (the rest stays where it is), for models
+    larger than the device's memory.
+
+    Returns {"perplexity", "nll" (mean, nats), "tokens" (predicted), "windows", "seqlen", "seconds"}.
+    """
+    if windows.dim() != 2 or windows.numel() == 0:
+        raise ValueError(f"windows must be a non-empty (k, seqlen) tensor of token ids, got shape "
+                         f"{tuple(windows.shape)}")
+    if windows.shape[1] < 2:
+        raise ValueError("windows need at least 2 tokens to score a next-token prediction")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and int(windows.max()) >= vocab:
+        raise ValueError(f"token id {int(windows.max())} is outside the model's vocabulary of {vocab}")
+    if sequential:
+        return _sequential(model, windows, device, batch_size, progress)
+    was_training = model.training
+    model.eval()
+    if device != home:
+        model.to(device)
+    t0 = time.perf_counter()
+    total, count = 0.0, 0
+    starts = range(0, windows.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="eval", unit="batch", dynamic_ncols=True)
+    try:
+        with torch.no_grad():
+            for s in starts:
+                ids = windows[s:s + batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits
+                total += _nll(logits, ids)
+                count += ids.shape[0] * (ids.shape[1] - 1)
+                del logits
+    finally:
+        if device != home:
+            model.to(home)
+        model.train(was_training)
+    return _result(total, count, windows, t0)
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    shift = logits[:, :-1, :].float()
+    return float(torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), ids[:, 1:].reshape(-1),
+                                                   reduction="sum"))
+
+
+def _sequential(model, windows, device, batch_size, progress) -> dict:
+    from .models.architectures import architecture_of, find_submodule, get_submodule
+    from .models.driver import _bar, _device_of, _MoveNonBlock, capture_block_inputs, run_block
+    arch = architecture_of(model)
+    blocks = get_submodule(model, arch.blocks)
+    head = [m for m in (find_submodule(model, p) for p in arch.head) if m is not None]
+    batches = [windows[s:s + batch_size] for s in range(0, windows.shape[0], batch_size)]
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    total, count = 0.0, 0
+    bar = _bar(len(blocks), "eval blocks") if progress else None
+    try:
+        with torch.no_grad(), _MoveNonBlock(model, blocks, device):
+            inputs = capture_block_inputs(model, blocks, batches, device)
+            for block in blocks:
+                home = _device_of(block)
+                block.to(device)
+                inputs.hidden = run_block(block, inputs)
+                block.to(home)
+                if bar is not None:
+                    bar.update(1)
+            for h, ids in zip(inputs.hidden, batches):
+                for m in head:
+                    h = m(h.to(m.weight.dtype) if getattr(m, "weight", None) is not None else h)
+                total += _nll(h, ids.to(device))
+                count += ids.shape[0] * (ids.shape[1] - 1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return _result(total, count, windows, t0)
+
+
+def _result(total: float, count: int, windows: torch.Tensor, t0: float) -> dict:
+    mean = total / count
+    return {"perplexity": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": count,
+            "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+            "seconds": time.perf_counter() - t0}

@@ -1,0 +1,458 @@
+"""Pruning a model that does not fit in memory: stream it from its safetensors shards one block at a time.
+
+The model is built with its parameters on the meta device (no memory). The parts outside the decoder blocks are read
+once to catch the first block's inputs and dropped again. Then, for every block: its tensors are read from the input
+shards, it is pruned on the device by the same code as the in-memory driver, its outputs are computed for the next
+block, and it is written to its own output shard. Every file is written to a temporary name, flushed and renamed,
+so a killed run leaves whole files only; the input directory is only ever read.
+
+Resume: after each block the run persists (1) the block's shard, (2) the activations that enter the next block, (3) a
+small state file naming both; a restarted run with the same settings checks a fingerprint of settings, input and
+calibration, reloads the activations and continues after the last finished block, giving results identical to an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from ..config import PruneConfig
+from ..report import (LayerReport, PruneReport, atomic_write_text, device_peak_memory, host_peak_rss,
+                      reset_device_peak_memory, reset_host_peak_rss)
+from .architectures import Architecture, architecture_for, get_submodule
+from .driver import (BlockInputs, _bar, _MoveNonBlock, as_batches, capture_block_inputs, make_selection, prune_block,
+                     resolve_device, run_block, settings_dict)
+from .io import REPORT_NAME, meta_model, prepare_output_dir
+
+STATE_DIR = ".pyprune-partial"
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+
+
+class ResumeMismatchError(ValueError):
+    """A partial output exists but was made with other settings, input or calibration."""
+
+
+# --------------------------------------------------------------------------------------------------- checkpoint
+class ShardedCheckpoint:
+    """Read-only view of a safetensors checkpoint: which tensor lives in which shard; reads tensors by name."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        index = os.path.join(self.path, INDEX_NAME)
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
+        else:
+            files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{self.path!r} holds no safetensors weights (streaming needs *.safetensors "
+                                        "shards; convert .bin checkpoints first)")
+            self.weight_map = {}
+            for name in files:
+                with open(os.path.join(self.path, name), "rb") as f:
+                    header, _ = _safetensors_header(f)
+                for key in header:
+                    if key != "__metadata__":
+                        self.weight_map[key] = name
+        for shard in set(self.weight_map.values()):
+            if not os.path.isfile(os.path.join(self.path, shard)):
+                raise FileNotFoundError(f"shard {shard!r} named in the index of {self.path!r} is missing")
+
+    def read(self, keys: Iterable[str], device="cpu") -> dict[str, torch.Tensor]:
+        """The named tensors, read with plain file reads into fresh tensors (no memory map, so the resident set
+        holds each tensor once), one shard open at a time."""
+        by_shard: dict[str, list[str]] = {}
+        for k in keys:
+            by_shard.setdefault(self.weight_map[k], []).append(k)
+        out = {}
+        for shard, names in sorted(by_shard.items()):
+            out.update(read_safetensors(os.path.join(self.path, shard), names, device))
+        return out
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for shard in sorted(set(self.weight_map.values())):
+            st = os.stat(os.path.join(self.path, shard))
+            h.update(f"{shard}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(json.dumps(sorted(self.weight_map.items())).encode())
+        return h.hexdigest()
+
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.path, s)) for s in set(self.weight_map.values()))
+
+
+def checkpoint_bytes(path: str) -> int:
+    return ShardedCheckpoint(path).total_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------- file writes
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _safetensors_header(f) -> tuple[dict, int]:
+    n = int.from_bytes(f.read(8), "little")
+    if not 0 < n < 1 << 30:
+        raise ValueError(f"{getattr(f, 'name', 'file')}: not a safetensors file")
+    return json.loads(f.read(n)), 8 + n
+
+
+def read_safetensors(path: str, names: Iterable[str] | None = None, device="cpu") -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file (all, or the given names), each read straight into its own buffer."""
+    out = {}
+    with open(path, "rb") as f:
+        header, start = _safetensors_header(f)
+        header.pop("__metadata__", None)
+        for name in (sorted(header) if names is None else names):
+            info = header[name]
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            b0, b1 = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=dtype)
+            view = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
+            if b1 - b0 != (view.size if view is not None else 0):
+                raise ValueError(f"{path}: tensor {name!r} has {b1 - b0} bytes, expected "
+                                 f"{0 if view is None else view.size}")
+            if view is not None:
+                f.seek(start + b0)
+                if f.readinto(view) != b1 - b0:
+                    raise ValueError(f"{path}: file ends inside tensor {name!r}")
+            out[name] = t if torch.device(device).type == "cpu" else t.to(device)
+    return out
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
+    """Write a safetensors file tensor by tensor from the tensors' own memory (no serialised copy in between), to a
+    temporary name, fsync, rename."""
+    items = []
+    offset = 0
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if t.dtype not in _NAMES:
+            raise ValueError(f"cannot write tensor {name!r} of dtype {t.dtype} to safetensors")
+        t = t.to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        items.append(t)
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for t in items:
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save_activations(hidden: list[torch.Tensor], path: str) -> None:
+    """Raw dump, one batch at a time on the host: a JSON header line, then each tensor's bytes."""
+    header = {"shapes": [list(h.shape) for h in hidden], "dtype": str(hidden[0].dtype).replace("torch.", "")}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write((json.dumps(header) + "\n").encode())
+            for h in hidden:
+                f.write(h.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_activations(path: str, device) -> list[torch.Tensor]:
+    with open(path, "rb") as f:
+        header = json.loads(f.readline())
+        dtype = getattr(torch, header["dtype"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        out = []
+        for shape in header["shapes"]:
+            n = 1
+            for s in shape:
+                n *= s
+            buf = bytearray(f.read(n * itemsize))
+            out.append(torch.frombuffer(buf, dtype=dtype).reshape(shape).to(device))
+    return out
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    path, _, attr = name.rpartition(".")
+    module = root.get_submodule(path) if path else root
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        raise KeyError(name)
+
+
+def release_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps large freed chunks otherwise, so the resident set of a
+    streaming run would creep up block after block). A no-op where malloc_trim does not exist."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _to_meta(module: torch.nn.Module, skip: set[int] | None = None) -> None:
+    """Drop a module's parameters (replace them by meta tensors) to free their memory."""
+    for sub in module.modules():
+        for attr, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta" and (skip is None or id(p) not in skip):
+                sub._parameters[attr] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+
+
+class _KeyMap:
+    """Checkpoint keys <-> model names. Usually identical; checkpoints saved from the base model lack its prefix."""
+
+    def __init__(self, model, arch: Architecture, keys: Iterable[str]):
+        keys = list(keys)
+        names = set(model.state_dict().keys())
+        base = getattr(model, "base_model_prefix", "") or ""
+        self.prefix = ""
+        if base and not any(k in names for k in keys) and any(f"{base}.{k}" in names for k in keys):
+            self.prefix = base + "."
+        self.to_model = {}
+        for k in keys:
+            n = self.prefix + k
+            if n in names:
+                self.to_model[k] = n
+        block_prefix = arch.blocks + "."
+        self.block_keys: dict[int, list[str]] = {}
+        self.other_keys: list[str] = []
+        for k in keys:
+            n = self.prefix + k
+            if n.startswith(block_prefix):
+                idx = n[len(block_prefix):].split(".", 1)[0]
+                if idx.isdigit():
+                    self.block_keys.setdefault(int(idx), []).append(k)
+                    continue
+            self.other_keys.append(k)
+
+
+def _fingerprint(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(str(tuple(p.shape)).encode())
+            h.update(p.contiguous().view(torch.uint8).numpy().tobytes() if p.numel() else b"")
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _block_file(i: int) -> str:
+    return f"model-block-{i:05d}.safetensors"
+
+
+NONBLOCK_FILE = "model-nonblock.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None = None, *,
+                     modules: Sequence[str] | None = None, dense: Sequence[str] | None = None,
+                     blocks: Iterable[int] | None = None, device=None, batch_size: int = 1,
+                     true_sequential: bool = False, progress: bool = False, resume: bool = True,
+                     overwrite: bool = False,
+                     on_block_done: Callable[[int, list[LayerReport]], None] | None = None) -> PruneReport:
+    """Prune the safetensors checkpoint in directory ``src`` into directory ``out`` without ever holding the whole
+    model: see the module docstring. Arguments as ``pyprune.prune_model``; ``resume`` continues a killed run found
+    in ``out`` (with the same settings), ``on_block_done(i, reports)`` runs after block ``i`` is durably written.
+    Returns the report (also written to ``out/pyprune_report.json``)."""
+    from transformers import AutoConfig
+
+    config = PruneConfig() if config is None else config
+    src = os.path.abspath(src)
+    out = os.path.abspath(out)
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise FileNotFoundError(f"{src!r} has no config.json: not a Hugging Face model directory")
+    if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
+        raise ValueError("the output directory must not be the input directory or inside it (the input is never "
+                         "modified)")
+    with open(os.path.join(src, "config.json")) as f:
+        arch = architecture_for(json.load(f).get("model_type", "<missing model_type>"))
+    ckpt = ShardedCheckpoint(src)
+    device = resolve_device(device)
+    batches = as_batches(calibration, batch_size)
+    if not batches and config.method != "magnitude":
+        raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
+
+    state_dir = os.path.join(out, STATE_DIR)
+    state_file = os.path.join(state_dir, "state.json")
+    partial = os.path.isfile(state_file)
+    if partial and not resume:
+        raise FileExistsError(f"{out!r} holds a partial run; resume it or remove the directory")
+    if not partial:
+        prepare_output_dir(out, overwrite=overwrite)
+
+    reset_host_peak_rss()
+    reset_device_peak_memory(device)
+    t_start = time.perf_counter()
+    hf_config = AutoConfig.from_pretrained(src, local_files_only=True)
+    model = meta_model(hf_config)
+    block_list = get_submodule(model, arch.blocks)
+    num_blocks = len(block_list)
+    selection = make_selection(arch, modules, dense, blocks, num_blocks)
+    keymap = _KeyMap(model, arch, ckpt.weight_map)
+    missing_blocks = [i for i in range(num_blocks) if i not in keymap.block_keys]
+    if missing_blocks:
+        raise ValueError(f"checkpoint {src!r} has no tensors for blocks {missing_blocks[:8]}")
+    last = max(selection.blocks) if selection.blocks is not None else num_blocks - 1
+
+    settings = settings_dict(config, model_type=hf_config.model_type, architecture=arch.name,
+                             nsamples=sum(b.shape[0] for b in batches),
+                             seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
+                             modules=list(selection.modules) if selection.modules else None,
+                             dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
+                             true_sequential=true_sequential, batch_size=batch_size, streaming=True, source=src)
+    fingerprint = _fingerprint({k: v for k, v in settings.items() if k != "device"}, ckpt.fingerprint(),
+                               torch.cat([b.reshape(-1) for b in batches]) if batches else [])
+
+    done, layers, acts_file = -1, [], None
+    if partial:
+        with open(state_file) as f:
+            state = json.load(f)
+        if state.get("fingerprint") != fingerprint:
+            raise ResumeMismatchError(f"{out!r} holds a partial run made with other settings, input or calibration; "
+                                      "use the same ones to resume, or another output directory")
+        done = int(state["done"])
+        layers = [LayerReport(**{**d, "shape": tuple(d["shape"]),
+                                 "loss": float("nan") if d["loss"] is None else d["loss"]}) for d in state["layers"]]
+        acts_file = state.get("activations")
+    os.makedirs(state_dir, exist_ok=True)
+
+    times = {}
+    t0 = time.perf_counter()
+    # The parts outside the blocks: copied unchanged, and loaded (once) when the first block's inputs are needed.
+    nonblock_path = os.path.join(out, NONBLOCK_FILE)
+    if not os.path.isfile(nonblock_path):
+        atomic_save_safetensors(ckpt.read(keymap.other_keys), nonblock_path)
+    inputs = BlockInputs([], [])
+    if batches and done < last:
+        loaded = ckpt.read([k for k in keymap.other_keys if k in keymap.to_model])
+        for k, v in loaded.items():
+            _set_tensor(model, keymap.to_model[k], v)
+        del loaded
+        with _MoveNonBlock(model, block_list, device):
+            inputs = capture_block_inputs(model, block_list, batches, device)
+        _to_meta(model)
+        release_host_memory()
+        if acts_file is not None:
+            inputs.hidden = _load_activations(os.path.join(state_dir, acts_file), device)
+    times["capture"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    outer = _bar(num_blocks, "blocks") if progress else None
+    if outer is not None:
+        outer.update(done + 1)
+    try:
+        for i in range(done + 1, num_blocks):
+            keys = keymap.block_keys[i]
+            target = _block_file(i)
+            work = i <= last and (selection.wants_block(i) or (i < last and inputs.hidden))
+            if not work:
+                atomic_save_safetensors(ckpt.read(keys), os.path.join(out, target))
+            else:
+                block = block_list[i]
+                tensors = ckpt.read(keys, device=device)
+                raw = {}
+                for k, v in tensors.items():
+                    if k in keymap.to_model:
+                        _set_tensor(model, keymap.to_model[k], v)
+                    else:
+                        raw[k] = v  # e.g. legacy buffers: written back as they were
+                del tensors
+                still_meta = [n for n, p in block.named_parameters() if p.device.type == "meta"]
+                if still_meta:
+                    raise ValueError(f"checkpoint {src!r} lacks tensors of block {i}: {still_meta[:5]}")
+                new_reports = []
+                if selection.wants_block(i):
+                    new_reports = prune_block(block, i, arch, inputs, config, selection,
+                                              prefix=f"{arch.blocks}.{i}.", true_sequential=true_sequential,
+                                              progress=progress)
+                if i < last and inputs.hidden:
+                    inputs.hidden = run_block(block, inputs)
+                state = block.state_dict()
+                written = {k: state[keymap.to_model[k][len(f"{arch.blocks}.{i}."):]] for k in keys
+                           if k in keymap.to_model}
+                written.update(raw)
+                atomic_save_safetensors(written, os.path.join(out, target))
+                del written, state, raw
+                _to_meta(block)
+                layers += new_reports
+            release_host_memory()
+            # Persist the resume point: activations entering block i + 1, then the state naming them.
+            new_acts = None
+            if i < last and inputs.hidden:
+                new_acts = f"acts-{i:05d}.bin"
+                _save_activations(inputs.hidden, os.path.join(state_dir, new_acts))
+            atomic_write_text(state_file, json.dumps({
+                "fingerprint": fingerprint, "done": i, "activations": new_acts,
+                "layers": PruneReport(settings, layers).to_dict()["layers"]}))
+            if acts_file is not None and acts_file != new_acts:
+                old = os.path.join(state_dir, acts_file)
+                if os.path.exists(old):
+                    os.unlink(old)
+            acts_file = new_acts
+            if i == last:
+                inputs = BlockInputs([], [])
+            if outer is not None:
+                outer.update(1)
+            if on_block_done is not None:
+                on_block_done(i, [r for r in layers if r.block == i])
+    finally:
+        if outer is not None:
+            outer.close()
+    times["prune"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - t_start
+
+    # Finish: index, config and tokenizer files, report; removing the state directory marks completion.
+    weight_map = {k: NONBLOCK_FILE for k in keymap.other_keys}
+    for i in range(num_blocks):
+        weight_map.update({k: _block_file(i) for k in keymap.block_keys[i]})
+    total = sum(os.path.getsize(os.path.join(out, f)) for f in set(weight_map.values()))
+    atomic_write_text(os.path.join(out, INDEX_NAME),
+                      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    for name in os.listdir(src):
+        p = os.path.join(src, name)
+        if os.path.isfile(p) and not name.endswith(WEIGHT_SUFFIXES) and name != INDEX_NAME and name != REPORT_NAME:
+            _copy_atomic(p, os.path.join(out, name))
+    report = PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks)
+    report.save(os.path.join(out, REPORT_NAME))
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return report

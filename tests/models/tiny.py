@@ -1,0 +1,123 @@
+"""Tiny randomly initialised models of every architecture in the table, built from transformers configs (no
+downloads), plus a byte-level tokenizer and a synthetic sharded checkpoint writer."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+VOCAB = 256
+
+TINY = {
+    "llama": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "opt": dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64),
+    "gpt2": dict(n_embd=64, n_head=4, bos_token_id=0, eos_token_id=0),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4),
+    "mamba": dict(hidden_size=64, state_size=8),
+    "mamba2": dict(hidden_size=64, state_size=8, num_heads=8, head_dim=16, n_groups=1, expand=2),
+}
+
+
+def seed_from(rng: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+
+
+def tiny_config(model_type: str, layers: int = 2, **overrides):
+    from transformers import AutoConfig
+    kw = dict(TINY[model_type], vocab_size=VOCAB, **overrides)
+    kw["n_layer" if model_type == "gpt2" else "num_hidden_layers"] = layers
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_model(model_type: str, rng: torch.Generator, layers: int = 2, dtype=torch.float32, **overrides):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed_from(rng))
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers, **overrides))
+    return model.to(dtype).eval()
+
+
+def calibration(rng: torch.Generator, nsamples: int = 4, seqlen: int = 16) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (nsamples, seqlen), generator=rng)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with exactly 256 tokens (one per byte), made offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def save_tiny_dir(model, path: str, tokenizer: bool = True, max_shard_size: str | None = None) -> str:
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer:
+        byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_synthetic_llama(path: str, *, hidden: int, intermediate: int, layers: int, vocab: int = VOCAB,
+                          heads: int = 8, kv_heads: int = 4, seed: int = 0, dtype=torch.float32) -> int:
+    """A Llama checkpoint written block by block (one shard per block) without ever building the model, so it can be
+    much larger than the memory of the process that writes it. Returns its size in bytes."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    head_dim = hidden // heads
+    shapes = {
+        "self_attn.q_proj.weight": (heads * head_dim, hidden), "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "mlp.gate_proj.weight": (intermediate, hidden), "mlp.up_proj.weight": (intermediate, hidden),
+        "mlp.down_proj.weight": (hidden, intermediate),
+    }
+    weight_map, total = {}, 0
+    for i in range(layers):
+        tensors = {f"model.layers.{i}.{k}": (torch.randn(*s, generator=g) / s[1] ** 0.5).to(dtype)
+                   for k, s in shapes.items()}
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+        tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+        name = f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors"
+        save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    rest = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g).to(dtype),
+            "model.norm.weight": torch.ones(hidden, dtype=dtype),
+            "lm_head.weight": (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(dtype)}
+    name = f"model-{layers + 1:05d}-of-{layers + 1:05d}.safetensors"
+    save_file(rest, os.path.join(path, name), metadata={"format": "pt"})
+    weight_map.update({k: name for k in rest})
+    total += sum(t.numel() * t.element_size() for t in rest.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+              "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+              "dtype": str(dtype).replace("torch.", "")}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return total
+
+
+def dir_hash(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            p = os.path.join(root, name)
+            h.update(os.path.relpath(p, path).encode())
+            st = os.stat(p)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
