@@ -1,0 +1,236 @@
+"""Accuracy report: the joint method against SparseGPT, Wanda and magnitude on the built-in SmolLM2-135M.
+
+Calibrates on WikiText-2 validation text, evaluates perplexity on WikiText-2 test text and, to catch methods that
+only fit their calibration domain, on a Gutenberg book (text unlike the calibration text). Each configuration is one
+sequential pruning run of the whole model from the same dense weights; results are cached in
+``<out>/accuracy_runs.json`` (written atomically after every run), so an interrupted report resumes where it stopped.
+
+    python benchmarks/accuracy.py                      # the full grid (about an hour on 2 CPU cores)
+    python benchmarks/accuracy.py --grid quick         # 50% and 2:4 only
+    python benchmarks/accuracy.py --report-only        # rebuild the table and plots from the cache
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPARSITIES = ("0.5", "0.6", "0.7", "2:4", "4:8")
+
+
+def grid(name: str) -> list[dict]:
+    """Each run: method, sparsity, block size, mask (joint only)."""
+    runs = [dict(method="dense")]
+    sps = SPARSITIES if name == "full" else ("0.5", "2:4")
+    for sp in sps:
+        for method in ("magnitude", "wanda", "sparsegpt", "joint"):
+            runs.append(dict(method=method, sparsity=sp, block_size=128))
+    for sp in ("0.5", "2:4"):
+        for B in (32, 64, 256):
+            runs.append(dict(method="joint", sparsity=sp, block_size=B))
+        masks = ("diag", "greedy") if sp == "0.5" else ("diag", "sparsegpt", "greedy")
+        for mask in masks:
+            runs.append(dict(method="joint", sparsity=sp, block_size=32 if mask == "greedy" else 128, mask=mask))
+        runs.append(dict(method="sparsegpt", sparsity=sp, block_size=32))
+    if name == "full":
+        runs.append(dict(method="joint", sparsity="0.5", block_size=128, mask_scope="row"))
+    return runs
+
+
+def key(run: dict) -> str:
+    if run["method"] == "dense":
+        return "dense"
+    from pyprune import PruneConfig
+    cfg = PruneConfig(method=run["method"], sparsity=run["sparsity"], block_size=run["block_size"],
+                      mask=run.get("mask"), mask_scope=run.get("mask_scope", "block"))
+    parts = [cfg.method, str(cfg.sparsity), f"B{cfg.block_size}"]
+    if cfg.method == "joint":
+        parts += [cfg.mask, cfg.mask_scope]
+    return "/".join(parts)
+
+
+def load_cache(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def run_all(args) -> dict:
+    from tqdm.auto import tqdm
+
+    from pyprune import PruneConfig
+    from pyprune.data import calibration_samples, eval_windows, load_text, shared_file, tokenize
+    from pyprune.evaluate import perplexity
+    from pyprune.models.driver import prune_model
+    from pyprune.models.io import load_model, load_tokenizer, resolve_model
+    from pyprune.report import atomic_write_text
+
+    cache_path = os.path.join(args.out, "accuracy_runs.json")
+    cache = load_cache(cache_path)
+    todo = [r for r in grid(args.grid) if key(r) not in cache]
+    if args.only:
+        todo = [r for r in todo if args.only in key(r)]
+    if not todo:
+        return cache
+    source = resolve_model("builtin")
+    model = load_model(source)
+    tok = load_tokenizer(source)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = calibration_samples(tokenize(tok, load_text(shared_file("data", "wikitext2", "valid.txt"))),
+                                args.nsamples, args.seqlen, seed=args.seed)
+    wiki = eval_windows(tokenize(tok, load_text(shared_file("data", "wikitext2", "test.txt"))), args.seqlen,
+                        args.eval_windows)
+    book = eval_windows(tokenize(tok, load_text(shared_file("data", "gutenberg", "pg1342.txt"))), args.seqlen,
+                        args.ood_windows)
+    for run in tqdm(todo, desc="configurations", dynamic_ncols=True):
+        model.load_state_dict(dense_state)
+        entry = dict(run)
+        if run["method"] != "dense":
+            cfg = PruneConfig(method=run["method"], sparsity=run["sparsity"], block_size=run["block_size"],
+                              mask=run.get("mask"), mask_scope=run.get("mask_scope", "block"))
+            report = prune_model(model, calib, cfg, device=args.device)
+            entry.update(mask=cfg.mask if cfg.method == "joint" else None, sparsity_achieved=report.sparsity,
+                         total_loss=report.total_loss, prune_seconds=report.times["total"],
+                         peak_host_rss=report.peak_host_rss, peak_device_memory=report.peak_device_memory,
+                         layer_loss={layer.name: layer.loss for layer in report.layers})
+        entry["ppl_wikitext2"] = perplexity(model, wiki, device=args.device)["perplexity"]
+        entry["ppl_book"] = perplexity(model, book, device=args.device)["perplexity"]
+        cache[key(run)] = entry
+        atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+    return cache
+
+
+def layer_ratios(cache: dict, k: str) -> tuple[float, float] | None:
+    """Median and worst per-layer loss ratio of run k against SparseGPT (B=128) at the same sparsity."""
+    e = cache[k]
+    ref = cache.get(f"sparsegpt/{k.split('/')[1]}/B128")
+    if ref is None or "layer_loss" not in e:
+        return None
+    r = [e["layer_loss"][n] / ref["layer_loss"][n] for n in e["layer_loss"]
+         if n in ref["layer_loss"] and ref["layer_loss"][n] and math.isfinite(e["layer_loss"][n] or math.nan)]
+    return (statistics.median(r), max(r)) if r else None
+
+
+def write_report(cache: dict, args) -> str:
+    from pyprune.report import atomic_write_text
+    rows = []
+    head = ("| run | method | sparsity | B | mask | ppl WikiText-2 | ppl book | achieved | summed layer loss | "
+            "loss / SparseGPT (median, worst layer) | prune s | peak RSS MiB |")
+    rows += [head, "|" + "---|" * (head.count("|") - 1)]
+    order = [key(r) for r in grid("full")] + [k for k in cache if k not in {key(r) for r in grid("full")}]
+    for k in order:
+        if k not in cache:
+            continue
+        e = cache[k]
+        ratio = layer_ratios(cache, k) if e["method"] == "joint" or (e["method"] == "sparsegpt" and "B128" not in k) \
+            else None
+        rows.append("| " + " | ".join([
+            k, e["method"], str(e.get("sparsity", "-")), str(e.get("block_size", "-")), str(e.get("mask") or "-"),
+            f"{e['ppl_wikitext2']:.2f}", f"{e['ppl_book']:.2f}",
+            f"{e['sparsity_achieved']:.4f}" if "sparsity_achieved" in e else "-",
+            f"{e['total_loss']:.4g}" if e.get("total_loss") is not None and math.isfinite(e["total_loss"]) else "-",
+            f"{ratio[0]:.3f}, {ratio[1]:.3f}" if ratio else "-",
+            f"{e['prune_seconds']:.0f}" if "prune_seconds" in e else "-",
+            f"{e['peak_host_rss'] / 2**20:.0f}" if e.get("peak_host_rss") else "-"]) + " |")
+    hw = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    text = "\n".join([
+        "# Accuracy: SmolLM2-135M (built-in GGUF), pruned on the CPU",
+        "",
+        f"Calibration: {args.nsamples} x {args.seqlen} tokens of WikiText-2 validation text (seed {args.seed}). "
+        f"Evaluation: perplexity on {args.eval_windows} x {args.seqlen} tokens of WikiText-2 test text and "
+        f"{args.ood_windows} x {args.seqlen} tokens of Pride and Prejudice (Gutenberg pg1342; text unlike the "
+        f"calibration text). Hardware: {hw}. Times include Hessian collection and block re-runs; the machine was "
+        "shared with other work, so treat them as rough.",
+        "",
+        *rows, ""])
+    atomic_write_text(os.path.join(args.out, "accuracy.md"), text)
+    atomic_write_text(os.path.join(args.out, "accuracy.json"), json.dumps(
+        {"settings": vars(args), "hardware": hw, "runs": cache}, indent=1, default=str) + "\n")
+    plots(cache, args.out)
+    return text
+
+
+def plots(cache: dict, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, title in ((axes[0], "ppl_wikitext2", "WikiText-2 test"), (axes[1], "ppl_book", "Gutenberg book")):
+        for method, style in (("magnitude", "s:"), ("wanda", "^--"), ("sparsegpt", "o-"), ("joint", "D-")):
+            xs, ys = [], []
+            for sp in ("0.5", "0.6", "0.7"):
+                k = f"{method}/{sp}/B128" + ("/sparsegpt/block" if method == "joint" else "")
+                if k in cache:
+                    xs.append(float(sp) * 100)
+                    ys.append(cache[k][metric])
+            if xs:
+                ax.plot(xs, ys, style, label=method)
+        if "dense" in cache:
+            ax.axhline(cache["dense"][metric], color="gray", lw=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("unstructured sparsity (%)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M: perplexity against sparsity (lower is better)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_sparsity.png"), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for sp, mask in (("0.5", "sparsegpt/block"), ("2:4", "exact/block")):
+        Bs, loss, secs = [], [], []
+        for B in (32, 64, 128, 256):
+            k = f"joint/{sp}/B{B}/{mask}"
+            if k in cache:
+                Bs.append(B)
+                loss.append(cache[k]["total_loss"])
+                secs.append(cache[k]["prune_seconds"])
+        if Bs:
+            axes[0].plot(Bs, loss, "D-", label=f"joint {sp}")
+            axes[1].plot(Bs, secs, "D-", label=f"joint {sp}")
+        ref = cache.get(f"sparsegpt/{sp}/B128")
+        if ref:
+            axes[0].axhline(ref["total_loss"], ls="--", lw=0.8, color="C1" if sp == "2:4" else "C0",
+                            label=f"SparseGPT {sp}")
+    for ax, label in ((axes[0], "summed layer loss"), (axes[1], "prune wall time (s, CPU)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("block size B")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("Joint method: layer loss and time against block size")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_blocksize.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=("full", "quick"), default="full")
+    p.add_argument("--only", help="run only configurations whose key contains this text")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--ood-windows", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    cache = load_cache(os.path.join(args.out, "accuracy_runs.json")) if args.report_only else run_all(args)
+    print(write_report(cache, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
