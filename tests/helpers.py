@@ -84,3 +84,11 @@ def greedy_brute_force(W1: torch.Tensor, G: torch.Tensor, counts=None, n: int = 
             S.append(best_j)
         mask[i, S] = True
     return mask
+
+
+def kernel_block(B: int, g: torch.Generator, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, U_B) in a kernel's dtype from ``spd_block``; G is formed from the rounded U_B so that G = U_B^T U_B holds
+    for the values the kernel sees."""
+    U_B, _ = spd_block(B, g)
+    U_B = U_B.to(dtype).contiguous()
+    return (U_B.double().T @ U_B.double()).to(dtype).contiguous(), U_B

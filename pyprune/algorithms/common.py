@@ -72,6 +72,18 @@ def inverse_cholesky_upper(H_d: torch.Tensor) -> torch.Tensor:
     return U
 
 
+def obs_setup(W: torch.Tensor, H: torch.Tensor, config, mask: torch.Tensor | None):
+    """What the OBS-family methods (joint, SparseGPT) start from: checked arguments, the compute-dtype copy of W
+    (dead columns zeroed), U = upper Cholesky factor of H_d^{-1}, an empty mask and zero per-row losses."""
+    check_layer(W, H, config.sparsity)
+    check_fixed_mask(mask, W)
+    Wc, H_d, _ = damped_hessian(W, H, config.damp)
+    U = inverse_cholesky_upper(H_d)
+    rows, cols = Wc.shape
+    return (Wc, U, torch.zeros(rows, cols, dtype=torch.bool, device=W.device),
+            torch.zeros(rows, dtype=Wc.dtype, device=W.device))
+
+
 def smallest_mask(score: torch.Tensor, fraction: float, scope: str) -> torch.Tensor:
     """True on the ``round(fraction * count)`` smallest scores, counted over each row (scope="row") or over the
     whole matrix (scope="block"). Ties are broken by position (stable sort)."""

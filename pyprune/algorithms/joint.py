@@ -11,8 +11,7 @@ import torch
 from .. import ops
 from ..config import PruneConfig
 from .greedy import greedy_mask
-from .common import (PruneResult, check_fixed_mask, check_layer, damped_hessian, inverse_cholesky_upper,
-                     smallest_mask)
+from .common import PruneResult, obs_setup, smallest_mask
 
 
 def select_block_mask(W1: torch.Tensor, U_B: torch.Tensor, G: torch.Tensor, config: PruneConfig) -> torch.Tensor:
@@ -35,13 +34,8 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
                 mask: torch.Tensor | None = None) -> PruneResult:
     """Prune ``W`` (rows, cols) given its Hessian ``H`` (cols, cols). ``mask`` (bool, True = prune) fixes the
     pruned set instead of selecting it; the sparsity setting is then ignored."""
-    check_layer(W, H, config.sparsity)
-    check_fixed_mask(mask, W)
-    Wc, H_d, dead = damped_hessian(W, H, config.damp)
-    U = inverse_cholesky_upper(H_d)
-    rows, cols = Wc.shape
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    row_loss = torch.zeros(rows, dtype=Wc.dtype, device=W.device)
+    Wc, U, pruned, row_loss = obs_setup(W, H, config, mask)
+    cols = Wc.shape[1]
     B = config.block_size
     for b0 in range(0, cols, B):
         b1 = min(b0 + B, cols)

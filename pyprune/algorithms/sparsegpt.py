@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import PruneConfig
-from .common import (PruneResult, check_fixed_mask, check_layer, damped_hessian, inverse_cholesky_upper,
-                     nm_smallest_mask, smallest_mask)
+from .common import PruneResult, nm_smallest_mask, obs_setup, smallest_mask
 
 
 def prune_sparsegpt(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneConfig(method="sparsegpt"), *,
@@ -13,14 +12,9 @@ def prune_sparsegpt(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = Prun
     """SparseGPT's algorithm. Unstructured masks are chosen per block of ``block_size`` columns by ``w^2/U_jj^2``
     (the fraction of the block, or of each row of it with mask_scope="row"); N:M masks per group when the group's
     first column is reached. With a fixed ``mask`` the result does not depend on ``block_size``."""
-    check_layer(W, H, config.sparsity)
-    check_fixed_mask(mask, W)
     sp = config.sparsity
-    Wc, H_d, dead = damped_hessian(W, H, config.damp)
-    U = inverse_cholesky_upper(H_d)
-    rows, cols = Wc.shape
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    row_loss = torch.zeros(rows, dtype=Wc.dtype, device=W.device)
+    Wc, U, pruned, row_loss = obs_setup(W, H, config, mask)
+    cols = Wc.shape[1]
     B = config.block_size
     for b0 in range(0, cols, B):
         b1 = min(b0 + B, cols)

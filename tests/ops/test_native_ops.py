@@ -15,6 +15,7 @@ import torch
 import pyprune.ops  # noqa: F401  (imports pyprune._C and registers the fake implementations)
 from pyprune import reference
 from pyprune.ops._backend import _native_loaded, native_has
+from tests.helpers import kernel_block  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _native_loaded(), reason="pyprune._C is not built")
 
@@ -25,20 +26,8 @@ WDTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
-def realistic_G(B: int, rng: torch.Generator, extra: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G, U_B) in float32 from a realistic Hessian: H = X^T X / n + 1% damping with per-column scales and mixed
-    columns, Hinv = H^-1, U = upper Cholesky factor of Hinv, U_B a diagonal block of U at a random offset."""
-    cols = B + extra
-    n = 2 * cols + 32
-    scale = torch.exp(0.5 * torch.randn(cols, generator=rng, dtype=F64))
-    mix = torch.eye(cols, dtype=F64) + 0.2 * torch.randn(cols, cols, generator=rng, dtype=F64) / cols ** 0.5
-    X = (torch.randn(n, cols, generator=rng, dtype=F64) * scale) @ mix
-    H = X.T @ X / n
-    H += 0.01 * H.diagonal().mean() * torch.eye(cols, dtype=F64)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    b0 = int(torch.randint(0, extra + 1, (1,), generator=rng))
-    U_B = U[b0:b0 + B, b0:b0 + B]
-    return (U_B.T @ U_B).float().contiguous(), U_B.float().contiguous()
+def realistic_G(B: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernel_block(B, rng)
 
 
 def weights(rows: int, B: int, dtype: torch.dtype, rng: torch.Generator) -> torch.Tensor:

@@ -7,6 +7,7 @@ pytest.importorskip("triton")
 from pyprune import reference  # noqa: E402
 from pyprune.triton_kernels._common import is_interpreted  # noqa: E402
 from pyprune.triton_kernels.masked_solve import _masked_solve_kernel, masked_solve_triton  # noqa: E402
+from tests.helpers import kernel_block  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -17,21 +18,8 @@ def _need(device):
         pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)")
 
 
-def spd_block(B, rng, extra=9):
-    """fp32 U_B and G = U_B^T U_B from a realistic damped inverse Hessian: H = X^T X / n + 1% damping of correlated
-    inputs with uneven scales, Hinv = H^-1, U = upper Cholesky of Hinv, U_B a diagonal block of U."""
-    cols = B + extra
-    n = 4 * cols
-    mix = torch.eye(cols, dtype=torch.float64) + torch.randn(cols, cols, generator=rng, dtype=torch.float64) / cols ** 0.5
-    X = (torch.randn(n, cols, generator=rng, dtype=torch.float64) @ mix) \
-        * (0.2 + torch.rand(cols, generator=rng, dtype=torch.float64))
-    H = X.T @ X / n
-    H += 0.01 * torch.diagonal(H).mean() * torch.eye(cols, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    b0 = extra // 2
-    U_B = U[b0:b0 + B, b0:b0 + B].to(torch.float32).contiguous()
-    G = (U_B.double().T @ U_B.double()).to(torch.float32).contiguous()
-    return G, U_B
+def spd_block(B, rng):
+    return kernel_block(B, rng)
 
 
 def random_mask(rows, B, rng):

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from pyprune import reference  # noqa: E402
 from pyprune.triton_kernels._common import is_interpreted  # noqa: E402
 from pyprune.triton_kernels.nm_select import _nm_exact_kernel, nm_select_triton  # noqa: E402
+from tests.helpers import kernel_block  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -22,18 +23,8 @@ def _need(device):
         pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)")
 
 
-def spd_G(B, rng, extra=9):
-    """fp32 G = U_B^T U_B from a realistic damped inverse Hessian (see test_triton_masked_solve.spd_block)."""
-    cols = B + extra
-    n = 4 * cols
-    mix = torch.eye(cols, dtype=torch.float64) + torch.randn(cols, cols, generator=rng, dtype=torch.float64) / cols ** 0.5
-    X = (torch.randn(n, cols, generator=rng, dtype=torch.float64) @ mix) \
-        * (0.2 + torch.rand(cols, generator=rng, dtype=torch.float64))
-    H = X.T @ X / n
-    H += 0.01 * torch.diagonal(H).mean() * torch.eye(cols, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    U_B = U[extra // 2:extra // 2 + B, extra // 2:extra // 2 + B]
-    return (U_B.T @ U_B).to(torch.float32).contiguous()
+def spd_G(B, rng):
+    return kernel_block(B, rng)[0]
 
 
 def subset_costs64(W1, G, n, m):
