@@ -72,6 +72,12 @@ step bench_hessian 150 "$PY" benchmarks/bench_hessian.py --device cuda ${QUICK_F
 step bench_masked_solve 130 "$PY" benchmarks/bench_masked_solve.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
 step bench_nm_select 90 "$PY" benchmarks/bench_nm_select.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
 
+# 4. Several GPUs only: distributed solve scaling, 1 vs all GPUs (NCCL, one rank per GPU).
+NGPU=$( (nvidia-smi -L 2>/dev/null || true) | wc -l)
+if ((NGPU >= 2)); then
+  step distributed_scaling 150 "$PY" benchmarks/distributed_scaling.py --device cuda --ranks "1,$NGPU" --layers 8 --size 4096 --threads 2 --out "$RESULTS"
+fi
+
 # Summary: the outcome of every step, then the goal metrics of the native CUDA kernels.
 "$PY" - "$RESULTS" <<'EOF' || true
 import json, sys

@@ -2,6 +2,7 @@
 
     pyprune prune MODEL --method joint --sparsity 2:4 --calib-text FILE --nsamples 128 --seqlen 2048 \\
                         --block-size 128 --device cpu --output DIR
+    torchrun --nproc-per-node 8 -m pyprune prune MODEL ... --output DIR      (distributed: see pyprune.distributed)
     pyprune eval MODEL --text FILE --seqlen 2048 --nsamples N [--json]
     pyprune demo
 
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream a safetensors checkpoint block by block from disk (auto: when the weights exceed "
                         "half of the available memory)")
     p.add_argument("--no-resume", action="store_true", help="streaming: refuse to continue a partial run")
+    p.add_argument("--distributed", action="store_true",
+                   help="prune on the ranks of a torchrun launch (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; "
+                        "implied when WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs; rank 0 writes the output")
+    p.add_argument("--dist-timeout", type=_positive_int, default=1800, metavar="SECONDS",
+                   help="distributed: how long a rank waits for the others in a collective before failing")
     p.add_argument("--per-layer", action="store_true", help="print one row per pruned module")
     p.add_argument("--json", action="store_true", help="print the report summary as JSON on the last line")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -167,7 +173,7 @@ def _prune_config(args):
                        mask_scope=getattr(args, "mask_scope", "block"), backend=getattr(args, "backend", "auto"))
 
 
-def _should_stream(args, source) -> bool:
+def _should_stream(args, source, copies: int = 1) -> bool:
     if source.kind != "hf" or args.stream == "off":
         if args.stream == "on" and source.kind != "hf":
             raise _BadInput("--stream on needs a Hugging Face directory with safetensors shards")
@@ -180,7 +186,7 @@ def _should_stream(args, source) -> bool:
     except FileNotFoundError:
         return False
     available = _mem_available()
-    return available is not None and size > available // 2
+    return available is not None and size * copies > available // 2
 
 
 def _mem_available() -> int | None:
@@ -203,7 +209,9 @@ def cmd_prune(args) -> int:
     out = os.path.abspath(args.output)
     if source.kind == "hf" and (out == source.path or out.startswith(source.path + os.sep)):
         raise _BadInput("--output must not be the input model directory or inside it")
-    stream = _should_stream(args, source)
+    distributed = args.distributed or _env_world_size() > 1
+    # distributed: every rank of this node holds the model unless it streams
+    stream = _should_stream(args, source, copies=_local_world_size() if distributed else 1)
     if not stream:
         prepare_output_dir(out, overwrite=args.overwrite)
     text = load_text(args.calib_text, split="calib")
@@ -213,6 +221,8 @@ def cmd_prune(args) -> int:
     tokenizer = load_tokenizer(source)
     samples = calibration_samples(tokenize(tokenizer, text), args.nsamples, args.seqlen, seed=args.seed)
     t_tok = time.perf_counter() - t0
+    if distributed:
+        return _prune_distributed(args, source, tokenizer, samples, config, out, t_tok, stream)
     common = dict(modules=args.modules, dense=args.dense, blocks=args.blocks, device=args.device,
                   batch_size=args.batch_size, true_sequential=args.true_sequential, progress=progress)
     if stream:
@@ -234,13 +244,72 @@ def cmd_prune(args) -> int:
         save_model(model, out, tokenizer=tokenizer, report=report, overwrite=True)
         report.times["save"] = time.perf_counter() - t1
         report.save(os.path.join(out, "pyprune_report.json"))
+    _print_prune_summary(args, report, out)
+    return EXIT_OK
+
+
+def _env_world_size() -> int:
+    from .distributed import env_world_size
+    return env_world_size()
+
+
+def _local_world_size() -> int:
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _prune_distributed(args, source, tokenizer, samples, config, out, t_tok, stream) -> int:
+    """Every rank loads (or streams) the model and prunes with its calibration shard; rank 0 alone writes and prints."""
+    from .distributed import init_from_env, shard_samples
+    from .models.driver import prune_model
+    from .models.io import load_model, save_model
+    comm = init_from_env(device=args.device, timeout_s=args.dist_timeout)
+    try:
+        if args.nsamples < comm.world_size:
+            raise _BadInput(f"--nsamples {args.nsamples} is smaller than the {comm.world_size} ranks")
+        if stream:
+            from .models.streaming import prune_checkpoint
+            if comm.is_main:
+                _log(f"streaming {source} block by block into {out} on {comm.world_size} ranks")
+            report = prune_checkpoint(source.path, out, shard_samples(samples, comm), config,
+                                      resume=not args.no_resume, overwrite=args.overwrite, modules=args.modules,
+                                      dense=args.dense, blocks=args.blocks, device=comm.device,
+                                      batch_size=args.batch_size, true_sequential=args.true_sequential,
+                                      progress=not args.quiet and comm.is_main, comm=comm)
+            if comm.is_main:
+                report.times = {"tokenize": t_tok, **report.times}
+                _print_prune_summary(args, report, out)
+            return EXIT_OK
+        t1 = time.perf_counter()
+        model = load_model(source, dtype=_dtype(args.dtype))
+        t_load = time.perf_counter() - t1
+        report = prune_model(model, shard_samples(samples, comm), config, modules=args.modules, dense=args.dense,
+                             blocks=args.blocks, device=comm.device, batch_size=args.batch_size,
+                             true_sequential=args.true_sequential, progress=not args.quiet and comm.is_main,
+                             comm=comm)
+        if not comm.is_main:
+            return EXIT_OK
+        report.settings.update(source=str(source), calib_text=args.calib_text, seed=args.seed)
+        report.times = {"tokenize": t_tok, "load": t_load, **report.times}
+        t1 = time.perf_counter()
+        save_model(model, out, tokenizer=tokenizer, report=report, overwrite=True)
+        report.times["save"] = time.perf_counter() - t1
+        report.save(os.path.join(out, "pyprune_report.json"))
+        _print_prune_summary(args, report, out)
+        return EXIT_OK
+    finally:
+        comm.close()
+
+
+def _print_prune_summary(args, report, out) -> None:
     print(report.table(per="layer" if args.per_layer else "block"))
     print(f"pruned model written to {out} (report: {os.path.join(out, 'pyprune_report.json')})")
     if args.json:
         print(json.dumps({"output": out, "sparsity": report.sparsity, "total_loss": report.total_loss,
                           "layers": len(report.layers), "times": report.times,
                           "peak_host_rss": report.peak_host_rss, "peak_device_memory": report.peak_device_memory}))
-    return EXIT_OK
 
 
 def cmd_eval(args) -> int:

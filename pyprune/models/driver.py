@@ -226,9 +226,11 @@ class _HessianHook:
 
 
 def prune_block(block: torch.nn.Module, index: int, arch: Architecture, inputs: BlockInputs, config: PruneConfig,
-                selection: Selection, *, prefix: str = "", true_sequential: bool = False, progress: bool = False
-                ) -> list[LayerReport]:
-    """Prune one block in place (it must already be on the compute device with its inputs). Returns its reports."""
+                selection: Selection, *, prefix: str = "", true_sequential: bool = False, progress: bool = False,
+                comm=None) -> list[LayerReport]:
+    """Prune one block in place (it must already be on the compute device with its inputs). Returns its reports.
+    ``comm`` (a ``pyprune.distributed.Comm``): the inputs are this rank's shard; Hessians are reduced over the ranks
+    and the modules' solves split between them (see ``pyprune.distributed``)."""
     groups = [(g, [m for m in g.modules if selection.wants(m, f"{prefix}{m}")]) for g in arch.groups]
     groups = [(g, mods) for g, mods in groups if mods]
     needs_h = bool(inputs.hidden)
@@ -252,6 +254,11 @@ def prune_block(block: torch.nn.Module, index: int, arch: Architecture, inputs: 
                 finally:
                     for h in handles:
                         h.remove()
+            if comm is not None:
+                reports += _prune_stage_distributed(block, index, arch, stage, hooks, config, comm, prefix, needs_h)
+                if bar is not None:
+                    bar.update(sum(len(mods) for _, mods in stage))
+                continue
             for gi, (g, mods) in enumerate(stage):
                 hook = hooks.get(gi)
                 if needs_h and hook.n == 0:
@@ -283,6 +290,39 @@ def prune_block(block: torch.nn.Module, index: int, arch: Architecture, inputs: 
         if bar is not None:
             bar.close()
     return reports
+
+
+def _prune_stage_distributed(block, index: int, arch: Architecture, stage, hooks: dict, config: PruneConfig, comm,
+                             prefix: str, needs_h: bool) -> list[LayerReport]:
+    """One stage of ``prune_block`` over the ranks of ``comm``: reduce each group's Hessian, then split the solves."""
+    from ..distributed import prune_units
+    items, setters, counts = [], [], []
+    for gi, (g, mods) in enumerate(stage):
+        hook = hooks.get(gi)
+        if needs_h and hook.n == 0:
+            raise RuntimeError(f"{hook.name} was not called as a module during the forward pass of block "
+                               f"{index}, so its inputs could not be collected")
+        if hook is not None:
+            hook.H, hook.n = comm.reduce_hessian(hook.H, hook.n)
+        for rel in mods:
+            module = get_submodule(block, rel)
+            W = weight_2d(module, arch).detach()
+            if hook is not None and hook.H.shape[0] != W.shape[1]:
+                raise RuntimeError(f"{prefix}{rel}: Hessian is {hook.H.shape[0]}x{hook.H.shape[0]} but the weight "
+                                   f"has {W.shape[1]} input features; the architecture table is wrong")
+            items.append((f"{prefix}{rel}", W, hook.H if hook else None))
+            setters.append(lambda rows, v, m=module: _set_rows(m, arch, rows, v))
+            counts.append(hook.n if hook else 0)
+    stats = prune_units(comm, items, config, setters)
+    for hook in hooks.values():
+        hook.H = None
+    return [LayerReport(name, index, tuple(W.shape), loss, sparsity, secs, config.method, n)
+            for (name, W, _), (loss, sparsity, secs), n in zip(items, stats, counts)]
+
+
+def _set_rows(module: torch.nn.Module, arch: Architecture, rows: slice, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        weight_2d(module, arch)[rows].copy_(value.to(module.weight.dtype))
 
 
 def _prune_dense(block, rel: str, index: int, arch: Architecture, config: PruneConfig, prefix: str) -> LayerReport:
@@ -352,7 +392,7 @@ class _MoveNonBlock:
 def prune_model(model, calibration, config: PruneConfig | None = None, *, modules: Sequence[str] | None = None,
                 dense: Sequence[str] | None = None, blocks: Iterable[int] | None = None, device=None,
                 batch_size: int = 1, true_sequential: bool = False, progress: bool = False,
-                on_block_done: Callable[[int, list[LayerReport]], None] | None = None) -> PruneReport:
+                on_block_done: Callable[[int, list[LayerReport]], None] | None = None, comm=None) -> PruneReport:
     """Prune a transformers causal LM in place, one decoder block at a time, and return a ``PruneReport``.
 
     model:        a ``*ForCausalLM`` whose ``config.model_type`` is in the architecture table; its weights may live
@@ -369,15 +409,20 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     true_sequential: prune the groups of a block one after the other, re-collecting each group's Hessian from the
                   partly pruned block (more forward passes; the default collects all Hessians from the dense block).
     on_block_done: called as ``f(block_index, layer_reports)`` after each block (progress reporting, tests).
+    comm:         a ``pyprune.distributed.Comm`` to prune on several ranks (torchrun): every rank calls this with the
+                  same model and its own calibration shard (``pyprune.distributed.shard_samples``); all ranks end
+                  with identical weights and reports. None (default): one process.
     """
     config = PruneConfig() if config is None else config
     arch = architecture_of(model)
     block_list = get_submodule(model, arch.blocks)
     selection = make_selection(arch, modules, dense, blocks, len(block_list))
-    device = resolve_device(device)
+    device = resolve_device(comm.device if comm is not None and device is None else device)
     batches = as_batches(calibration, batch_size)
     if not batches and config.method != "magnitude":
         raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
+    if comm is not None and not comm.is_main:
+        progress = False
 
     reset_host_peak_rss()
     reset_device_peak_memory(device)
@@ -405,7 +450,7 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
                     block.to(device)
                 if selection.wants_block(i):
                     layers += prune_block(block, i, arch, inputs, config, selection, prefix=f"{arch.blocks}.{i}.",
-                                          true_sequential=true_sequential, progress=progress)
+                                          true_sequential=true_sequential, progress=progress, comm=comm)
                 if i < last and inputs.hidden:
                     inputs.hidden = run_block(block, inputs)
                 if home != device:
@@ -421,12 +466,14 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     finally:
         model.train(was_training)
     times["total"] = time.perf_counter() - t_start
+    nsamples = sum(b.shape[0] for b in batches)
+    extra = {} if comm is None else {"world_size": comm.world_size}
     settings = settings_dict(config, model_type=model.config.model_type, architecture=arch.name,
-                             nsamples=sum(b.shape[0] for b in batches),
+                             nsamples=nsamples if comm is None else comm.sum_int(nsamples),
                              seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
                              modules=list(selection.modules) if selection.modules else None,
                              dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
-                             true_sequential=true_sequential)
+                             true_sequential=true_sequential, **extra)
     return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), last + 1)
 
 

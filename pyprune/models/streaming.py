@@ -283,17 +283,27 @@ def _block_file(i: int) -> str:
 NONBLOCK_FILE = "model-nonblock.safetensors"
 
 
+def _acts_name(i: int, comm=None) -> str:
+    """The activations entering block i + 1 (one file per rank in a distributed run)."""
+    return f"acts-{i:05d}.bin" if comm is None else f"acts-{i:05d}-rank{comm.rank:05d}.bin"
+
+
 # ----------------------------------------------------------------------------------------------------- the run
 def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None = None, *,
                      modules: Sequence[str] | None = None, dense: Sequence[str] | None = None,
                      blocks: Iterable[int] | None = None, device=None, batch_size: int = 1,
                      true_sequential: bool = False, progress: bool = False, resume: bool = True,
                      overwrite: bool = False,
-                     on_block_done: Callable[[int, list[LayerReport]], None] | None = None) -> PruneReport:
+                     on_block_done: Callable[[int, list[LayerReport]], None] | None = None,
+                     comm=None) -> PruneReport:
     """Prune the safetensors checkpoint in directory ``src`` into directory ``out`` without ever holding the whole
     model: see the module docstring. Arguments as ``pyprune.prune_model``; ``resume`` continues a killed run found
     in ``out`` (with the same settings), ``on_block_done(i, reports)`` runs after block ``i`` is durably written.
-    Returns the report (also written to ``out/pyprune_report.json``)."""
+    Returns the report (also written to ``out/pyprune_report.json``).
+
+    comm: a ``pyprune.distributed.Comm``: every rank calls this with its calibration shard and reads each block from
+    ``src``; rank 0 alone writes the output and the state; each rank persists its own activations in the state
+    directory (which must therefore be on a file system that every rank sees for a resume)."""
     from transformers import AutoConfig
 
     config = PruneConfig() if config is None else config
@@ -312,13 +322,20 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     if not batches and config.method != "magnitude":
         raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
 
+    main = comm is None or comm.is_main
+    if not main:
+        progress = False
+
+    def on_main(fn):  # rank 0 decides, every rank gets its answer or its exception
+        return fn() if comm is None else comm.on_main(fn)
+
     state_dir = os.path.join(out, STATE_DIR)
     state_file = os.path.join(state_dir, "state.json")
-    partial = os.path.isfile(state_file)
+    partial = on_main(lambda: os.path.isfile(state_file))
     if partial and not resume:
         raise FileExistsError(f"{out!r} holds a partial run; resume it or remove the directory")
     if not partial:
-        prepare_output_dir(out, overwrite=overwrite)
+        on_main(lambda: prepare_output_dir(out, overwrite=overwrite))
 
     reset_host_peak_rss()
     reset_device_peak_memory(device)
@@ -334,19 +351,25 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
         raise ValueError(f"checkpoint {src!r} has no tensors for blocks {missing_blocks[:8]}")
     last = max(selection.blocks) if selection.blocks is not None else num_blocks - 1
 
+    nsamples = sum(b.shape[0] for b in batches)
     settings = settings_dict(config, model_type=hf_config.model_type, architecture=arch.name,
-                             nsamples=sum(b.shape[0] for b in batches),
+                             nsamples=nsamples if comm is None else comm.sum_int(nsamples),
                              seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
                              modules=list(selection.modules) if selection.modules else None,
                              dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
-                             true_sequential=true_sequential, batch_size=batch_size, streaming=True, source=src)
-    fingerprint = _fingerprint({k: v for k, v in settings.items() if k != "device"}, ckpt.fingerprint(),
-                               torch.cat([b.reshape(-1) for b in batches]) if batches else [])
+                             true_sequential=true_sequential, batch_size=batch_size, streaming=True, source=src,
+                             **({} if comm is None else {"world_size": comm.world_size}))
+    calib_part = torch.cat([b.reshape(-1) for b in batches]) if batches else []
+    if comm is not None:  # every rank's shard
+        calib_part = comm.all_gather_object(_fingerprint(calib_part))
+    fingerprint = _fingerprint({k: v for k, v in settings.items() if k != "device"}, ckpt.fingerprint(), calib_part)
 
     done, layers, acts_file = -1, [], None
     if partial:
-        with open(state_file) as f:
-            state = json.load(f)
+        def read_state():
+            with open(state_file) as f:
+                return json.load(f)
+        state = on_main(read_state)
         if state.get("fingerprint") != fingerprint:
             raise ResumeMismatchError(f"{out!r} holds a partial run made with other settings, input or calibration; "
                                       "use the same ones to resume, or another output directory")
@@ -354,13 +377,15 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
         layers = [LayerReport(**{**d, "shape": tuple(d["shape"]),
                                  "loss": float("nan") if d["loss"] is None else d["loss"]}) for d in state["layers"]]
         acts_file = state.get("activations")
+        if acts_file is not None and comm is not None:
+            acts_file = _acts_name(done, comm)
     os.makedirs(state_dir, exist_ok=True)
 
     times = {}
     t0 = time.perf_counter()
     # The parts outside the blocks: copied unchanged, and loaded (once) when the first block's inputs are needed.
     nonblock_path = os.path.join(out, NONBLOCK_FILE)
-    if not os.path.isfile(nonblock_path):
+    if main and not os.path.isfile(nonblock_path):
         atomic_save_safetensors(ckpt.read(keymap.other_keys), nonblock_path)
     inputs = BlockInputs([], [])
     if batches and done < last:
@@ -386,7 +411,8 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
             target = _block_file(i)
             work = i <= last and (selection.wants_block(i) or (i < last and inputs.hidden))
             if not work:
-                atomic_save_safetensors(ckpt.read(keys), os.path.join(out, target))
+                if main:
+                    atomic_save_safetensors(ckpt.read(keys), os.path.join(out, target))
             else:
                 block = block_list[i]
                 tensors = ckpt.read(keys, device=device)
@@ -404,26 +430,33 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
                 if selection.wants_block(i):
                     new_reports = prune_block(block, i, arch, inputs, config, selection,
                                               prefix=f"{arch.blocks}.{i}.", true_sequential=true_sequential,
-                                              progress=progress)
+                                              progress=progress, comm=comm)
                 if i < last and inputs.hidden:
                     inputs.hidden = run_block(block, inputs)
-                state = block.state_dict()
-                written = {k: state[keymap.to_model[k][len(f"{arch.blocks}.{i}."):]] for k in keys
-                           if k in keymap.to_model}
-                written.update(raw)
-                atomic_save_safetensors(written, os.path.join(out, target))
-                del written, state, raw
+                if main:
+                    state = block.state_dict()
+                    written = {k: state[keymap.to_model[k][len(f"{arch.blocks}.{i}."):]] for k in keys
+                               if k in keymap.to_model}
+                    written.update(raw)
+                    atomic_save_safetensors(written, os.path.join(out, target))
+                    del written, state
+                del raw
                 _to_meta(block)
                 layers += new_reports
             release_host_memory()
             # Persist the resume point: activations entering block i + 1, then the state naming them.
             new_acts = None
             if i < last and inputs.hidden:
-                new_acts = f"acts-{i:05d}.bin"
+                new_acts = _acts_name(i, comm)
                 _save_activations(inputs.hidden, os.path.join(state_dir, new_acts))
-            atomic_write_text(state_file, json.dumps({
-                "fingerprint": fingerprint, "done": i, "activations": new_acts,
-                "layers": PruneReport(settings, layers).to_dict()["layers"]}))
+            if comm is not None:  # every rank's activations are on disk before the state names them
+                comm.barrier()
+            if main:
+                atomic_write_text(state_file, json.dumps({
+                    "fingerprint": fingerprint, "done": i, "activations": new_acts,
+                    "layers": PruneReport(settings, layers).to_dict()["layers"]}))
+            if comm is not None:  # ... and the state names the new ones before the old ones go
+                comm.barrier()
             if acts_file is not None and acts_file != new_acts:
                 old = os.path.join(state_dir, acts_file)
                 if os.path.exists(old):
@@ -440,6 +473,10 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
             outer.close()
     times["prune"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
+    if comm is not None:
+        comm.barrier()
+        if not main:
+            return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks)
 
     # Finish: index, config and tokenizer files, report; removing the state directory marks completion.
     weight_map = {k: NONBLOCK_FILE for k in keymap.other_keys}
