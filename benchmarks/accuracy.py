@@ -27,34 +27,47 @@ SPARSITIES = ("0.5", "0.6", "0.7", "2:4", "4:8")
 
 
 def grid(name: str) -> list[dict]:
-    """Each run: method, sparsity, block size, mask (joint only)."""
-    runs = [dict(method="dense")]
-    sps = SPARSITIES if name == "full" else ("0.5", "2:4")
+    """Each run: method, sparsity, block size, mask and damping (joint only). Ordered by priority, so a report cut
+    short still holds the main comparison: 50% and 2:4 first, then the other sparsities, then the ablations."""
+    main = [dict(method="dense")]
+    sps = ("0.5", "2:4", "0.6", "0.7", "4:8") if name == "full" else ("0.5", "2:4")
     for sp in sps:
         for method in ("magnitude", "wanda", "sparsegpt", "joint"):
-            runs.append(dict(method=method, sparsity=sp, block_size=128))
+            main.append(dict(method=method, sparsity=sp, block_size=128))
+    ablations = []
     for sp in ("0.5", "2:4"):
+        ablations.append(dict(method="joint", sparsity=sp, block_size=128, damp=0.1))
         for B in (32, 64, 256):
-            runs.append(dict(method="joint", sparsity=sp, block_size=B))
+            ablations.append(dict(method="joint", sparsity=sp, block_size=B))
         masks = ("diag", "greedy") if sp == "0.5" else ("diag", "sparsegpt", "greedy")
         for mask in masks:
-            runs.append(dict(method="joint", sparsity=sp, block_size=32 if mask == "greedy" else 128, mask=mask))
-        runs.append(dict(method="sparsegpt", sparsity=sp, block_size=32))
+            ablations.append(dict(method="joint", sparsity=sp, block_size=32 if mask == "greedy" else 128, mask=mask))
+        ablations.append(dict(method="sparsegpt", sparsity=sp, block_size=32))
+        ablations.append(dict(method="sparsegpt", sparsity=sp, block_size=128, damp=0.1))
     if name == "full":
-        runs.append(dict(method="joint", sparsity="0.5", block_size=128, mask_scope="row"))
-    return runs
+        ablations.append(dict(method="joint", sparsity="0.5", block_size=128, mask_scope="row"))
+    # the 50% / 2:4 comparison and its damping ablation before the other sparsities
+    first = [r for r in main if r.get("sparsity") in (None, "0.5", "2:4")]
+    first += [r for r in ablations if r.get("damp")]
+    return first + [r for r in main if r not in first] + [r for r in ablations if r not in first]
 
 
 def key(run: dict) -> str:
     if run["method"] == "dense":
         return "dense"
-    from pyprune import PruneConfig
-    cfg = PruneConfig(method=run["method"], sparsity=run["sparsity"], block_size=run["block_size"],
-                      mask=run.get("mask"), mask_scope=run.get("mask_scope", "block"))
+    cfg = config_of(run)
     parts = [cfg.method, str(cfg.sparsity), f"B{cfg.block_size}"]
     if cfg.method == "joint":
         parts += [cfg.mask, cfg.mask_scope]
+    if cfg.damp != 0.01:
+        parts.append(f"damp{cfg.damp:g}")
     return "/".join(parts)
+
+
+def config_of(run: dict):
+    from pyprune import PruneConfig
+    return PruneConfig(method=run["method"], sparsity=run["sparsity"], block_size=run["block_size"],
+                       mask=run.get("mask"), mask_scope=run.get("mask_scope", "block"), damp=run.get("damp", 0.01))
 
 
 def load_cache(path: str) -> dict:
@@ -67,7 +80,6 @@ def load_cache(path: str) -> dict:
 def run_all(args) -> dict:
     from tqdm.auto import tqdm
 
-    from pyprune import PruneConfig
     from pyprune.data import calibration_samples, eval_windows, load_text, shared_file, tokenize
     from pyprune.evaluate import perplexity
     from pyprune.models.driver import prune_model
@@ -95,8 +107,7 @@ def run_all(args) -> dict:
         model.load_state_dict(dense_state)
         entry = dict(run)
         if run["method"] != "dense":
-            cfg = PruneConfig(method=run["method"], sparsity=run["sparsity"], block_size=run["block_size"],
-                              mask=run.get("mask"), mask_scope=run.get("mask_scope", "block"))
+            cfg = config_of(run)
             report = prune_model(model, calib, cfg, device=args.device)
             entry.update(mask=cfg.mask if cfg.method == "joint" else None, sparsity_achieved=report.sparsity,
                          total_loss=report.total_loss, prune_seconds=report.times["total"],
