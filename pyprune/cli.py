@@ -221,23 +221,47 @@ def cmd_prune(args) -> int:
     tokenizer = load_tokenizer(source)
     samples = calibration_samples(tokenize(tokenizer, text), args.nsamples, args.seqlen, seed=args.seed)
     t_tok = time.perf_counter() - t0
-    if distributed:
-        return _prune_distributed(args, source, tokenizer, samples, config, out, t_tok, stream)
-    common = dict(modules=args.modules, dense=args.dense, blocks=args.blocks, device=args.device,
-                  batch_size=args.batch_size, true_sequential=args.true_sequential, progress=progress)
+    if not distributed:
+        return _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, stream)
+    from .distributed import init_from_env
+    comm = init_from_env(device=args.device, timeout_s=args.dist_timeout)
+    try:
+        if args.nsamples < comm.world_size:
+            raise _BadInput(f"--nsamples {args.nsamples} is smaller than the {comm.world_size} ranks")
+        return _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, stream, comm)
+    finally:
+        comm.close()
+
+
+def _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, stream, comm=None) -> int:
+    """Prune in memory or streamed from the shards. Distributed (``comm``): every rank prunes with its calibration
+    shard and the same weights; rank 0 alone writes the output and prints the summary."""
+    main = comm is None or comm.is_main
+    if comm is not None:
+        from .distributed import shard_samples
+        samples = shard_samples(samples, comm)
+    common = dict(modules=args.modules, dense=args.dense, blocks=args.blocks,
+                  device=args.device if comm is None else comm.device, batch_size=args.batch_size,
+                  true_sequential=args.true_sequential, progress=not args.quiet and main, comm=comm)
     if stream:
         from .models.streaming import prune_checkpoint
-        _log(f"streaming {source} block by block into {out}")
+        if main:
+            _log(f"streaming {source} block by block into {out}"
+                 + (f" on {comm.world_size} ranks" if comm is not None else ""))
         report = prune_checkpoint(source.path, out, samples, config, resume=not args.no_resume,
                                   overwrite=args.overwrite, **common)
+        if not main:
+            return EXIT_OK
         report.times = {"tokenize": t_tok, **report.times}
     else:
         from .models.driver import prune_model
-        from .models.io import save_model
+        from .models.io import load_model, save_model
         t1 = time.perf_counter()
         model = load_model(source, dtype=_dtype(args.dtype))
         t_load = time.perf_counter() - t1
         report = prune_model(model, samples, config, **common)
+        if not main:
+            return EXIT_OK
         report.settings.update(source=str(source), calib_text=args.calib_text, seed=args.seed)
         report.times = {"tokenize": t_tok, "load": t_load, **report.times}
         t1 = time.perf_counter()
@@ -258,49 +282,6 @@ def _local_world_size() -> int:
         return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         return 1
-
-
-def _prune_distributed(args, source, tokenizer, samples, config, out, t_tok, stream) -> int:
-    """Every rank loads (or streams) the model and prunes with its calibration shard; rank 0 alone writes and prints."""
-    from .distributed import init_from_env, shard_samples
-    from .models.driver import prune_model
-    from .models.io import load_model, save_model
-    comm = init_from_env(device=args.device, timeout_s=args.dist_timeout)
-    try:
-        if args.nsamples < comm.world_size:
-            raise _BadInput(f"--nsamples {args.nsamples} is smaller than the {comm.world_size} ranks")
-        if stream:
-            from .models.streaming import prune_checkpoint
-            if comm.is_main:
-                _log(f"streaming {source} block by block into {out} on {comm.world_size} ranks")
-            report = prune_checkpoint(source.path, out, shard_samples(samples, comm), config,
-                                      resume=not args.no_resume, overwrite=args.overwrite, modules=args.modules,
-                                      dense=args.dense, blocks=args.blocks, device=comm.device,
-                                      batch_size=args.batch_size, true_sequential=args.true_sequential,
-                                      progress=not args.quiet and comm.is_main, comm=comm)
-            if comm.is_main:
-                report.times = {"tokenize": t_tok, **report.times}
-                _print_prune_summary(args, report, out)
-            return EXIT_OK
-        t1 = time.perf_counter()
-        model = load_model(source, dtype=_dtype(args.dtype))
-        t_load = time.perf_counter() - t1
-        report = prune_model(model, shard_samples(samples, comm), config, modules=args.modules, dense=args.dense,
-                             blocks=args.blocks, device=comm.device, batch_size=args.batch_size,
-                             true_sequential=args.true_sequential, progress=not args.quiet and comm.is_main,
-                             comm=comm)
-        if not comm.is_main:
-            return EXIT_OK
-        report.settings.update(source=str(source), calib_text=args.calib_text, seed=args.seed)
-        report.times = {"tokenize": t_tok, "load": t_load, **report.times}
-        t1 = time.perf_counter()
-        save_model(model, out, tokenizer=tokenizer, report=report, overwrite=True)
-        report.times["save"] = time.perf_counter() - t1
-        report.save(os.path.join(out, "pyprune_report.json"))
-        _print_prune_summary(args, report, out)
-        return EXIT_OK
-    finally:
-        comm.close()
 
 
 def _print_prune_summary(args, report, out) -> None:
