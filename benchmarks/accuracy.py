@@ -183,7 +183,7 @@ def plots(cache: dict, out: str) -> None:
                 if k in cache:
                     xs.append(float(sp) * 100)
                     ys.append(cache[k][metric])
-            if xs:
+            if len(xs) > 1:
                 ax.plot(xs, ys, style, label=method)
         if "dense" in cache:
             ax.axhline(cache["dense"][metric], color="gray", lw=0.8, label="dense")
@@ -195,6 +195,33 @@ def plots(cache: dict, out: str) -> None:
     fig.suptitle("SmolLM2-135M: perplexity against sparsity (lower is better)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_sparsity.png"), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = (("magnitude", ""), ("wanda", ""), ("sparsegpt", ""), ("joint", None))
+    settings = [sp for sp in SPARSITIES if any(k.split("/")[1] == sp for k in cache if k != "dense")]
+    for ax, metric, title in ((axes[0], "ppl_wikitext2", "WikiText-2 test"), (axes[1], "ppl_book", "Gutenberg book")):
+        width = 0.8 / len(methods)
+        for j, (method, _) in enumerate(methods):
+            xs, ys = [], []
+            for i, sp in enumerate(settings):
+                mask = ("/exact/block" if ":" in sp else "/sparsegpt/block") if method == "joint" else ""
+                k = f"{method}/{sp}/B128{mask}"
+                if k in cache:
+                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                    ys.append(cache[k][metric])
+            ax.bar(xs, ys, width, label=method)
+        if "dense" in cache:
+            ax.axhline(cache["dense"][metric], color="gray", lw=0.8, label="dense")
+        ax.set_xticks(range(len(settings)), settings)
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M: perplexity per method and sparsity (lower is better)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_methods.png"), dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
