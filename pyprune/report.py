@@ -2,6 +2,7 @@
 memory probes read the OS and torch, they keep no state of their own."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -169,13 +170,15 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a file so that readers see the old content or the new one, never a part."""
+@contextlib.contextmanager
+def atomic_open(path: str):
+    """A binary file that appears at ``path`` only when the block ends without error: written under a temporary name
+    in the same directory, fsynced, renamed into place; readers see the old content or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
@@ -184,3 +187,9 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a text file atomically (see ``atomic_open``)."""
+    with atomic_open(path) as f:
+        f.write(text.encode())

@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..config import PruneConfig
-from ..report import (LayerReport, PruneReport, atomic_write_text, device_peak_memory, host_peak_rss,
-                      reset_device_peak_memory, reset_host_peak_rss)
+from ..report import (LayerReport, PruneReport, atomic_open, atomic_write_text, device_peak_memory,
+                      host_peak_rss, reset_device_peak_memory, reset_host_peak_rss)
 from .architectures import Architecture, architecture_for, get_submodule
 from .driver import (BlockInputs, _bar, _MoveNonBlock, as_batches, capture_block_inputs, make_selection, prune_block,
                      resolve_device, run_block, settings_dict)
@@ -152,37 +152,21 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadat
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for t in items:
-                if t.numel():
-                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path) as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in items:
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _save_activations(hidden: list[torch.Tensor], path: str) -> None:
     """Raw dump, one batch at a time on the host: a JSON header line, then each tensor's bytes."""
     header = {"shapes": [list(h.shape) for h in hidden], "dtype": str(hidden[0].dtype).replace("torch.", "")}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write((json.dumps(header) + "\n").encode())
-            for h in hidden:
-                f.write(h.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path) as f:
+        f.write((json.dumps(header) + "\n").encode())
+        for h in hidden:
+            f.write(h.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def _load_activations(path: str, device) -> list[torch.Tensor]:
@@ -201,9 +185,8 @@ def _load_activations(path: str, device) -> list[torch.Tensor]:
 
 
 def _copy_atomic(src: str, dst: str) -> None:
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with open(src, "rb") as fin, atomic_open(dst) as f:
+        shutil.copyfileobj(fin, f)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
