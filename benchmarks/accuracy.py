@@ -26,9 +26,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SPARSITIES = ("0.5", "0.6", "0.7", "2:4", "4:8")
 
 
-def grid(name: str) -> list[dict]:
+BASE_NSAMPLES = 32          # the calibration size of the first grid; keys of other sizes carry "/n<size>"
+CALIBRATION_FREE = ("dense", "magnitude")
+
+
+def grid(name: str, nsamples: int = BASE_NSAMPLES) -> list[dict]:
     """Each run: method, sparsity, block size, mask and damping (joint only). Ordered by priority, so a report cut
-    short still holds the main comparison: 50% and 2:4 first, then the other sparsities, then the ablations."""
+    short still holds the main comparison: 50% and 2:4 first, then the other sparsities, then the ablations.
+
+    At the base calibration size the grid holds everything. At another size it holds the calibrated methods of the
+    main comparison and their damping ablation: dense and magnitude do not look at calibration data, so their base
+    runs stand for every size, and the block-size and mask ablations are measured once, at the base size."""
+    runs = _grid(name)
+    if nsamples == BASE_NSAMPLES:
+        return runs
+    keep = [r for r in runs if r["method"] not in CALIBRATION_FREE
+            and r.get("block_size") == 128 and r.get("mask") is None and r.get("mask_scope") is None]
+    for r in keep:
+        r["nsamples"] = nsamples
+    return sorted(keep, key=lambda r: "damp" in r)     # the main comparison first, its damping ablation last
+
+
+def _grid(name: str) -> list[dict]:
     main = [dict(method="dense")]
     sps = ("0.5", "2:4", "0.6", "0.7", "4:8") if name == "full" else ("0.5", "2:4")
     for sp in sps:
@@ -61,7 +80,15 @@ def key(run: dict) -> str:
         parts += [cfg.mask, cfg.mask_scope]
     if cfg.damp != 0.01:
         parts.append(f"damp{cfg.damp:g}")
+    n = run.get("nsamples", BASE_NSAMPLES)
+    if n != BASE_NSAMPLES and cfg.method not in CALIBRATION_FREE:
+        parts.append(f"n{n}")
     return "/".join(parts)
+
+
+def nsamples_of(entry: dict) -> int | None:
+    """The calibration size of a run; None for methods that do not look at calibration data."""
+    return None if entry["method"] in CALIBRATION_FREE else entry.get("nsamples") or BASE_NSAMPLES
 
 
 def config_of(run: dict):
@@ -88,9 +115,10 @@ def run_all(args) -> dict:
 
     cache_path = os.path.join(args.out, "accuracy_runs.json")
     cache = load_cache(cache_path)
-    todo = [r for r in grid(args.grid) if key(r) not in cache]
+    todo = [r for r in grid(args.grid, args.nsamples) if key(r) not in cache]
     if args.only:
-        todo = [r for r in todo if args.only in key(r)]
+        wanted = args.only.split(",")
+        todo = [r for r in todo if any(w in key(r) for w in wanted)]
     if not todo:
         return cache
     source = resolve_model("builtin")
@@ -105,7 +133,7 @@ def run_all(args) -> dict:
                         args.ood_windows)
     for run in tqdm(todo, desc="configurations", dynamic_ncols=True):
         model.load_state_dict(dense_state)
-        entry = dict(run)
+        entry = dict(run, nsamples=args.nsamples if run["method"] not in CALIBRATION_FREE else None)
         if run["method"] != "dense":
             cfg = config_of(run)
             report = prune_model(model, calib, cfg, device=args.device)
@@ -120,32 +148,78 @@ def run_all(args) -> dict:
     return cache
 
 
+def reference_key(k: str) -> str:
+    """SparseGPT at B=128 with the same sparsity, damping and calibration size as run k."""
+    parts = k.split("/")
+    return "/".join(["sparsegpt", parts[1], "B128"] + [p for p in parts[3:] if p.startswith(("damp", "n"))])
+
+
 def layer_ratios(cache: dict, k: str) -> tuple[float, float] | None:
-    """Median and worst per-layer loss ratio of run k against SparseGPT (B=128) at the same sparsity."""
+    """Median and worst per-layer loss ratio of run k against SparseGPT (B=128) at the same sparsity, damping and
+    calibration size (the losses are measured with the damped H_d, so only runs with equal damping compare)."""
     e = cache[k]
-    ref = cache.get(f"sparsegpt/{k.split('/')[1]}/B128")
-    if ref is None or "layer_loss" not in e:
+    ref = cache.get(reference_key(k))
+    if ref is None or ref is e or "layer_loss" not in e:
         return None
     r = [e["layer_loss"][n] / ref["layer_loss"][n] for n in e["layer_loss"]
          if n in ref["layer_loss"] and ref["layer_loss"][n] and math.isfinite(e["layer_loss"][n] or math.nan)]
     return (statistics.median(r), max(r)) if r else None
 
 
+def main_key(method: str, sp: str, n: int = BASE_NSAMPLES) -> str:
+    """The main comparison's run: B=128, default mask (exact for N:M, SparseGPT's saliency otherwise)."""
+    if method == "dense":
+        return "dense"
+    return key(dict(method=method, sparsity=sp, block_size=128, nsamples=n))
+
+
+def calibration_sizes(cache: dict) -> list[int]:
+    return sorted({nsamples_of(e) for e in cache.values() if nsamples_of(e)})
+
+
+def summary_table(cache: dict, n: int) -> list[str]:
+    """Methods x sparsities, 'WikiText-2 / book' perplexity; the best calibrated method per column in bold."""
+    sps = [sp for sp in SPARSITIES if any(main_key(m, sp, n) in cache for m in ("wanda", "sparsegpt", "joint"))]
+    head = "| method | " + " | ".join(sps) + " |"
+    rows = [head, "|" + "---|" * (len(sps) + 1)]
+    best = {}
+    for sp in sps:
+        vals = {m: cache[main_key(m, sp, n)] for m in ("wanda", "sparsegpt", "joint") if main_key(m, sp, n) in cache}
+        best[sp] = {metric: min(vals, key=lambda m: vals[m][metric]) for metric in ("ppl_wikitext2", "ppl_book")}
+    if "dense" in cache:
+        d = cache["dense"]
+        rows.append("| dense | " + " | ".join(f"{d['ppl_wikitext2']:.1f} / {d['ppl_book']:.1f}" for _ in sps) + " |")
+    for m in ("magnitude", "wanda", "sparsegpt", "joint"):
+        cells = []
+        for sp in sps:
+            e = cache.get(main_key(m, sp, n))
+            if e is None:
+                cells.append("-")
+                continue
+            w, b = f"{e['ppl_wikitext2']:.1f}", f"{e['ppl_book']:.1f}"
+            w = f"**{w}**" if best[sp]["ppl_wikitext2"] == m else w
+            b = f"**{b}**" if best[sp]["ppl_book"] == m else b
+            cells.append(f"{w} / {b}")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def write_report(cache: dict, args) -> str:
     from pyprune.report import atomic_write_text
     rows = []
-    head = ("| run | method | sparsity | B | mask | ppl WikiText-2 | ppl book | achieved | summed layer loss | "
+    head = ("| run | method | sparsity | B | mask | calib | ppl WikiText-2 | ppl book | achieved | summed layer loss | "
             "loss / SparseGPT (median, worst layer) | prune s | peak RSS MiB |")
     rows += [head, "|" + "---|" * (head.count("|") - 1)]
-    order = [key(r) for r in grid("full")] + [k for k in cache if k not in {key(r) for r in grid("full")}]
+    known = [key(r) for n in calibration_sizes(cache) for r in grid("full", n)]
+    order = list(dict.fromkeys(known + list(cache)))
     for k in order:
         if k not in cache:
             continue
         e = cache[k]
-        ratio = layer_ratios(cache, k) if e["method"] == "joint" or (e["method"] == "sparsegpt" and "B128" not in k) \
-            else None
+        ratio = layer_ratios(cache, k) if e["method"] in ("joint", "sparsegpt") else None
         rows.append("| " + " | ".join([
             k, e["method"], str(e.get("sparsity", "-")), str(e.get("block_size", "-")), str(e.get("mask") or "-"),
+            f"{nsamples_of(e)} x {args.seqlen}" if nsamples_of(e) else "-",
             f"{e['ppl_wikitext2']:.2f}", f"{e['ppl_book']:.2f}",
             f"{e['sparsity_achieved']:.4f}" if "sparsity_achieved" in e else "-",
             f"{e['total_loss']:.4g}" if e.get("total_loss") is not None and math.isfinite(e["total_loss"]) else "-",
@@ -153,14 +227,27 @@ def write_report(cache: dict, args) -> str:
             f"{e['prune_seconds']:.0f}" if "prune_seconds" in e else "-",
             f"{e['peak_host_rss'] / 2**20:.0f}" if e.get("peak_host_rss") else "-"]) + " |")
     hw = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    summaries = []
+    for n in calibration_sizes(cache):
+        summaries += [f"## Perplexity, WikiText-2 test / book, calibrated on {n} x {args.seqlen} tokens", "",
+                      *summary_table(cache, n), ""]
     text = "\n".join([
         "# Accuracy: SmolLM2-135M (built-in GGUF), pruned on the CPU",
         "",
-        f"Calibration: {args.nsamples} x {args.seqlen} tokens of WikiText-2 validation text (seed {args.seed}). "
-        f"Evaluation: perplexity on {args.eval_windows} x {args.seqlen} tokens of WikiText-2 test text and "
+        f"Calibration: N x {args.seqlen} tokens of WikiText-2 validation text (seed {args.seed}; N in the `calib` "
+        f"column). Evaluation: perplexity on {args.eval_windows} x {args.seqlen} tokens of WikiText-2 test text and "
         f"{args.ood_windows} x {args.seqlen} tokens of Pride and Prejudice (Gutenberg pg1342; text unlike the "
         f"calibration text). Hardware: {hw}. Times include Hessian collection and block re-runs; the machine was "
-        "shared with other work, so treat them as rough.",
+        "shared with other work, so treat them as rough. Magnitude and dense do not use calibration data.",
+        "",
+        "B=128 and the default masks (SparseGPT's saliency for unstructured, the exact group subset for N:M); the "
+        "lowest perplexity among Wanda, SparseGPT and joint is in bold.",
+        "",
+        *summaries,
+        "## Every run",
+        "",
+        "Summed layer loss and the per-layer ratio are measured with the damped Hessian, against SparseGPT at the "
+        "same sparsity, damping and calibration size.",
         "",
         *rows, ""])
     atomic_write_text(os.path.join(args.out, "accuracy.md"), text)
@@ -170,7 +257,15 @@ def write_report(cache: dict, args) -> str:
     return text
 
 
+def headline_nsamples(cache: dict) -> int:
+    """The largest calibration size whose main comparison is complete at 50% (the plots show it)."""
+    done = [n for n in calibration_sizes(cache)
+            if all(main_key(m, "0.5", n) in cache for m in ("wanda", "sparsegpt", "joint"))]
+    return max(done) if done else BASE_NSAMPLES
+
+
 def plots(cache: dict, out: str) -> None:
+    n = headline_nsamples(cache)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,7 +274,7 @@ def plots(cache: dict, out: str) -> None:
         for method, style in (("magnitude", "s:"), ("wanda", "^--"), ("sparsegpt", "o-"), ("joint", "D-")):
             xs, ys = [], []
             for sp in ("0.5", "0.6", "0.7"):
-                k = f"{method}/{sp}/B128" + ("/sparsegpt/block" if method == "joint" else "")
+                k = main_key(method, sp, n)
                 if k in cache:
                     xs.append(float(sp) * 100)
                     ys.append(cache[k][metric])
@@ -192,21 +287,20 @@ def plots(cache: dict, out: str) -> None:
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle("SmolLM2-135M: perplexity against sparsity (lower is better)")
+    fig.suptitle(f"SmolLM2-135M: perplexity against sparsity, calibrated on {n} x 512 tokens (lower is better)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_sparsity.png"), dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = (("magnitude", ""), ("wanda", ""), ("sparsegpt", ""), ("joint", None))
-    settings = [sp for sp in SPARSITIES if any(k.split("/")[1] == sp for k in cache if k != "dense")]
+    settings = [sp for sp in SPARSITIES if any(main_key(m, sp, n) in cache for m in ("wanda", "sparsegpt", "joint"))]
     for ax, metric, title in ((axes[0], "ppl_wikitext2", "WikiText-2 test"), (axes[1], "ppl_book", "Gutenberg book")):
         width = 0.8 / len(methods)
         for j, (method, _) in enumerate(methods):
             xs, ys = [], []
             for i, sp in enumerate(settings):
-                mask = ("/exact/block" if ":" in sp else "/sparsegpt/block") if method == "joint" else ""
-                k = f"{method}/{sp}/B128{mask}"
+                k = main_key(method, sp, n)
                 if k in cache:
                     xs.append(i + (j - (len(methods) - 1) / 2) * width)
                     ys.append(cache[k][metric])
@@ -219,10 +313,15 @@ def plots(cache: dict, out: str) -> None:
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M: perplexity per method and sparsity (lower is better)")
+    fig.suptitle(f"SmolLM2-135M: perplexity per method and sparsity, calibrated on {n} x 512 tokens "
+                 "(lower is better)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_methods.png"), dpi=110)
     plt.close(fig)
+
+    sizes = calibration_sizes(cache)
+    if len(sizes) > 1:
+        calibration_plot(cache, sizes, out, plt)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for sp, mask in (("0.5", "sparsegpt/block"), ("2:4", "exact/block")):
@@ -251,10 +350,40 @@ def plots(cache: dict, out: str) -> None:
     plt.close(fig)
 
 
+def calibration_plot(cache: dict, sizes: list[int], out: str, plt) -> None:
+    """Perplexity of the calibrated methods at each calibration size: does more calibration text cure the
+    weight updates' over-fitting to the calibration domain?"""
+    methods = ("wanda", "sparsegpt", "joint")
+    settings = [sp for sp in SPARSITIES if all(main_key(m, sp, n) in cache for m in methods for n in sizes)]
+    if not settings:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    bars = [(m, n) for m in methods for n in sizes]
+    width = 0.8 / len(bars)
+    for ax, metric, title in ((axes[0], "ppl_wikitext2", "WikiText-2 test"), (axes[1], "ppl_book", "Gutenberg book")):
+        for j, (m, n) in enumerate(bars):
+            xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(settings))]
+            ys = [cache[main_key(m, sp, n)][metric] for sp in settings]
+            ax.bar(xs, ys, width, color=f"C{methods.index(m) + 1}", alpha=0.45 + 0.55 * sizes.index(n) / (len(sizes) - 1),
+                   label=f"{m}, {n} x 512")
+        if "dense" in cache:
+            ax.axhline(cache["dense"][metric], color="gray", lw=0.8, label="dense")
+        ax.set_xticks(range(len(settings)), settings)
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle("More calibration text: perplexity per calibration size (light: fewer tokens; lower is better)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_calibration.png"), dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=("full", "quick"), default="full")
-    p.add_argument("--only", help="run only configurations whose key contains this text")
+    p.add_argument("--only", help="run only configurations whose key contains one of these comma-separated texts")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16)
