@@ -41,10 +41,11 @@ def grid(name: str, nsamples: int = BASE_NSAMPLES) -> list[dict]:
     if nsamples == BASE_NSAMPLES:
         return runs
     keep = [r for r in runs if r["method"] not in CALIBRATION_FREE
-            and r.get("block_size") == 128 and r.get("mask") is None and r.get("mask_scope") is None]
+            and r.get("block_size") == 128 and r.get("mask") is None]
     for r in keep:
         r["nsamples"] = nsamples
-    return sorted(keep, key=lambda r: "damp" in r)     # the main comparison first, its damping ablation last
+    # the main comparison first, then the per-row mask scope, then the damping ablation
+    return sorted(keep, key=lambda r: ("mask_scope" in r) + 2 * ("damp" in r))
 
 
 def _grid(name: str) -> list[dict]:
@@ -64,7 +65,10 @@ def _grid(name: str) -> list[dict]:
         ablations.append(dict(method="sparsegpt", sparsity=sp, block_size=32))
         ablations.append(dict(method="sparsegpt", sparsity=sp, block_size=128, damp=0.1))
     if name == "full":
-        ablations.append(dict(method="joint", sparsity="0.5", block_size=128, mask_scope="row"))
+        # uniform per-row sparsity (Wanda's comparison group) against the per-block threshold, for both OBS methods
+        for sp in ("0.5", "0.6", "0.7"):
+            for method in ("joint", "sparsegpt"):
+                ablations.append(dict(method=method, sparsity=sp, block_size=128, mask_scope="row"))
     # the 50% / 2:4 comparison and its damping ablation before the other sparsities
     first = [r for r in main if r.get("sparsity") in (None, "0.5", "2:4")]
     first += [r for r in ablations if r.get("damp")]
@@ -78,6 +82,8 @@ def key(run: dict) -> str:
     parts = [cfg.method, str(cfg.sparsity), f"B{cfg.block_size}"]
     if cfg.method == "joint":
         parts += [cfg.mask, cfg.mask_scope]
+    elif cfg.mask_scope != "block":
+        parts.append(cfg.mask_scope)
     if cfg.damp != 0.01:
         parts.append(f"damp{cfg.damp:g}")
     n = run.get("nsamples", BASE_NSAMPLES)
@@ -139,6 +145,7 @@ def run_all(args) -> dict:
             report = prune_model(model, calib, cfg, device=args.device)
             entry.update(mask=cfg.mask if cfg.method == "joint" else None, sparsity_achieved=report.sparsity,
                          total_loss=report.total_loss, prune_seconds=report.times["total"],
+                         solve_seconds=sum(layer.seconds for layer in report.layers),
                          peak_host_rss=report.peak_host_rss, peak_device_memory=report.peak_device_memory,
                          layer_loss={layer.name: layer.loss for layer in report.layers})
         entry["ppl_wikitext2"] = perplexity(model, wiki, device=args.device)["perplexity"]
@@ -292,59 +299,38 @@ def plots(cache: dict, out: str) -> None:
     fig.savefig(os.path.join(out, "accuracy_sparsity.png"), dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    methods = (("magnitude", ""), ("wanda", ""), ("sparsegpt", ""), ("joint", None))
     settings = [sp for sp in SPARSITIES if any(main_key(m, sp, n) in cache for m in ("wanda", "sparsegpt", "joint"))]
-    for ax, metric, title in ((axes[0], "ppl_wikitext2", "WikiText-2 test"), (axes[1], "ppl_book", "Gutenberg book")):
-        width = 0.8 / len(methods)
-        for j, (method, _) in enumerate(methods):
-            xs, ys = [], []
-            for i, sp in enumerate(settings):
-                k = main_key(method, sp, n)
-                if k in cache:
-                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
-                    ys.append(cache[k][metric])
-            ax.bar(xs, ys, width, label=method)
-        if "dense" in cache:
-            ax.axhline(cache["dense"][metric], color="gray", lw=0.8, label="dense")
-        ax.set_xticks(range(len(settings)), settings)
-        ax.set_yscale("log")
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel("perplexity (log scale)")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M: perplexity per method and sparsity, calibrated on {n} x 512 tokens "
-                 "(lower is better)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy_methods.png"), dpi=110)
-    plt.close(fig)
+    bar_figure(cache, settings, [(m, lambda sp, m=m: main_key(m, sp, n), {}) for m in
+                                 ("magnitude", "wanda", "sparsegpt", "joint")],
+               f"SmolLM2-135M: perplexity per method and sparsity, calibrated on {n} x 512 tokens (lower is better)",
+               os.path.join(out, "accuracy_methods.png"), plt)
 
     sizes = calibration_sizes(cache)
     if len(sizes) > 1:
         calibration_plot(cache, sizes, out, plt)
+    scope_plot(cache, sizes, out, plt)
 
+    # block size: summed layer loss and perplexity (solve times, measured without the shared forward passes, are in
+    # layer_ablations.py's plot)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for sp, mask in (("0.5", "sparsegpt/block"), ("2:4", "exact/block")):
-        Bs, loss, secs = [], [], []
-        for B in (32, 64, 128, 256):
-            k = f"joint/{sp}/B{B}/{mask}"
-            if k in cache:
-                Bs.append(B)
-                loss.append(cache[k]["total_loss"])
-                secs.append(cache[k]["prune_seconds"])
-        if Bs:
-            axes[0].plot(Bs, loss, "D-", label=f"joint {sp}")
-            axes[1].plot(Bs, secs, "D-", label=f"joint {sp}")
+    for i, (sp, mask) in enumerate((("0.5", "sparsegpt/block"), ("2:4", "exact/block"))):
+        at = [(B, cache[f"joint/{sp}/B{B}/{mask}"]) for B in (32, 64, 128, 256) if f"joint/{sp}/B{B}/{mask}" in cache]
         ref = cache.get(f"sparsegpt/{sp}/B128")
+        if at:
+            axes[0].plot([B for B, _ in at], [e["total_loss"] for _, e in at], "D-", color=f"C{i}",
+                         label=f"joint {sp}")
+            for metric, style, name in (("ppl_wikitext2", "D-", "WikiText-2"), ("ppl_book", "o:", "book")):
+                axes[1].plot([B for B, _ in at], [e[metric] for _, e in at], style, color=f"C{i}",
+                             label=f"joint {sp}, {name}")
         if ref:
-            axes[0].axhline(ref["total_loss"], ls="--", lw=0.8, color="C1" if sp == "2:4" else "C0",
-                            label=f"SparseGPT {sp}")
-    for ax, label in ((axes[0], "summed layer loss"), (axes[1], "prune wall time (s, CPU)")):
+            axes[0].axhline(ref["total_loss"], ls="--", lw=0.8, color=f"C{i}", label=f"SparseGPT {sp}")
+    for ax, label in ((axes[0], "summed layer loss"), (axes[1], "perplexity (log scale)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("block size B")
         ax.set_ylabel(label)
-        ax.legend()
-    fig.suptitle("Joint method: layer loss and time against block size")
+        ax.legend(fontsize=8, loc="center right")
+    axes[1].set_yscale("log")
+    fig.suptitle(f"Joint method against block size ({BASE_NSAMPLES} x 512 calibration tokens)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_blocksize.png"), dpi=110)
     plt.close(fig)
@@ -357,26 +343,54 @@ def calibration_plot(cache: dict, sizes: list[int], out: str, plt) -> None:
     settings = [sp for sp in SPARSITIES if all(main_key(m, sp, n) in cache for m in methods for n in sizes)]
     if not settings:
         return
+    bars = [(f"{m}, {n} x 512", lambda sp, m=m, n=n: main_key(m, sp, n),
+             dict(color=f"C{methods.index(m) + 1}", alpha=0.45 + 0.55 * sizes.index(n) / (len(sizes) - 1)))
+            for m in methods for n in sizes]
+    bar_figure(cache, settings, bars, "More calibration text: perplexity per calibration size (light: fewer "
+               "tokens; lower is better)", os.path.join(out, "accuracy_calibration.png"), plt)
+
+
+def scope_key(method: str, sp: str, scope: str, n: int) -> str:
+    return key(dict(method=method, sparsity=sp, block_size=128, mask_scope=scope, nsamples=n))
+
+
+def scope_plot(cache: dict, sizes: list[int], out: str, plt) -> None:
+    """Unstructured masks: one threshold per rows x B block against the same fraction in every row (Wanda's
+    comparison group), for both OBS methods, at the largest calibration size that has the per-row runs."""
+    with_rows = [n for n in sizes if scope_key("joint", "0.5", "row", n) in cache]
+    if not with_rows:
+        return
+    n = max(with_rows)
+    bars = [("wanda", lambda sp: main_key("wanda", sp, n), dict(color="C1"))]
+    for i, method in enumerate(("sparsegpt", "joint")):
+        for scope in ("block", "row"):
+            bars.append((f"{method}, mask per {scope}", lambda sp, m=method, sc=scope: scope_key(m, sp, sc, n),
+                         dict(color=f"C{i + 2}", alpha=0.5 if scope == "block" else 1.0)))
+    bar_figure(cache, ["0.5", "0.6", "0.7"], bars, f"Mask scope: per block (light) or per row, calibrated on {n} x 512 "
+               "tokens (lower is better)", os.path.join(out, "accuracy_maskscope.png"), plt)
+
+
+def bar_figure(cache: dict, settings: list[str], bars: list, title: str, path: str, plt) -> None:
+    """WikiText-2 and book perplexity side by side: a group of bars per sparsity setting, one bar per
+    (label, key of the run at a setting, bar style)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    bars = [(m, n) for m in methods for n in sizes]
     width = 0.8 / len(bars)
-    for ax, metric, title in ((axes[0], "ppl_wikitext2", "WikiText-2 test"), (axes[1], "ppl_book", "Gutenberg book")):
-        for j, (m, n) in enumerate(bars):
-            xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(settings))]
-            ys = [cache[main_key(m, sp, n)][metric] for sp in settings]
-            ax.bar(xs, ys, width, color=f"C{methods.index(m) + 1}", alpha=0.45 + 0.55 * sizes.index(n) / (len(sizes) - 1),
-                   label=f"{m}, {n} x 512")
+    for ax, metric, name in ((axes[0], "ppl_wikitext2", "WikiText-2 test"), (axes[1], "ppl_book", "Gutenberg book")):
+        for j, (label, key_at, style) in enumerate(bars):
+            at = [(i, key_at(sp)) for i, sp in enumerate(settings) if key_at(sp) in cache]
+            ax.bar([i + (j - (len(bars) - 1) / 2) * width for i, _ in at], [cache[k][metric] for _, k in at], width,
+                   label=label, **style)
         if "dense" in cache:
             ax.axhline(cache["dense"][metric], color="gray", lw=0.8, label="dense")
         ax.set_xticks(range(len(settings)), settings)
         ax.set_yscale("log")
         ax.set_xlabel("sparsity")
         ax.set_ylabel("perplexity (log scale)")
-        ax.set_title(title)
+        ax.set_title(name)
         ax.legend(fontsize=7)
-    fig.suptitle("More calibration text: perplexity per calibration size (light: fewer tokens; lower is better)")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy_calibration.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -5,14 +5,15 @@ its own pruned inputs. Here every method prunes the same dense layers of the bui
 Hessians (collected from WikiText-2 validation text by a forward pass of the dense model), which isolates the
 algorithm's own choices:
 
-* precision: the joint method and SparseGPT with the Hessian accumulated in float32 and solved in float32 (what the
-  driver does) against everything in float64;
+* precision: the joint method and SparseGPT as the driver runs them (Hessian accumulated and solved in float32)
+  against everything in float64;
 * block size: B in {32, 64, 128, 256, cols}; B = cols is the exact optimum for its mask (ALGORITHM.md section 6);
-* masks: SparseGPT's saliency, the joint diagonal ``G_jj``, greedy OBS (at B = 32 and B = 128), per-row scope; for
+* masks: SparseGPT's saliency, the joint diagonal ``G_jj``, greedy OBS (at B = 32), per-row scope; for
   N:M the exact group subset as well.
 
 Every loss is the layer objective of ALGORITHM.md section 1 evaluated in float64 with the undamped Hessian (the
-reconstruction error on the calibration tokens), reported relative to SparseGPT's (float64, B=128, default mask).
+reconstruction error on the calibration tokens), reported relative to SparseGPT's (float32, B=128, block mask).
+Times are the summed wall time of ``prune_layer`` on the layers (float32 unless the label says fp64).
 
     python benchmarks/layer_ablations.py            # writes results/layer_ablations.{md,json}
 """
@@ -33,25 +34,28 @@ LAYERS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_pro
 
 
 def variants(sp: str, rows: int, cols: int) -> list[tuple[str, dict, torch.dtype]]:
-    """(label, PruneConfig arguments, compute dtype). The first is the reference (SparseGPT, float64)."""
+    """(label, PruneConfig arguments, compute dtype). Everything runs in float32, as the driver does, except the two
+    float64 runs that measure what precision costs. The first is the reference (SparseGPT, float32)."""
     structured = ":" in sp
     default_mask = "exact" if structured else "sparsegpt"
-    out = [("sparsegpt fp64", dict(method="sparsegpt"), torch.float64),
-           ("sparsegpt fp32", dict(method="sparsegpt"), torch.float32),
-           ("wanda", dict(method="wanda"), torch.float64),
-           (f"joint B128 {default_mask} fp32", dict(method="joint"), torch.float32),
-           (f"joint B128 {default_mask} fp64", dict(method="joint"), torch.float64)]
+    f32, f64 = torch.float32, torch.float64
+    out = [("sparsegpt", dict(method="sparsegpt"), f32),
+           ("sparsegpt fp64", dict(method="sparsegpt"), f64),
+           ("wanda", dict(method="wanda"), f32),
+           (f"joint B128 {default_mask}", dict(method="joint"), f32),
+           (f"joint B128 {default_mask} fp64", dict(method="joint"), f64)]
     for B in (32, 64, 256):
-        out.append((f"joint B{B} {default_mask}", dict(method="joint", block_size=B), torch.float64))
+        out.append((f"joint B{B} {default_mask}", dict(method="joint", block_size=B), f32))
     if rows * cols <= 576 * 576:    # one block over all columns: a rows x (cols/2)^3 batched solve, square layers only
-        out.append((f"joint B=cols {default_mask}", dict(method="joint", block_size=cols), torch.float64))
+        out.append((f"joint B=cols {default_mask}", dict(method="joint", block_size=cols), f32))
     masks = ("diag", "sparsegpt") if structured else ("diag",)
     for mask in masks:
-        out.append((f"joint B128 {mask}", dict(method="joint", mask=mask), torch.float64))
-    out.append(("joint B32 greedy", dict(method="joint", block_size=32, mask="greedy"), torch.float64))
-    out.append(("joint B128 greedy", dict(method="joint", mask="greedy"), torch.float64))
+        out.append((f"joint B128 {mask}", dict(method="joint", mask=mask), f32))
+    # greedy costs rows x B^3 / 2 per block (about 30 s per layer at B=128 on 2 CPU cores): measured at B=32
+    out.append(("joint B32 greedy", dict(method="joint", block_size=32, mask="greedy"), f32))
     if not structured:
-        out.append(("joint B128 sparsegpt row", dict(method="joint", mask_scope="row"), torch.float64))
+        out.append(("sparsegpt row", dict(method="sparsegpt", mask_scope="row"), f32))
+        out.append(("joint B128 sparsegpt row", dict(method="joint", mask_scope="row"), f32))
     return out
 
 
@@ -122,9 +126,11 @@ def main(argv=None) -> int:
             per[label] = dict(loss=float(layer_objective(d["W"].double(), res.weight.double(), d["H64"]).sum()),
                               seconds=secs, sparsity=float(res.mask.float().mean()))
     text = report(results, args)
+    os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "layer_ablations.md"), text)
     atomic_write_text(os.path.join(args.out, "layer_ablations.json"),
                       json.dumps(dict(settings=vars(args), results=results), indent=1) + "\n")
+    blocksize_plot(results, os.path.join(args.out, "layer_ablations_blocksize.png"))
     print(text)
     return 0
 
@@ -134,7 +140,7 @@ def report(results: dict, args) -> str:
     lines = ["# Layer-level ablations on real Hessians (SmolLM2-135M, dense inputs)", "",
              f"Hessians from {args.nsamples} x {args.seqlen} tokens of WikiText-2 validation text through the dense "
              f"model; layers {', '.join(LAYERS)} of blocks {args.blocks}. Loss: the section 1 objective in float64 "
-             "with the undamped Hessian, as a ratio to SparseGPT's (float64, B=128, default mask); geometric mean "
+             "with the undamped Hessian, as a ratio to SparseGPT's (float32, B=128, block mask); geometric mean "
              f"and worst over the layers. Seconds: wall time of one layer's `prune_layer` on {hw}, summed. "
              "B=cols (one block over all columns: the exact optimum for its mask) runs on the square 576 x 576 "
              "layers only (q_proj, o_proj); its mean is over those.", ""]
@@ -153,6 +159,34 @@ def report(results: dict, args) -> str:
                          + " | ".join(f"{r[n]:.4f}" if n in r else "-" for n in layers) + f" | {secs:.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def blocksize_plot(results: dict, path: str) -> None:
+    """Joint method: layer loss (relative to SparseGPT) and solve time against B, per sparsity."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (sp, per) in enumerate(results.items()):
+        mask = "exact" if ":" in sp else "sparsegpt"
+        Bs = (32, 64, 128, 256)
+        ratio = [statistics.geometric_mean(per[n][f"joint B{B} {mask}"]["loss"] / per[n]["sparsegpt"]["loss"]
+                                           for n in per) for B in Bs]
+        secs = [sum(per[n][f"joint B{B} {mask}"]["seconds"] for n in per) for B in Bs]
+        ref_secs = sum(per[n]["sparsegpt"]["seconds"] for n in per)
+        axes[0].plot(Bs, ratio, "D-", color=f"C{i}", label=f"joint {sp}")
+        axes[1].plot(Bs, secs, "D-", color=f"C{i}", label=f"joint {sp}")
+        axes[1].axhline(ref_secs, ls="--", lw=0.8, color=f"C{i}", label=f"SparseGPT {sp}")
+    axes[0].axhline(1.0, ls="--", lw=0.8, color="gray", label="SparseGPT")
+    for ax, label in ((axes[0], "layer loss / SparseGPT (geometric mean)"), (axes[1], "solve time, s (CPU, fp32)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("block size B")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("Joint method on real Hessians (SmolLM2-135M, same dense inputs): loss and time against B")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
