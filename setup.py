@@ -23,7 +23,10 @@ def extensions():
     if not cpu_sources:
         return [], {}
     include_dirs = [os.path.join(HERE, "csrc")]
-    cxx_flags = ["-O3", "-g0", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the C++ standard its own headers were compiled with (C++20 since
+    # torch 2.10). Forcing -std=c++17 built, but on torch 2.11 + CUDA every TORCH_CHECK message that formatted a
+    # number segfaulted (measured on an H200: the inline c10::str helpers then differ between torch and pyprune._C).
+    cxx_flags = ["-O3", "-g0"]
     cuda_home = cpp_extension.CUDA_HOME or (os.environ.get("CUDA_HOME") if torch.version.cuda else None)
     want_cuda = os.environ.get("PYPRUNE_CUDA", "auto")
     use_cuda = want_cuda != "0" and torch.version.cuda is not None and cuda_home is not None
@@ -31,7 +34,7 @@ def extensions():
         raise RuntimeError("PYPRUNE_CUDA=1 but torch is not a CUDA build or CUDA_HOME/nvcc was not found")
     if use_cuda:
         archs = os.environ.get("PYPRUNE_CUDA_ARCHS", "90")
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math"] + [
+        nvcc_flags = ["-O3", "--use_fast_math"] + [
             f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(",")]
         ext = cpp_extension.CUDAExtension(
             "pyprune._C", cpu_sources + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp"),

@@ -155,3 +155,19 @@ def write_results(name: str, out: Path, meta: dict, rows: list[dict], columns: l
     path = out / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def bench_main(name: str, run, columns: list[str], notes: list[str], description: str) -> None:
+    """The main() of every benchmark script: parse the common arguments, call ``run(device, quick, report)`` and
+    write ``<name>.json`` / ``<name>.md``. ``run`` calls ``report(rows, peaks)`` as it goes, so a run stopped by a
+    time limit (the GPU suite's steps have one) keeps what it measured."""
+    args = parse_args(description)
+    device = torch.device(args.device)
+    out = out_dir(args.out)
+
+    def report(rows: list[dict], peaks: dict) -> Path:
+        meta = {"env": environment(device), "peaks": peaks, "quick": args.quick}
+        return write_results(name, out, meta, rows, columns, notes)
+
+    rows, peaks = run(device, args.quick, report)
+    print(report(rows, peaks).read_text())

@@ -3,6 +3,8 @@
 Per call: k tokens (16 x 2048 on a GPU, as the block driver feeds them) of bf16 activations X (k, cols). Compared:
   sparsegpt   SparseGPT's way, H.addmm_(X.float().T, X.float()) in fp32 (TF32 off: torch's default)
   torch_bf16  torch's bf16 product, H.mul_(beta).add_((X.T @ X).float(), alpha) (bf16-rounded output)
+  cublas_fp32out  cuBLAS bf16 product with fp32 accumulation and fp32 output (torch.addmm(..., out_dtype=float32),
+              CUDA only): the same exact-products-fp32-sums H as the kernels, at cuBLAS speed, full square
   torch       pyprune's reference through the wrapper (backend="torch")
   cpp / cuda / triton   pyprune's kernels through the wrapper
 TFLOP/s use the GEMM convention 2 k cols^2; the floor is the symmetric half (k cols (cols + 1) flops) at the
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from _timing import bench, environment, measure_peaks, out_dir, parse_args, try_run, write_results
+from _timing import bench, bench_main, measure_peaks, try_run
 
 
 def methods(device: torch.device) -> dict:
@@ -32,11 +34,13 @@ def methods(device: torch.device) -> dict:
     native = "cuda" if device.type == "cuda" else "cpp"
     m[native] = lambda H, X, a, b: ops.hessian_update_(H, X, a, b, backend=native)
     if device.type == "cuda":
+        m["cublas_fp32out"] = lambda H, X, a, b: H.copy_(torch.addmm(H, X.T, X, beta=b, alpha=a,
+                                                                       out_dtype=torch.float32))
         m["triton"] = lambda H, X, a, b: ops.hessian_update_(H, X, a, b, backend="triton")
     return m
 
 
-def run(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
+def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dict]:
     device = torch.device(device)
     gpu = device.type == "cuda"
     if gpu:
@@ -75,22 +79,20 @@ def run(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
         del X, ref
         if gpu:
             torch.cuda.empty_cache()
+        if report is not None:
+            report(rows, peaks)
     return rows, peaks
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
-    device = torch.device(args.device)
-    rows, peaks = run(device, args.quick)
-    out = out_dir(args.out)
-    path = write_results("bench_hessian", out, {"env": environment(device), "peaks": peaks, "quick": args.quick},
-                         rows, ["cols", "tokens", "method", "ms", "calib_s", "tflops", "floor_ms", "pct_floor",
-                                "vs_sparsegpt", "rel_diff", "error"],
-                         ["ms: median per call; calib_s: one layer's full calibration set (128 x 2048 tokens on "
-                          "a GPU) at that rate; tflops: 2 k cols^2 / time",
-                          "rel_diff: max |H - H_sparsegpt| / max |H_sparsegpt| after one call from H = 0",
-                          "vs_sparsegpt: time of SparseGPT's fp32 addmm / time (goal for cuda: >= 1.8)"])
-    print(path.read_text())
+    bench_main("bench_hessian", run,
+               ["cols", "tokens", "method", "ms", "calib_s", "tflops", "floor_ms", "pct_floor", "vs_sparsegpt",
+                "rel_diff", "error"],
+               ["ms: median per call; calib_s: one layer's full calibration set (128 x 2048 tokens on a GPU) at "
+                "that rate; tflops: 2 k cols^2 / time",
+                "rel_diff: max |H - H_sparsegpt| / max |H_sparsegpt| after one call from H = 0",
+                "vs_sparsegpt: time of SparseGPT's fp32 addmm / time (goal for cuda: >= 1.8)"],
+               __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

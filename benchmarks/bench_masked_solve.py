@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from _timing import bench, environment, measure_peaks, out_dir, parse_args, try_run, write_results
+from _timing import bench, bench_main, measure_peaks, try_run
 
 
 def realistic_G(B: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +31,7 @@ def make_mask(rows: int, B: int, kind: str, device: torch.device, gen: torch.Gen
     return groups.reshape(rows, B).to(device)
 
 
-def run(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
+def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dict]:
     import pyprune.ops as ops
 
     device = torch.device(device)
@@ -72,22 +72,19 @@ def run(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
                                      rel_diff=rel))
         if gpu:
             torch.cuda.empty_cache()
+        if report is not None:
+            report(rows_out, peaks)
     return rows_out, peaks
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
-    device = torch.device(args.device)
-    rows, peaks = run(device, args.quick)
-    out = out_dir(args.out)
-    path = write_results("bench_masked_solve", out,
-                         {"env": environment(device), "peaks": peaks, "quick": args.quick}, rows,
-                         ["rows", "B", "mask", "backend", "ms", "gflops", "gbps", "floor_ms", "pct_floor",
-                          "vs_torch", "rel_diff", "error"],
-                         ["ms: median per call; gflops: useful flops (k^3/3 + 2k^2 + 2Bk per row) / time",
-                          "vs_torch: time of the torch padded reference / time (goal for cuda: >= 5)",
-                          "rel_diff: max |E - E_torch| / max |E_torch|"])
-    print(path.read_text())
+    bench_main("bench_masked_solve", run,
+               ["rows", "B", "mask", "backend", "ms", "gflops", "gbps", "floor_ms", "pct_floor", "vs_torch",
+                "rel_diff", "error"],
+               ["ms: median per call; gflops: useful flops (k^3/3 + 2k^2 + 2Bk per row) / time",
+                "vs_torch: time of the torch padded reference / time (goal for cuda: >= 5)",
+                "rel_diff: max |E - E_torch| / max |E_torch|"],
+               __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -13,16 +13,16 @@ import math
 
 import torch
 
-from _timing import bench, environment, measure_peaks, out_dir, parse_args, try_run, write_results
+from _timing import bench, bench_main, measure_peaks, try_run
 
 
-def run(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
+def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dict]:
     import pyprune.ops as ops
 
     device = torch.device(device)
     gpu = device.type == "cuda"
     if gpu:
-        shapes = [(8192, 128)] if quick else [(8192, 128), (28672, 128), (28672, 256), (28672, 4096)]
+        shapes = [(8192, 128)] if quick else [(8192, 128), (28672, 128), (28672, 4096)]
     else:
         shapes = [(256, 128)] if quick else [(1024, 128), (1024, 256)]
     native = "cuda" if gpu else "cpp"
@@ -61,21 +61,19 @@ def run(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
                                     agree=agree))
         if gpu:
             torch.cuda.empty_cache()
+        if report is not None:
+            report(out, peaks)
     return out, peaks
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
-    device = torch.device(args.device)
-    rows, peaks = run(device, args.quick)
-    out = out_dir(args.out)
-    path = write_results("bench_nm_select", out, {"env": environment(device), "peaks": peaks, "quick": args.quick},
-                         rows, ["rows", "B", "nm", "mode", "backend", "us", "gbps", "floor_us", "pct_floor",
-                                "vs_torch", "agree", "error"],
-                         ["us: median per call; gbps: (W1 + mask + G's diagonal or tables) bytes / time",
-                          "pct_floor: bytes at the measured copy bandwidth / time, in % (goal for cuda: >= 70)",
-                          "agree: fraction of mask entries equal to the torch reference's"])
-    print(path.read_text())
+    bench_main("bench_nm_select", run,
+               ["rows", "B", "nm", "mode", "backend", "us", "gbps", "floor_us", "pct_floor", "vs_torch",
+                "agree", "error"],
+               ["us: median per call; gbps: (W1 + mask + G's diagonal or tables) bytes / time",
+                "pct_floor: bytes at the measured copy bandwidth / time, in % (goal for cuda: >= 70)",
+                "agree: fraction of mask entries equal to the torch reference's"],
+               __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

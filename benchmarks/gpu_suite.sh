@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine with torch, triton and nvcc installed (no network, no .venv of this repo needed):
 #   1. build pyprune with its CUDA kernels (PYPRUNE_CUDA=1),
-#   2. run the GPU tests (pytest tests/ops -k "cuda or triton or native"),
+#   2. run the GPU tests (pytest tests/ops tests/models/test_driver_cuda.py -k "cuda or triton or native"),
 #   3. run the three kernel benchmarks at full size (Llama-2-70B shapes),
-# writing logs and results under ${OUT:-benchmarks/results} and printing a short summary at the end. A failing step
-# is reported and the suite goes on; the exit code is 1 if any step failed. Everything is budgeted to finish
-# inside 10 minutes (SUITE_SECONDS, default 580).
+#   4. run the whole-layer benchmark (joint on each backend against SparseGPT at 70B layer shapes),
+# writing logs and results under benchmarks/results/gpu (RESULTS=... to change) and printing a short summary at the
+# end. Where $OUT is set (the device tool), everything is also packed into $OUT/gpu_suite.tar.gz (the tool brings
+# back at most 8 files) next to gpu_summary.md and the built extension. A failing step is reported and the suite
+# goes on; the exit code is 1 if any step failed. Everything is budgeted to finish inside SUITE_SECONDS (default
+# 480).
 # Usage: bash benchmarks/gpu_suite.sh     PYTHON=/path/to/python3 to choose the interpreter, QUICK=1 for small shapes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-RESULTS="${OUT:-$ROOT/benchmarks/results}"
+RESULTS="${RESULTS:-$ROOT/benchmarks/results/gpu}"
 mkdir -p "$RESULTS"
 PY="${PYTHON:-python3}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -19,7 +22,7 @@ export PYPRUNE_CUDA=1 PYPRUNE_CUDA_ARCHS="${PYPRUNE_CUDA_ARCHS:-90}" MAX_JOBS="$
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 QUICK_FLAG=()
 [[ "${QUICK:-0}" == 1 ]] && QUICK_FLAG=(--quick)
-BUDGET="${SUITE_SECONDS:-580}"
+BUDGET="${SUITE_SECONDS:-480}"
 SUMMARY=()
 FAILED=0
 
@@ -50,27 +53,36 @@ echo "python: $(command -v "$PY")  CUDA_HOME=$CUDA_HOME  results: $RESULTS"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" || true
 nvcc --version | tail -n 1 || true
 
-# 1. Build. An editable install maps pyprune.triton_kernels (needed by backend="triton"); if pip cannot install
-#    here, build in place instead (the C++/CUDA ops still work from the checkout).
-step build 240 "$PY" -m pip install --no-build-isolation --no-deps --no-input -e .
-if ! "$PY" -c "import pyprune._C" 2>/dev/null; then
-  step build_inplace 240 "$PY" setup.py build_ext --inplace
-  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# 1. Build in place (setup.py build_ext --inplace: no network, no build isolation; the device image's pip turns an
+#    editable install into a "setup.py develop" that asks the network for setuptools). pyprune.triton_kernels is
+#    the top-level triton_kernels/ folder mapped at install time; in a checkout it is a symbolic link (ignored by git).
+step build 240 "$PY" setup.py build_ext --inplace
+[[ -e pyprune/triton_kernels ]] || ln -s ../triton_kernels pyprune/triton_kernels
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 step check_cuda_ops 60 "$PY" -c "
 import torch, pyprune.ops
 from pyprune.ops._backend import native_has
 missing = [op for op in ('nm_select', 'masked_solve', 'hessian_update') if not native_has(op, torch.device('cuda'))]
 assert not missing, f'pyprune._C has no CUDA kernel for {missing}'
-print('CUDA kernels registered for nm_select, masked_solve, hessian_update')"
+print('CUDA kernels registered for nm_select, masked_solve, hessian_update')
+try:  # an argument error formatted with numbers must come back as a Python exception, not crash the process
+    torch.ops.pyprune.masked_solve(torch.eye(8), torch.eye(8), torch.randn(3, 7), torch.ones(3, 8, dtype=torch.bool))
+except ValueError as e:
+    print('bad-input error raised as expected:', str(e).splitlines()[0])
+print([l.strip() for l in torch.__config__.show().splitlines() if 'GCC' in l or 'CXX_FLAGS' in l][:2])"
+g++ --version | head -n 1 || true
 
 # 2. GPU tests (the native-op tests run on cpu and cuda; Triton tests run compiled, not interpreted).
-step tests 180 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/ops -k "cuda or triton or native"
+#    pytest-xdist, where installed, spreads the Triton compiles over the CPU cores.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+step tests 140 "$PY" -m pytest -q -rfE -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/ops tests/models/test_driver_cuda.py -k "cuda or triton or native"
 
 # 3. Benchmarks at full size.
-step bench_hessian 150 "$PY" benchmarks/bench_hessian.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
-step bench_masked_solve 130 "$PY" benchmarks/bench_masked_solve.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
-step bench_nm_select 90 "$PY" benchmarks/bench_nm_select.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
+step bench_prune_layer 120 "$PY" benchmarks/bench_prune_layer.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
+step bench_masked_solve 70 "$PY" benchmarks/bench_masked_solve.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
+step bench_hessian 60 "$PY" benchmarks/bench_hessian.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
+step bench_nm_select 50 "$PY" benchmarks/bench_nm_select.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
 
 # 4. Several GPUs only: distributed solve scaling, 1 vs all GPUs (NCCL, one rank per GPU).
 NGPU=$( (nvidia-smi -L 2>/dev/null || true) | wc -l)
@@ -89,7 +101,7 @@ def load(name):
     p = out / f"{name}.json"
     return json.loads(p.read_text())["rows"] if p.exists() else []
 for r in load("bench_hessian"):
-    if r.get("method") in ("cuda", "triton", "torch_bf16") and "ms" in r:
+    if r.get("method") in ("cuda", "triton", "torch_bf16", "cublas_fp32out") and "ms" in r:
         lines.append(f"| hessian | cols={r['cols']} k={r['tokens']} | {r['method']} | {r['ms']:.3g} ms | "
                      f"x SparseGPT | {r['vs_sparsegpt']:.3g} | >= 1.8 |")
 for r in load("bench_masked_solve"):
@@ -100,8 +112,13 @@ for r in load("bench_nm_select"):
     if r.get("backend") in ("cuda", "triton") and "us" in r:
         lines.append(f"| nm_select | rows={r['rows']} B={r['B']} {r['nm']} {r['mode']} | {r['backend']} | "
                      f"{r['us']:.3g} us | % of copy bw | {r['pct_floor']:.3g} | >= 70 |")
+for r in load("bench_prune_layer"):
+    if "s" in r:
+        lines.append(f"| prune_layer | {r['rows']}x{r['cols']} {r['sparsity']} {r['method']} | {r['backend']} | "
+                     f"{r['s']:.3g} s | x SparseGPT (loss ratio {r['loss_vs_sparsegpt']:.3f}) | "
+                     f"{r['vs_sparsegpt']:.3g} | - |")
 errors = [f"{n}: {r.get('method') or r.get('backend')}: {r['error']}" for n in ("bench_hessian", "bench_masked_solve",
-          "bench_nm_select") for r in load(n) if r.get("error")]
+          "bench_nm_select", "bench_prune_layer") for r in load(n) if r.get("error")]
 text = "\n".join(lines + ([""] + ["errors:"] + sorted(set(errors)) if errors else []))
 (out / "gpu_summary.md").write_text(text + "\n")
 print("\n" + text)
@@ -109,7 +126,12 @@ EOF
 
 echo
 echo "== summary ($((SECONDS))s in all; results in $RESULTS)"
-printf '%s\n' "${SUMMARY[@]}"
+printf '%s\n' "${SUMMARY[@]}" | tee "$RESULTS/steps.txt"
+if [[ -n "${OUT:-}" ]]; then
+  tar czf "$OUT/gpu_suite.tar.gz" -C "$RESULTS" . || true
+  cp "$RESULTS/gpu_summary.md" "$OUT/" 2>/dev/null || true
+  for so in pyprune/_C*.so; do [[ -f "$so" ]] && strip -o "$OUT/$(basename "$so")" "$so" 2>/dev/null || true; done
+fi
 if ((FAILED)); then
   echo "SOME STEPS FAILED: see the logs above"
   exit 1

@@ -127,6 +127,13 @@ def _hessian_reduce_kernel(H, WS, alpha, beta, cols, n_prog, n_tiles, n_split,
 _WORKSPACE_LIMIT = 512 * 2 ** 20  # bytes of split-K partials we allow ourselves
 
 
+def _check_tiles(block: int, block_k: int) -> None:
+    """0 means automatic; anything else must be a power of two >= 16."""
+    for name, v in (("block", block), ("block_k", block_k)):
+        if v and (v < 16 or v & (v - 1)):
+            raise ValueError(f"hessian_update_triton: {name} must be a power of two >= 16, got {v}")
+
+
 def _config(H: torch.Tensor, X: torch.Tensor, block: int, block_k: int, split_k: int, group: int):
     interp = is_interpreted(_hessian_kernel)
     cols, k = H.shape[0], X.shape[0]
@@ -134,9 +141,7 @@ def _config(H: torch.Tensor, X: torch.Tensor, block: int, block_k: int, split_k:
         block = 64 if interp or cols <= 64 else 128
     if block_k <= 0:
         block_k = 64 if interp else 32
-    for name, v in (("block", block), ("block_k", block_k)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"hessian_update_triton: {name} must be a power of two >= 16, got {v}")
+    _check_tiles(block, block_k)
     n_tiles = triton.cdiv(cols, block)
     if group <= 0:
         group = 1 if interp or n_tiles < 16 else 8
@@ -206,6 +211,7 @@ def hessian_update_triton(H: torch.Tensor, X: torch.Tensor, alpha: float, beta: 
         raise ValueError(f"{op}: X has {X.shape[1]} columns but H is {cols} x {cols}")
     if X.shape[1] > 1 and X.stride(1) != 1:
         raise ValueError(f"{op}: X must have unit column stride (call .contiguous() first)")
+    _check_tiles(int(_block), int(_block_k))  # argument errors before the device check, on any device
     check_device(_hessian_kernel, op, H=H, X=X)
     torch.ops.pyprune_triton.hessian_update(H, X, float(alpha), float(beta), bool(allow_tf32),
                                             int(_block), int(_block_k), int(_split_k), int(_group))

@@ -18,8 +18,9 @@ namespace pyprune {
 namespace {
 
 void report_not_spd(int64_t bad_row) {
-  TORCH_CHECK(bad_row < 0, "pyprune.masked_solve: G[M, M] is not positive definite in float32 for row ", bad_row,
-              " (a non-positive Cholesky pivot); G must be U_B^T U_B of a well-damped inverse Hessian");
+  TORCH_CHECK(bad_row < 0, pp_msg("pyprune.masked_solve: G[M, M] is not positive definite in float32 for row ",
+                                  bad_row, " (a non-positive Cholesky pivot); G must be U_B^T U_B of a well-damped "
+                                  "inverse Hessian"));
 }
 
 void note_bad(std::atomic<int64_t>& bad, int64_t row) {
@@ -64,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor> masked_solve_emulated_cpu(const at::Tensor& G
                                                              int64_t threads, int64_t warp) {
   check_masked_solve(G, U_B, W1, mask);
   TORCH_CHECK_VALUE(warp >= 1 && threads >= warp && threads % warp == 0 && threads <= 64,
-                    "_masked_solve_emulated: threads must be a multiple of warp (at most 64), got ", threads, ", ",
-                    warp);
+                    pp_msg("_masked_solve_emulated: threads must be a multiple of warp (at most 64), got ", threads,
+                           ", ", warp));
   const int64_t rows = W1.size(0);
   const int B = (int)G.size(0);
   at::Tensor E = at::full({rows, (int64_t)B}, -1.f, G.options());  // unwritten entries stay visible

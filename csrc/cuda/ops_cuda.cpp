@@ -18,12 +18,12 @@ int dtype_code(const at::Tensor& t) {
     case at::kFloat: return 0;
     case at::kHalf: return 1;
     case at::kBFloat16: return 2;
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK_TYPE(false, pp_msg("unsupported dtype ", t.scalar_type()));
   }
 }
 
 void check_cuda(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, pp_msg(op, ": CUDA kernel launch failed: ", cudaGetErrorString(err)));
 }
 
 at::Tensor nm_select_cuda(const at::Tensor& W1, const at::Tensor& G, int64_t n, int64_t m, bool exact) {
@@ -57,9 +57,10 @@ std::tuple<at::Tensor, at::Tensor> masked_solve_cuda(const at::Tensor& G, const 
   const c10::cuda::CUDAGuard guard(G.device());
   const int64_t rows = W1.size(0), B = G.size(0);
   const int max_b = pyprune_masked_solve_cuda_max_b(G.get_device());
-  TORCH_CHECK_VALUE(B <= max_b, "pyprune.masked_solve: block size B=", B, " is too large for the CUDA kernel on ",
-                    G.device(), " (at most ", max_b, ": a fully pruned row needs a packed B x B triangle in "
-                    "shared memory); use a smaller block or backend='triton' / 'torch'");
+  TORCH_CHECK_VALUE(B <= max_b, pp_msg("pyprune.masked_solve: block size B=", B, " is too large for the CUDA kernel "
+                                       "on ", G.device(), " (at most ", max_b, ": a fully pruned row needs a packed "
+                                       "B x B triangle in shared memory); use a smaller block or backend='triton' / "
+                                       "'torch'"));
   at::Tensor E = at::empty({rows, B}, G.options());
   at::Tensor loss = at::empty({rows}, G.options());
   if (rows == 0 || B == 0) return {E.zero_(), loss.zero_()};
@@ -74,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> masked_solve_cuda(const at::Tensor& G, const 
 void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double alpha, double beta, bool allow_tf32) {
   check_hessian_update(H, X);
   const c10::cuda::CUDAGuard guard(H.device());
-  TORCH_CHECK_VALUE(X.size(0) <= INT32_MAX && H.size(0) <= INT32_MAX, "pyprune.hessian_update: X is too large");
+  TORCH_CHECK_VALUE(X.size(0) <= INT32_MAX && H.size(0) <= INT32_MAX, pp_msg("pyprune.hessian_update: X is too large"));
   // float64 activations are rare: round them to fp32 once (every other dtype is read as it is).
   const at::Tensor Xc = X.scalar_type() == at::kDouble ? X.to(at::kFloat) : X;
   check_cuda("pyprune.hessian_update",

@@ -46,7 +46,7 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
         E, loss = ops.masked_solve(G, U_B, W1, M1, backend=config.backend)
         W1 -= E @ U_B
         W1.masked_fill_(M1, 0.0)
-        Wc[:, b1:] -= E @ U[b0:b1, b1:]
+        Wc[:, b1:].addmm_(E, U[b0:b1, b1:], alpha=-1.0)  # in place: no rows x cols temporary
         pruned[:, b0:b1] = M1
         row_loss += loss
     return PruneResult(Wc.to(W.dtype), pruned, float(row_loss.sum()), row_loss)

@@ -38,6 +38,6 @@ def prune_sparsegpt(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = Prun
             W1[:, i:] -= err[:, None] * U_B[i, i:][None, :]
             W1[:, i].masked_fill_(M1[:, i], 0.0)
             Err1[:, i] = err
-        Wc[:, b1:] -= Err1 @ U[b0:b1, b1:]
+        Wc[:, b1:].addmm_(Err1, U[b0:b1, b1:], alpha=-1.0)
         pruned[:, b0:b1] = M1
     return PruneResult(Wc.to(W.dtype), pruned, float(row_loss.sum()), row_loss)

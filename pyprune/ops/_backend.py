@@ -46,11 +46,13 @@ def triton_usable(device: torch.device) -> bool:
     return True
 
 
-def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = True, float64: bool = False) -> str:
+def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = True, float64: bool = False,
+            prefer_triton: bool = False) -> str:
     """Turn ``backend`` into one of "torch" | "native" | "triton" for ``op`` on ``device``, or raise a clear error.
 
     The kernels compute in float32: float64 problems (``float64=True``) go to the torch reference under "auto" and
-    are refused by an explicit kernel backend."""
+    are refused by an explicit kernel backend. "auto" takes the compiled extension, except on CUDA tensors where the
+    caller says the Triton kernel is the faster one (``prefer_triton``, from measurements on an H200)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if float64:
@@ -59,6 +61,8 @@ def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = Tr
                             "(or 'auto')")
         return "torch"
     if backend == "auto":
+        if prefer_triton and triton_op and device.type == "cuda" and triton_usable(device):
+            return "triton"
         if native_has(op, device):
             return "native"
         if device.type == "cuda" and triton_op and triton_usable(device):

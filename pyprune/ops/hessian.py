@@ -18,7 +18,10 @@ def hessian_update_(H: torch.Tensor, X: torch.Tensor, alpha: float, beta: float,
     if X.shape[1] != cols:
         raise ValueError(f"X has {X.shape[1]} columns but H is {cols} x {cols}")
     check_same_device(H=H, X=X)
-    which = resolve(backend, "hessian_update", H.device, float64=H.dtype == torch.float64)
+    # bf16/fp16 X on an H200 (benchmarks/results/gpu/bench_hessian.md): the Triton kernel ran 1.7-1.8x faster than
+    # the CUDA (WMMA) kernel and within 6% of cuBLAS's full bf16 product, so "auto" takes it there
+    which = resolve(backend, "hessian_update", H.device, float64=H.dtype == torch.float64,
+                    prefer_triton=X.dtype in (torch.float16, torch.bfloat16))
     if which == "native":
         torch.ops.pyprune.hessian_update(H, X.contiguous(), float(alpha), float(beta), bool(allow_tf32))
     elif which == "triton":

@@ -103,6 +103,20 @@ def test_masked_solve_not_positive_definite_raises():
         torch.ops.pyprune.masked_solve(G, torch.eye(B), torch.randn(2, B), mask)
 
 
+def test_auto_backend_choice():
+    """"auto": the compiled op on CPU tensors; on CUDA tensors the Triton Hessian kernel for 16-bit activations (the
+    faster one on an H200), the compiled kernel otherwise; float64 always goes to the torch reference."""
+    from pyprune.ops._backend import resolve, triton_usable
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve("auto", "hessian_update", cpu, prefer_triton=True) == "native"
+    assert resolve("auto", "masked_solve", cpu) == "native"
+    assert resolve("auto", "hessian_update", cpu, float64=True) == "torch"
+    if triton_usable(cuda):
+        assert resolve("auto", "hessian_update", cuda, prefer_triton=True) == "triton"
+    if native_has("masked_solve", cuda):
+        assert resolve("auto", "masked_solve", cuda) == "native"
+
+
 def test_masked_solve_wrapper_uses_cpp(rng):
     G, U = realistic_G(24, rng)
     W = weights(9, 24, torch.float32, rng)

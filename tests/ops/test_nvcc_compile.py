@@ -46,7 +46,7 @@ def test_there_are_cuda_sources():
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
 def test_nvcc_compiles(source, tmp_path):
-    cmd = [NVCC, "-arch=sm_90", "-c", "-O3", "-std=c++17", "-I", str(ROOT / "csrc"), *TORCH_NVCC_FLAGS,
+    cmd = [NVCC, "-arch=sm_90", "-c", "-O3", "-std=c++20", "-I", str(ROOT / "csrc"), *TORCH_NVCC_FLAGS,
            "-Xptxas", "-warn-spills", str(source), "-o", str(tmp_path / (source.stem + ".o"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"nvcc failed on {source.name}:\n{proc.stderr[-4000:]}"
@@ -66,6 +66,6 @@ def test_cuda_glue_syntax(tmp_path):
     incs = [str(tmp_path)] if not torch.version.cuda else []
     incs += include_paths() + [str(_cuda_include()), str(ROOT / "csrc"), sysconfig.get_paths()["include"]]
     for glue in sorted((ROOT / "csrc" / "cuda").glob("*.cpp")):
-        cmd = ["g++", "-std=c++17", "-fsyntax-only", "-w", "-DPYPRUNE_WITH_CUDA"] + [f"-I{i}" for i in incs]
+        cmd = ["g++", "-std=c++20", "-fsyntax-only", "-w", "-DPYPRUNE_WITH_CUDA"] + [f"-I{i}" for i in incs]
         proc = subprocess.run(cmd + [str(glue)], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{glue.name} does not compile:\n{proc.stderr[-4000:]}"
