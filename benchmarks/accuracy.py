@@ -56,19 +56,24 @@ def _grid(name: str) -> list[dict]:
             main.append(dict(method=method, sparsity=sp, block_size=128))
     ablations = []
     for sp in ("0.5", "2:4"):
-        ablations.append(dict(method="joint", sparsity=sp, block_size=128, damp=0.1))
+        # the unstructured ablations of the joint method use the per-block mask (they were measured before the
+        # per-row mask became its default; the scope comparison below covers the default)
+        scope = {} if ":" in sp else dict(mask_scope="block")
+        ablations.append(dict(method="joint", sparsity=sp, block_size=128, damp=0.1, **scope))
         for B in (32, 64, 256):
-            ablations.append(dict(method="joint", sparsity=sp, block_size=B))
+            ablations.append(dict(method="joint", sparsity=sp, block_size=B, **scope))
         masks = ("diag", "greedy") if sp == "0.5" else ("diag", "sparsegpt", "greedy")
         for mask in masks:
-            ablations.append(dict(method="joint", sparsity=sp, block_size=32 if mask == "greedy" else 128, mask=mask))
+            ablations.append(dict(method="joint", sparsity=sp, block_size=32 if mask == "greedy" else 128, mask=mask,
+                                  **scope))
         ablations.append(dict(method="sparsegpt", sparsity=sp, block_size=32))
         ablations.append(dict(method="sparsegpt", sparsity=sp, block_size=128, damp=0.1))
     if name == "full":
-        # uniform per-row sparsity (Wanda's comparison group) against the per-block threshold, for both OBS methods
+        # mask scope: per row (Wanda's comparison group; the joint method's default) against one threshold per
+        # rows x B block (SparseGPT's default), for both OBS methods: each method's other choice
         for sp in ("0.5", "0.6", "0.7"):
-            for method in ("joint", "sparsegpt"):
-                ablations.append(dict(method=method, sparsity=sp, block_size=128, mask_scope="row"))
+            ablations.append(dict(method="joint", sparsity=sp, block_size=128, mask_scope="block"))
+            ablations.append(dict(method="sparsegpt", sparsity=sp, block_size=128, mask_scope="row"))
     # the 50% / 2:4 comparison and its damping ablation before the other sparsities
     first = [r for r in main if r.get("sparsity") in (None, "0.5", "2:4")]
     first += [r for r in ablations if r.get("damp")]
@@ -100,7 +105,7 @@ def nsamples_of(entry: dict) -> int | None:
 def config_of(run: dict):
     from pyprune import PruneConfig
     return PruneConfig(method=run["method"], sparsity=run["sparsity"], block_size=run["block_size"],
-                       mask=run.get("mask"), mask_scope=run.get("mask_scope", "block"), damp=run.get("damp", 0.01))
+                       mask=run.get("mask"), mask_scope=run.get("mask_scope"), damp=run.get("damp", 0.01))
 
 
 def load_cache(path: str) -> dict:
@@ -121,7 +126,8 @@ def run_all(args) -> dict:
 
     cache_path = os.path.join(args.out, "accuracy_runs.json")
     cache = load_cache(cache_path)
-    todo = [r for r in grid(args.grid, args.nsamples) if key(r) not in cache]
+    refresh = set(args.refresh.split(",")) if args.refresh else set()
+    todo = [r for r in grid(args.grid, args.nsamples) if key(r) not in cache or key(r) in refresh]
     if args.only:
         wanted = args.only.split(",")
         todo = [r for r in todo if any(w in key(r) for w in wanted)]
@@ -148,9 +154,12 @@ def run_all(args) -> dict:
                          solve_seconds=sum(layer.seconds for layer in report.layers),
                          peak_host_rss=report.peak_host_rss, peak_device_memory=report.peak_device_memory,
                          layer_loss={layer.name: layer.loss for layer in report.layers})
-        entry["ppl_wikitext2"] = perplexity(model, wiki, device=args.device)["perplexity"]
-        entry["ppl_book"] = perplexity(model, book, device=args.device)["perplexity"]
-        cache[key(run)] = entry
+        for text, windows in (("wikitext2", wiki), ("book", book)):
+            result = perplexity(model, windows, device=args.device)
+            entry[f"ppl_{text}"] = result["perplexity"]
+            entry[f"window_nll_{text}"] = result["window_nll"]  # for paired_gaps
+        # merge into what is on disk now (another run of this script may have added entries meanwhile)
+        cache = {**load_cache(cache_path), key(run): entry}
         atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
     return cache
 
@@ -247,10 +256,12 @@ def write_report(cache: dict, args) -> str:
         f"calibration text). Hardware: {hw}. Times include Hessian collection and block re-runs; the machine was "
         "shared with other work, so treat them as rough. Magnitude and dense do not use calibration data.",
         "",
-        "B=128 and the default masks (SparseGPT's saliency for unstructured, the exact group subset for N:M); the "
+        "B=128 and each method's default masks: SparseGPT's saliency for unstructured sparsity (per rows x B block "
+        "for SparseGPT, per row for the joint method) and the exact group subset for the joint method's N:M. The "
         "lowest perplexity among Wanda, SparseGPT and joint is in bold.",
         "",
         *summaries,
+        *paired_gaps(cache),
         "## Every run",
         "",
         "Summed layer loss and the per-layer ratio are measured with the damped Hessian, against SparseGPT at the "
@@ -262,6 +273,35 @@ def write_report(cache: dict, args) -> str:
         {"settings": vars(args), "hardware": hw, "runs": cache}, indent=1, default=str) + "\n")
     plots(cache, args.out)
     return text
+
+
+def paired_gaps(cache: dict) -> list[str]:
+    """Joint against SparseGPT on the same evaluation windows: the mean per-window NLL difference d (perplexity ratio
+    exp(d)) and its standard error over the windows, for the main runs that stored per-window NLLs. A ratio within
+    about 2 SE of 1 is not a difference the evaluation can resolve."""
+    lines = []
+    for n in calibration_sizes(cache):
+        for sp in SPARSITIES:
+            j, g = cache.get(main_key("joint", sp, n)), cache.get(main_key("sparsegpt", sp, n))
+            if not j or not g:
+                continue
+            cells = []
+            for text in ("wikitext2", "book"):
+                a, b = j.get(f"window_nll_{text}"), g.get(f"window_nll_{text}")
+                if not a or not b or len(a) != len(b) or len(a) < 2:
+                    cells.append(None)
+                    continue
+                d = [x - y for x, y in zip(a, b)]
+                mean, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
+                cells.append(f"{math.exp(mean):.3f} ({math.exp(mean - 2 * se):.3f}-{math.exp(mean + 2 * se):.3f})")
+            if any(cells):
+                lines.append(f"| {sp} | {n} x 512 | " + " | ".join(c or "-" for c in cells) + " |")
+    if not lines:
+        return []
+    return ["## Joint against SparseGPT, paired over the evaluation windows", "",
+            "Perplexity ratio joint / SparseGPT from the mean per-window NLL difference, with the range of +-2 "
+            "standard errors over the windows (runs that stored per-window NLLs only).", "",
+            "| sparsity | calibration | WikiText-2 | book |", "|---|---|---|---|", *lines, ""]
 
 
 def headline_nsamples(cache: dict) -> int:
@@ -304,6 +344,13 @@ def plots(cache: dict, out: str) -> None:
                                  ("magnitude", "wanda", "sparsegpt", "joint")],
                f"SmolLM2-135M: perplexity per method and sparsity, calibrated on {n} x 512 tokens (lower is better)",
                os.path.join(out, "accuracy_methods.png"), plt)
+    bars = [("wanda", lambda sp: main_key("wanda", sp, n), dict(color="C1")),
+            ("joint", lambda sp: main_key("joint", sp, n), dict(color="C3"))]
+    if scope_key("joint", "0.5", "row", n) in cache:
+        bars.append(("joint, mask per row", lambda sp: scope_key("joint", sp, "row", n), dict(color="C4")))
+    bar_figure(cache, settings, bars, f"Perplexity relative to SparseGPT (below 1: better than SparseGPT), "
+               f"calibrated on {n} x 512 tokens", os.path.join(out, "accuracy_vs_sparsegpt.png"), plt,
+               ref_at=lambda sp: main_key("sparsegpt", sp, n))
 
     sizes = calibration_sizes(cache)
     if len(sizes) > 1:
@@ -370,24 +417,41 @@ def scope_plot(cache: dict, sizes: list[int], out: str, plt) -> None:
                "tokens (lower is better)", os.path.join(out, "accuracy_maskscope.png"), plt)
 
 
-def bar_figure(cache: dict, settings: list[str], bars: list, title: str, path: str, plt) -> None:
+RATIO_BOTTOM, RATIO_TOP = 0.85, 1.2  # the zoom of the perplexity-ratio plot
+
+
+def bar_figure(cache: dict, settings: list[str], bars: list, title: str, path: str, plt, ref_at=None) -> None:
     """WikiText-2 and book perplexity side by side: a group of bars per sparsity setting, one bar per
-    (label, key of the run at a setting, bar style)."""
+    (label, key of the run at a setting, bar style). With ``ref_at`` (key of the reference run at a setting) the bars
+    are perplexity ratios to that run, on a linear scale with the reference at 1."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / len(bars)
     for ax, metric, name in ((axes[0], "ppl_wikitext2", "WikiText-2 test"), (axes[1], "ppl_book", "Gutenberg book")):
         for j, (label, key_at, style) in enumerate(bars):
-            at = [(i, key_at(sp)) for i, sp in enumerate(settings) if key_at(sp) in cache]
-            ax.bar([i + (j - (len(bars) - 1) / 2) * width for i, _ in at], [cache[k][metric] for _, k in at], width,
-                   label=label, **style)
-        if "dense" in cache:
-            ax.axhline(cache["dense"][metric], color="gray", lw=0.8, label="dense")
+            at = [(i, sp, key_at(sp)) for i, sp in enumerate(settings)
+                  if key_at(sp) in cache and (ref_at is None or ref_at(sp) in cache)]
+            vals = [cache[k][metric] / (cache[ref_at(sp)][metric] if ref_at else 1.0) for _, sp, k in at]
+            xs = [i + (j - (len(bars) - 1) / 2) * width for i, _, _ in at]
+            if ref_at is not None:  # a zoomed linear axis: bars above it are cut and labelled with their value
+                ax.bar(xs, [min(v, RATIO_TOP) for v in vals], width, label=label, **style)
+                for x, v in zip(xs, vals):
+                    ax.text(x, min(v, RATIO_TOP), f"{v:.2f}" if v > RATIO_TOP else f"{v:.3f}", ha="center",
+                            va="bottom", fontsize=6, rotation=90)
+            else:
+                ax.bar(xs, vals, width, label=label, **style)
+        if ref_at is not None:
+            ax.axhline(1.0, color="C2", lw=1.0, label="SparseGPT (= 1)")
+            ax.set_ylim(RATIO_BOTTOM, RATIO_TOP + 0.06)
+            ax.set_ylabel("perplexity / SparseGPT's")
+        else:
+            if "dense" in cache:
+                ax.axhline(cache["dense"][metric], color="gray", lw=0.8, label="dense")
+            ax.set_yscale("log")
+            ax.set_ylabel("perplexity (log scale)")
         ax.set_xticks(range(len(settings)), settings)
-        ax.set_yscale("log")
         ax.set_xlabel("sparsity")
-        ax.set_ylabel("perplexity (log scale)")
         ax.set_title(name)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right" if ref_at is not None else "best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -398,6 +462,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=("full", "quick"), default="full")
     p.add_argument("--only", help="run only configurations whose key contains one of these comma-separated texts")
+    p.add_argument("--refresh", help="comma-separated keys of cached runs to run again (the new entry replaces the "
+                   "old one; e.g. to record per-window NLLs for paired comparisons)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16)

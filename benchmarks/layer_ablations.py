@@ -42,17 +42,19 @@ def variants(sp: str, rows: int, cols: int) -> list[tuple[str, dict, torch.dtype
     out = [("sparsegpt", dict(method="sparsegpt"), f32),
            ("sparsegpt fp64", dict(method="sparsegpt"), f64),
            ("wanda", dict(method="wanda"), f32),
-           (f"joint B128 {default_mask}", dict(method="joint"), f32),
-           (f"joint B128 {default_mask} fp64", dict(method="joint"), f64)]
+           (f"joint B128 {default_mask}", dict(method="joint", mask_scope="block"), f32),
+           (f"joint B128 {default_mask} fp64", dict(method="joint", mask_scope="block"), f64)]
+    # the joint rows compare algorithms on SparseGPT's per-block mask rule (mask_scope="block"); the joint method's
+    # default per-row rule is the last row
     for B in (32, 64, 256):
-        out.append((f"joint B{B} {default_mask}", dict(method="joint", block_size=B), f32))
+        out.append((f"joint B{B} {default_mask}", dict(method="joint", block_size=B, mask_scope="block"), f32))
     if rows * cols <= 576 * 576:    # one block over all columns: a rows x (cols/2)^3 batched solve, square layers only
-        out.append((f"joint B=cols {default_mask}", dict(method="joint", block_size=cols), f32))
+        out.append((f"joint B=cols {default_mask}", dict(method="joint", block_size=cols, mask_scope="block"), f32))
     masks = ("diag", "sparsegpt") if structured else ("diag",)
     for mask in masks:
-        out.append((f"joint B128 {mask}", dict(method="joint", mask=mask), f32))
+        out.append((f"joint B128 {mask}", dict(method="joint", mask=mask, mask_scope="block"), f32))
     # greedy costs rows x B^3 / 2 per block (about 30 s per layer at B=128 on 2 CPU cores): measured at B=32
-    out.append(("joint B32 greedy", dict(method="joint", block_size=32, mask="greedy"), f32))
+    out.append(("joint B32 greedy", dict(method="joint", block_size=32, mask="greedy", mask_scope="block"), f32))
     if not structured:
         out.append(("sparsegpt row", dict(method="sparsegpt", mask_scope="row"), f32))
         out.append(("joint B128 sparsegpt row", dict(method="joint", mask_scope="row"), f32))

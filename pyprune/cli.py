@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="relative damping of the Hessian diagonal")
     p.add_argument("--mask", default=None, choices=MASKS, help="mask selection (default: exact for N:M, "
                    "sparsegpt for unstructured)")
-    p.add_argument("--mask-scope", default="block", choices=MASK_SCOPES)
+    p.add_argument("--mask-scope", default=None, choices=MASK_SCOPES,
+                   help="unstructured masks: the fraction per row or per rows x B block (default: row for joint, "
+                   "block for sparsegpt)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "cuda", "triton"])
     p.add_argument("--modules", nargs="+", default=None, metavar="PATTERN",
                    help="prune only these modules (fnmatch on names relative to a block, e.g. 'mlp.*')")
@@ -170,7 +172,7 @@ def _prune_config(args):
     from .config import PruneConfig
     return PruneConfig(method=args.method, sparsity=args.sparsity, block_size=args.block_size,
                        damp=getattr(args, "damp", 0.01), mask=getattr(args, "mask", None),
-                       mask_scope=getattr(args, "mask_scope", "block"), backend=getattr(args, "backend", "auto"))
+                       mask_scope=getattr(args, "mask_scope", None), backend=getattr(args, "backend", "auto"))
 
 
 def _should_stream(args, source, copies: int = 1) -> bool:

@@ -14,7 +14,8 @@ def perplexity(model, windows: torch.Tensor, *, device=None, batch_size: int = 1
     ``sequential`` runs the model one decoder block at a time on ``device`` (the rest stays where it is), for models
     larger than the device's memory.
 
-    Returns {"perplexity", "nll" (mean, nats), "tokens" (predicted), "windows", "seqlen", "seconds"}.
+    Returns {"perplexity", "nll" (mean, nats), "tokens" (predicted), "windows", "seqlen", "seconds", "window_nll"
+    (the mean NLL of each window, in order: for paired comparisons of two models on the same windows)}.
     """
     if windows.dim() != 2 or windows.numel() == 0:
         raise ValueError(f"windows must be a non-empty (k, seqlen) tensor of token ids, got shape "
@@ -35,7 +36,7 @@ def perplexity(model, windows: torch.Tensor, *, device=None, batch_size: int = 1
     if device != home:
         model.to(device)
     t0 = time.perf_counter()
-    total, count = 0.0, 0
+    sums = []
     starts = range(0, windows.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -45,20 +46,21 @@ def perplexity(model, windows: torch.Tensor, *, device=None, batch_size: int = 1
             for s in starts:
                 ids = windows[s:s + batch_size].to(device)
                 logits = model(input_ids=ids, use_cache=False).logits
-                total += _nll(logits, ids)
-                count += ids.shape[0] * (ids.shape[1] - 1)
+                sums.append(_nll(logits, ids))
                 del logits
     finally:
         if device != home:
             model.to(home)
         model.train(was_training)
-    return _result(total, count, windows, t0)
+    return _result(sums, windows, t0)
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of each window of the batch, (batch,) float64 on the CPU."""
     shift = logits[:, :-1, :].float()
-    return float(torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), ids[:, 1:].reshape(-1),
-                                                   reduction="sum"))
+    per_token = torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), ids[:, 1:].reshape(-1),
+                                                  reduction="none")
+    return per_token.view(ids.shape[0], -1).sum(1).double().cpu()
 
 
 def _sequential(model, windows, device, batch_size, progress) -> dict:
@@ -71,7 +73,7 @@ def _sequential(model, windows, device, batch_size, progress) -> dict:
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    total, count = 0.0, 0
+    sums = []
     bar = _bar(len(blocks), "eval blocks") if progress else None
     try:
         with torch.no_grad(), _MoveNonBlock(model, blocks, device):
@@ -86,17 +88,19 @@ def _sequential(model, windows, device, batch_size, progress) -> dict:
             for h, ids in zip(inputs.hidden, batches):
                 for m in head:
                     h = m(h.to(m.weight.dtype) if getattr(m, "weight", None) is not None else h)
-                total += _nll(h, ids.to(device))
-                count += ids.shape[0] * (ids.shape[1] - 1)
+                sums.append(_nll(h, ids.to(device)))
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
-    return _result(total, count, windows, t0)
+    return _result(sums, windows, t0)
 
 
-def _result(total: float, count: int, windows: torch.Tensor, t0: float) -> dict:
-    mean = total / count
+def _result(sums: list[torch.Tensor], windows: torch.Tensor, t0: float) -> dict:
+    per_window = torch.cat(sums)
+    predicted = windows.shape[1] - 1
+    count = int(per_window.numel()) * predicted
+    mean = float(per_window.sum()) / count
     return {"perplexity": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": count,
             "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "window_nll": (per_window / predicted).tolist()}

@@ -255,8 +255,10 @@ def test_row_split_equals_unsplit(rng, kw):
 
 
 def test_block_scope_is_not_split():
-    assert not row_split_exact(PruneConfig(method="joint", sparsity=0.5))
+    assert not row_split_exact(PruneConfig(method="joint", sparsity=0.5, mask_scope="block"))
+    assert not row_split_exact(PruneConfig(method="sparsegpt", sparsity=0.5))  # SparseGPT's default: per block
     assert not row_split_exact(PruneConfig(method="magnitude", sparsity=0.5))
+    assert row_split_exact(PruneConfig(method="joint", sparsity=0.5))  # the joint default is per row
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

@@ -55,4 +55,7 @@ def test_sequential_perplexity_matches_whole_model(model_type, rng):
     seq = perplexity(model, windows, batch_size=2, sequential=True)
     assert whole["tokens"] == seq["tokens"] == 3 * 19
     assert seq["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+    # per-window NLLs (for paired comparisons): one per window, averaging to the overall NLL, the same both ways
+    assert len(whole["window_nll"]) == 3 and sum(whole["window_nll"]) / 3 == pytest.approx(whole["nll"], rel=1e-9)
+    assert seq["window_nll"] == pytest.approx(whole["window_nll"], rel=1e-5)
     assert math.isfinite(whole["perplexity"]) and whole["perplexity"] > 1
