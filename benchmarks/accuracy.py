@@ -346,8 +346,9 @@ def plots(cache: dict, out: str) -> None:
                os.path.join(out, "accuracy_methods.png"), plt)
     bars = [("wanda", lambda sp: main_key("wanda", sp, n), dict(color="C1")),
             ("joint", lambda sp: main_key("joint", sp, n), dict(color="C3"))]
-    if scope_key("joint", "0.5", "row", n) in cache:
-        bars.append(("joint, mask per row", lambda sp: scope_key("joint", sp, "row", n), dict(color="C4")))
+    if scope_key("joint", "0.5", "block", n) in cache:  # the joint method with SparseGPT's per-block mask rule
+        bars.append(("joint, mask per rows x B block",  # unstructured only ("" is no run)
+                     lambda sp: "" if ":" in sp else scope_key("joint", sp, "block", n), dict(color="C3", alpha=0.4)))
     bar_figure(cache, settings, bars, f"Perplexity relative to SparseGPT (below 1: better than SparseGPT), "
                f"calibrated on {n} x 512 tokens", os.path.join(out, "accuracy_vs_sparsegpt.png"), plt,
                ref_at=lambda sp: main_key("sparsegpt", sp, n))
@@ -417,7 +418,7 @@ def scope_plot(cache: dict, sizes: list[int], out: str, plt) -> None:
                "tokens (lower is better)", os.path.join(out, "accuracy_maskscope.png"), plt)
 
 
-RATIO_BOTTOM, RATIO_TOP = 0.85, 1.2  # the zoom of the perplexity-ratio plot
+RATIO_BOTTOM, RATIO_TOP = 0.7, 1.2  # the zoom of the perplexity-ratio plot
 
 
 def bar_figure(cache: dict, settings: list[str], bars: list, title: str, path: str, plt, ref_at=None) -> None:
@@ -451,9 +452,14 @@ def bar_figure(cache: dict, settings: list[str], bars: list, title: str, path: s
         ax.set_xticks(range(len(settings)), settings)
         ax.set_xlabel("sparsity")
         ax.set_title(name)
-        ax.legend(fontsize=7, loc="lower right" if ref_at is not None else "best")
+        if ref_at is None:
+            ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    if ref_at is not None:  # one legend under both panels, clear of the bars
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(bars) + 1, fontsize=8)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
