@@ -12,9 +12,10 @@ namespace pyprune {
 
 // Every TORCH_CHECK message of pyprune._C is built here as one std::string (numbers through std::to_string) and
 // handed to TORCH_CHECK as its only message argument, which c10 passes through without a std::ostringstream.
-// Letting c10::str stream a number instead (an int, a shape, a device) segfaulted the process on the H200 machine,
-// whose extension compiler (/opt/gcc) is newer than the libstdc++ the Python process loads: the error path of
-// every bad-input check crashed instead of raising (measured 2026-11-29; strings and dtypes streamed fine).
+// Letting c10::str stream a number instead (an int, a shape, a device) segfaulted the process on the H200 machine:
+// the error path of every bad-input check crashed instead of raising (measured 2026-11-29; strings and dtypes
+// streamed fine). The likely cause, not confirmed: extensions there are compiled by /opt/gcc, whose libstdc++
+// headers differ from the libstdc++ the Python process loads.
 namespace msg {
 inline std::string part(const char* s) { return s; }
 inline std::string part(const std::string& s) { return s; }
