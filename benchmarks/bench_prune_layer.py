@@ -3,8 +3,8 @@ Llama-2-70B layer shapes on a GPU (small shapes on the CPU).
 
 What a user pruning a 70B model waits for is this per-layer time (times 560 linears) and this peak memory. Per
 shape and sparsity (50% unstructured, 2:4): SparseGPT (its own column loop, torch), and joint at B=128 with
-backend torch / native (cuda or cpp) / triton. Reported: seconds per layer (after one warm-up call on the same
-shape), peak device memory above the inputs, the layer loss and its ratio to SparseGPT's (same H), and the time
+backend torch / native (cuda or cpp) / triton. Reported: seconds per layer (after one warm-up call on a
+corner of the layer, which compiles the kernels), peak device memory above the inputs, the layer loss and its ratio to SparseGPT's (same H), and the time
 ratio against SparseGPT in the same process.
 
 Floor (per layer): the inverse-Cholesky setup, shared with SparseGPT (two Cholesky factorisations, cols^3 / 3 flops

@@ -6,7 +6,7 @@
 #   4. run the whole-layer benchmark (joint on each backend against SparseGPT at 70B layer shapes),
 # writing logs and results under benchmarks/results/gpu (RESULTS=... to change) and printing a short summary at the
 # end. Where $OUT is set (the device tool), everything is also packed into $OUT/gpu_suite.tar.gz (the tool brings
-# back at most 8 files) next to gpu_summary.md and the built extension. A failing step is reported and the suite
+# back at most 8 files) next to gpu_summary.md. A failing step is reported and the suite
 # goes on; the exit code is 1 if any step failed. Everything is budgeted to finish inside SUITE_SECONDS (default
 # 480).
 # Usage: bash benchmarks/gpu_suite.sh     PYTHON=/path/to/python3 to choose the interpreter, QUICK=1 for small shapes.
@@ -64,13 +64,7 @@ import torch, pyprune.ops
 from pyprune.ops._backend import native_has
 missing = [op for op in ('nm_select', 'masked_solve', 'hessian_update') if not native_has(op, torch.device('cuda'))]
 assert not missing, f'pyprune._C has no CUDA kernel for {missing}'
-print('CUDA kernels registered for nm_select, masked_solve, hessian_update')
-try:  # an argument error formatted with numbers must come back as a Python exception, not crash the process
-    torch.ops.pyprune.masked_solve(torch.eye(8), torch.eye(8), torch.randn(3, 7), torch.ones(3, 8, dtype=torch.bool))
-except ValueError as e:
-    print('bad-input error raised as expected:', str(e).splitlines()[0])
-print([l.strip() for l in torch.__config__.show().splitlines() if 'GCC' in l or 'CXX_FLAGS' in l][:2])"
-g++ --version | head -n 1 || true
+print('CUDA kernels registered for nm_select, masked_solve, hessian_update')"
 
 # 2. GPU tests (the native-op tests run on cpu and cuda; Triton tests run compiled, not interpreted).
 #    pytest-xdist, where installed, spreads the Triton compiles over the CPU cores.
@@ -130,7 +124,6 @@ printf '%s\n' "${SUMMARY[@]}" | tee "$RESULTS/steps.txt"
 if [[ -n "${OUT:-}" ]]; then
   tar czf "$OUT/gpu_suite.tar.gz" -C "$RESULTS" . || true
   cp "$RESULTS/gpu_summary.md" "$OUT/" 2>/dev/null || true
-  for so in pyprune/_C*.so; do [[ -f "$so" ]] && strip -o "$OUT/$(basename "$so")" "$so" 2>/dev/null || true; done
 fi
 if ((FAILED)); then
   echo "SOME STEPS FAILED: see the logs above"
