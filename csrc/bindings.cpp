@@ -5,12 +5,14 @@
 
 TORCH_LIBRARY(pyprune, m) {
   m.def("nm_select(Tensor W1, Tensor G, int n, int m, bool exact) -> Tensor");
-  m.def("masked_solve(Tensor G, Tensor U_B, Tensor W1, Tensor mask) -> (Tensor E, Tensor loss)");
+  // status (int32, per row): 0 = solved, else 1 + the block column of the first non-positive Cholesky pivot of
+  // G[M, M] (that row's E and loss are NaN). The op never raises for it; pyprune.ops.masked_solve does.
+  m.def("masked_solve(Tensor G, Tensor U_B, Tensor W1, Tensor mask) -> (Tensor E, Tensor loss, Tensor status)");
   m.def("hessian_update(Tensor(a!) H, Tensor X, float alpha, float beta, bool allow_tf32) -> ()");
   // Test-only: masked_solve's per-row CUDA code run on the CPU by `threads` std::threads in warps of `warp`
   // lanes, with the CUDA launcher's two tiers (checks the partitioning and barriers without a GPU).
   m.def("_masked_solve_emulated(Tensor G, Tensor U_B, Tensor W1, Tensor mask, int threads, int warp) "
-        "-> (Tensor E, Tensor loss)");
+        "-> (Tensor E, Tensor loss, Tensor status)");
 }
 
 static struct PyModuleDef pyprune_c_module = {

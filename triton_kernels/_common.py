@@ -24,7 +24,8 @@ def is_interpreted(kernel) -> bool:
 
 
 def check_device(kernel, op: str, **tensors: torch.Tensor) -> torch.device:
-    """All tensors on one device that this kernel can run on; returns that device."""
+    """All tensors on one device that this kernel can run on; returns that device (else a ValueError, like every
+    unavailable backend in pyprune.ops)."""
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f"{op}: tensors are on different devices: "
@@ -34,12 +35,12 @@ def check_device(kernel, op: str, **tensors: torch.Tensor) -> torch.device:
         return dev
     if dev.type == "cpu":
         if not is_interpreted(kernel):
-            raise RuntimeError(f"{op}: the Triton kernel got CPU tensors but is compiled for the GPU; CPU tensors run "
-                               f"only in the Triton interpreter (set TRITON_INTERPRET=1 before importing "
-                               f"pyprune.triton_kernels)")
+            raise ValueError(f"{op}: the Triton kernel got CPU tensors but is compiled for the GPU; CPU tensors run "
+                             f"only in the Triton interpreter (set TRITON_INTERPRET=1 before importing "
+                             f"pyprune.triton_kernels)")
         return dev
-    raise RuntimeError(f"{op}: Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-                       f"got {dev.type} tensors")
+    raise ValueError(f"{op}: Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                     f"got {dev.type} tensors")
 
 
 def check_2d(op: str, name: str, t: torch.Tensor, *, dtypes=None, shape=None, contiguous: bool = True) -> None:

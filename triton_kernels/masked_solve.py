@@ -26,6 +26,11 @@ Design
   memory: correct, slower. B <= 256 is enforced (``BP`` = next power of two of B is the width of the mask/E chunks).
 * All arithmetic is fp32: W1 (fp32/fp16/bf16) is up-cast right after loading, which is also what the Triton
   interpreter needs for bf16.
+* Failure contract (the same as the C++/CUDA op and the torch reference): a third output ``status`` (int32 per row)
+  is 0 for a solved row, else 1 + the block column of the first non-positive (or NaN) sweep pivot -- the Schur
+  complement that Cholesky would take the square root of, so the same column. The pivot is never divided by
+  unchecked (a failed step divides by 1 and the row's E and loss are written as NaN). Two scalar selects per step;
+  ptxas (sm_90, compile-only here) with the status output: no spills for BC <= 64, 956 bytes for BC = 128.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ MAX_B = 256
 
 
 @triton.jit
-def _masked_solve_kernel(G, U, W, M, E, L, ROWS, B, stride_w, stride_m,
+def _masked_solve_kernel(G, U, W, M, E, L, S, ROWS, B, stride_w, stride_m,
                          BP: tl.constexpr, BC: tl.constexpr, CH: tl.constexpr):
     row = tl.load(ROWS + tl.program_id(0)).to(tl.int64)
     p = tl.arange(0, BC)
@@ -62,10 +67,14 @@ def _masked_solve_kernel(G, U, W, M, E, L, ROWS, B, stride_w, stride_m,
     A = tl.where(gmask, A, tl.where(p[:, None] == p[None, :], 1.0, 0.0))
     w = tl.load(W + row * stride_w + idx, mask=pv, other=0.0).to(tl.float32)
     # sweep operator on the cnt used pivots: A -> -A^{-1} (the identity padding is left untouched)
+    bad = tl.sum(tl.zeros((CH,), dtype=tl.int32), axis=0)  # 1 + position of the first non-positive pivot, 0 = none
     for k in tl.range(0, cnt):
         ck = p[None, :] == k
         col = tl.sum(tl.where(ck, A, 0.0), axis=1)  # column k (= row k: A stays symmetric)
         d = tl.sum(tl.where(p == k, col, 0.0), axis=0)  # pivot
+        ok = d > 0.0  # False for NaN too
+        bad = tl.where(ok | (bad > 0), bad, k + 1)
+        d = tl.where(ok, d, 1.0)
         # sweep: A[i,j] -= col_i col_j / d off row/col k; A[i,k] = A[k,i] = col_i / d; A[k,k] = -1 / d;
         # written as one rank-1 update of A with row/col k zeroed: a = col/d (a_k = -1/d), b = col (b_k = -1)
         a = tl.where(p == k, -1.0 / d, col / d)
@@ -78,22 +87,25 @@ def _masked_solve_kernel(G, U, W, M, E, L, ROWS, B, stride_w, stride_m,
     A0 = tl.load(G + (idx[:, None] * B + idx[None, :]))
     res = w - tl.sum(A0 * lam[None, :], axis=1)
     lam = tl.where(pv, lam - tl.sum(A * res[None, :], axis=1), 0.0)
-    tl.store(L + row, 0.5 * tl.sum(lam * w, axis=0))
+    failed = bad > 0
+    tl.store(S + row, tl.where(failed, tl.sum(tl.where(p == bad - 1, idx, 0), axis=0) + 1, 0))
+    tl.store(L + row, tl.where(failed, float("nan"), 0.5 * tl.sum(lam * w, axis=0)))
     # e = U_B[:, idx] lam, CH rows of U_B at a time
     for r0 in tl.static_range(0, BP, CH):
         r = r0 + jc
         rv = r < B
         ut = tl.load(U + r[:, None] * B + idx[None, :], mask=rv[:, None] & pv[None, :], other=0.0)
-        tl.store(E + row * B + r, tl.sum(ut * lam[None, :], axis=1), mask=rv)
+        tl.store(E + row * B + r, tl.where(failed, float("nan"), tl.sum(ut * lam[None, :], axis=1)), mask=rv)
 
 
 def _masked_solve_impl(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor,
-                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, B = W1.shape
     E = torch.zeros(rows, B, dtype=torch.float32, device=W1.device)
     loss = torch.zeros(rows, dtype=torch.float32, device=W1.device)
+    status = torch.zeros(rows, dtype=torch.int32, device=W1.device)
     if rows == 0 or B == 0:
-        return E, loss
+        return E, loss, status
     # Rows are bucketed by their pruned count c (compact tile BC = 16, 32, 64, 128, 256), one launch per bucket, so a
     # few dense rows do not make every row pay for a large tile. One device->host read (the bucket sizes).
     counts = mask.sum(dim=1)
@@ -103,34 +115,36 @@ def _masked_solve_impl(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor,
     sizes = torch.bincount(bucket, minlength=6).tolist()
     BP = next_pow2(B, 16)
     m8 = mask.view(torch.uint8)
-    start = sizes[0]  # rows with nothing masked keep e = 0, loss = 0
+    start = sizes[0]  # rows with nothing masked keep e = 0, loss = 0, status = 0
     for i in range(1, len(sizes)):
         if sizes[i]:
             BC = 16 << (i - 1)
-            _masked_solve_kernel[(sizes[i],)](G, U_B, W1, m8, E, loss, order[start:start + sizes[i]], B,
+            _masked_solve_kernel[(sizes[i],)](G, U_B, W1, m8, E, loss, status, order[start:start + sizes[i]], B,
                                               W1.stride(0), m8.stride(0), BP=BP, BC=BC, CH=min(BP, 32),
                                               num_warps=min(16, BC // 8))
             start += sizes[i]
-    return E, loss
+    return E, loss, status
 
 
 @torch.library.custom_op("pyprune_triton::masked_solve", mutates_args=())
 def _masked_solve_op(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor,
-                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _masked_solve_impl(G, U_B, W1, mask)
 
 
 @_masked_solve_op.register_fake
 def _masked_solve_fake(G, U_B, W1, mask):
     rows, B = W1.shape
-    return W1.new_empty((rows, B), dtype=torch.float32), W1.new_empty((rows,), dtype=torch.float32)
+    return (W1.new_empty((rows, B), dtype=torch.float32), W1.new_empty((rows,), dtype=torch.float32),
+            W1.new_empty((rows,), dtype=torch.int32))
 
 
 def masked_solve_triton(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor,
-                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched masked solve of one block. G, U_B: (B, B) float32 contiguous (U_B upper triangular, G = U_B^T U_B);
     W1: (rows, B) float32/float16/bfloat16 with unit column stride; mask: (rows, B) bool, True = pruned.
-    Returns E (rows, B) float32 and loss (rows,) float32. B <= 256."""
+    Returns E (rows, B) float32, loss (rows,) float32 and status (rows,) int32: 0 = solved, else 1 + the block column
+    of the first non-positive pivot (E and loss NaN in that row; nothing raises). B <= 256."""
     op = "masked_solve_triton"
     check_2d(op, "G", G, dtypes=(torch.float32,))
     B = G.shape[0]

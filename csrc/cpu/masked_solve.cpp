@@ -1,11 +1,13 @@
 // CPU masked_solve: the per-row math of kernels/masked_solve.cuh with a SerialTeam, rows in parallel.
 // Also the test-only _masked_solve_emulated: the same code on a ThreadTeam, with the CUDA launcher's tiers.
+// Both return (E, loss, status) and never raise for a row whose G[M, M] is not positive definite: that row gets
+// status = 1 + the block column of the failing pivot and NaN in E and loss (the contract of every backend; the
+// Python wrapper pyprune.ops.masked_solve checks status and raises).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -17,32 +19,21 @@
 namespace pyprune {
 namespace {
 
-void report_not_spd(int64_t bad_row) {
-  TORCH_CHECK(bad_row < 0, pp_msg("pyprune.masked_solve: G[M, M] is not positive definite in float32 for row ",
-                                  bad_row, " (a non-positive Cholesky pivot); G must be U_B^T U_B of a well-damped "
-                                  "inverse Hessian"));
-}
-
-void note_bad(std::atomic<int64_t>& bad, int64_t row) {
-  int64_t cur = bad.load();
-  while ((cur < 0 || row < cur) && !bad.compare_exchange_weak(cur, row)) {
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> masked_solve_cpu(const at::Tensor& G, const at::Tensor& U_B,
-                                                    const at::Tensor& W1, const at::Tensor& mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_solve_cpu(const at::Tensor& G, const at::Tensor& U_B,
+                                                                const at::Tensor& W1, const at::Tensor& mask) {
   check_masked_solve(G, U_B, W1, mask);
   const int64_t rows = W1.size(0);
   const int B = (int)G.size(0);
   at::Tensor E = at::empty({rows, (int64_t)B}, G.options());
   at::Tensor loss = at::empty({rows}, G.options());
-  if (rows == 0 || B == 0) return {E.zero_(), loss.zero_()};
+  at::Tensor status = at::empty({rows}, G.options().dtype(at::kInt));
+  if (rows == 0 || B == 0) return {E.zero_(), loss.zero_(), status.zero_()};
   const float* g = G.data_ptr<float>();
   const float* u = U_B.data_ptr<float>();
   const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   float* e = E.data_ptr<float>();
   float* l = loss.data_ptr<float>();
-  std::atomic<int64_t> bad(-1);
+  int32_t* st = status.data_ptr<int32_t>();
   const int64_t grain = std::max<int64_t>(1, 4096 / ((int64_t)B * B / 8 + 1));
   dispatch_weight_cpu(W1.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -50,19 +41,16 @@ std::tuple<at::Tensor, at::Tensor> masked_solve_cpu(const at::Tensor& G, const a
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       std::vector<float> ws(ms_smem_words(B));
       SerialTeam t;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int st = masked_solve_row(t, g, u, w + r * B, mk + r * B, B, 0, B, ws.data(), e + r * B, l + r);
-        if (st == MS_NOT_SPD) note_bad(bad, r);
-      }
+      for (int64_t r = r0; r < r1; ++r)
+        masked_solve_row(t, g, u, w + r * B, mk + r * B, B, 0, B, ws.data(), e + r * B, l + r, st + r);
     });
   });
-  report_not_spd(bad.load());
-  return {E, loss};
+  return {E, loss, status};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_solve_emulated_cpu(const at::Tensor& G, const at::Tensor& U_B,
-                                                             const at::Tensor& W1, const at::Tensor& mask,
-                                                             int64_t threads, int64_t warp) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_solve_emulated_cpu(const at::Tensor& G, const at::Tensor& U_B,
+                                                                         const at::Tensor& W1, const at::Tensor& mask,
+                                                                         int64_t threads, int64_t warp) {
   check_masked_solve(G, U_B, W1, mask);
   TORCH_CHECK_VALUE(warp >= 1 && threads >= warp && threads % warp == 0 && threads <= 64,
                     pp_msg("_masked_solve_emulated: threads must be a multiple of warp (at most 64), got ", threads,
@@ -71,13 +59,14 @@ std::tuple<at::Tensor, at::Tensor> masked_solve_emulated_cpu(const at::Tensor& G
   const int B = (int)G.size(0);
   at::Tensor E = at::full({rows, (int64_t)B}, -1.f, G.options());  // unwritten entries stay visible
   at::Tensor loss = at::full({rows}, -1.f, G.options());
-  if (rows == 0 || B == 0) return {E, loss};
+  at::Tensor status = at::full({rows}, -1, G.options().dtype(at::kInt));
+  if (rows == 0 || B == 0) return {E, loss, status};
   const float* g = G.data_ptr<float>();
   const float* u = U_B.data_ptr<float>();
   const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   float* e = E.data_ptr<float>();
   float* l = loss.data_ptr<float>();
-  std::atomic<int64_t> bad(-1);
+  int32_t* st = status.data_ptr<int32_t>();
   const int split = ms_split(B);
   const int tiers[2][2] = {{0, split}, {split + 1, B}};
   dispatch_weight_cpu(W1.scalar_type(), [&](auto tag) {
@@ -91,18 +80,14 @@ std::tuple<at::Tensor, at::Tensor> masked_solve_emulated_cpu(const at::Tensor& G
       for (int rk = 0; rk < threads; ++rk) {
         pool.emplace_back([&, rk] {
           ThreadTeam t{&sh, rk};
-          for (int64_t r = 0; r < rows; ++r) {
-            const int st = masked_solve_row(t, g, u, w + r * B, mk + r * B, B, kmin, kmax, smem.data(), e + r * B,
-                                            l + r);
-            if (st == MS_NOT_SPD && rk == 0) note_bad(bad, r);
-          }
+          for (int64_t r = 0; r < rows; ++r)
+            masked_solve_row(t, g, u, w + r * B, mk + r * B, B, kmin, kmax, smem.data(), e + r * B, l + r, st + r);
         });
       }
       for (auto& th : pool) th.join();
     }
   });
-  report_not_spd(bad.load());
-  return {E, loss};
+  return {E, loss, status};
 }
 
 }  // namespace

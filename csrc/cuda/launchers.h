@@ -14,9 +14,10 @@ extern "C" {
 // in shared memory).
 int pyprune_masked_solve_cuda_max_b(int device);
 
-// E (rows, B) and loss (rows,) for W (rows, B) of dtype wdtype and mask (rows, B) bytes.
+// E (rows, B), loss (rows,) and status (rows,) for W (rows, B) of dtype wdtype and mask (rows, B) bytes. status:
+// 0 = solved, else 1 + the block column of the first non-positive pivot (that row's E and loss are NaN).
 cudaError_t pyprune_masked_solve_cuda(const float* G, const float* U, const void* W, int wdtype,
-                                      const uint8_t* mask, float* E, float* loss, int rows, int B,
+                                      const uint8_t* mask, float* E, float* loss, int32_t* status, int rows, int B,
                                       cudaStream_t stream);
 
 // Mask (rows, B) bytes. exact: `tab` holds groups_per_chunk * C(m, n) * (1 + n(n+1)/2) floats and `sub`

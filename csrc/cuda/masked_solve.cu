@@ -5,7 +5,9 @@
 // Two launches ("tiers"): rows with k <= ms_split(B) pruned weights use kcap = ms_split(B) (B / 2 for B > 96:
 // 38 KB for B = 256, 11 KB for B = 128, so several blocks share an SM), rows with more use kcap = B (140 KB for
 // B = 256: one block per SM, opt-in shared memory). Each launch counts every row and skips the other tier's rows,
-// so no host synchronisation is needed. The grid is the occupancy limit times the SM count (capped at rows).
+// so no host synchronisation is needed. The grid is the occupancy limit times the SM count (capped at rows). Every
+// row is written by exactly one tier, status included (0 = solved, else 1 + the block column of the first
+// non-positive pivot, with NaN in that row's E and loss: nothing raises here).
 // B is limited by the opt-in shared memory per block: B <= 329 on H100/H200 (227 KB); the glue checks it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,8 +25,8 @@ constexpr int MS_SCRATCH_BYTES = 32 * 8 + 32 * 4;
 template <class T>
 __global__ void masked_solve_kernel(const float* __restrict__ G, const float* __restrict__ U,
                                     const T* __restrict__ W, const uint8_t* __restrict__ mask,
-                                    float* __restrict__ E, float* __restrict__ loss, int rows, int B, int kmin,
-                                    int kmax) {
+                                    float* __restrict__ E, float* __restrict__ loss,
+                                    int32_t* __restrict__ status, int rows, int B, int kmin, int kmax) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   double* fscr = reinterpret_cast<double*>(smem_raw);
   int* iscr = reinterpret_cast<int*>(smem_raw + 32 * 8);
@@ -32,7 +34,7 @@ __global__ void masked_solve_kernel(const float* __restrict__ G, const float* __
   CtaTeam t{fscr, iscr};
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const size_t off = (size_t)row * B;
-    masked_solve_row(t, G, U, W + off, mask + off, B, kmin, kmax, ws, E + off, loss + row);
+    masked_solve_row(t, G, U, W + off, mask + off, B, kmin, kmax, ws, E + off, loss + row, status + row);
   }
 }
 
@@ -40,7 +42,7 @@ size_t ms_bytes(int kcap) { return MS_SCRATCH_BYTES + 4 * ms_smem_words(kcap); }
 
 template <class T>
 cudaError_t launch(const float* G, const float* U, const T* W, const uint8_t* mask, float* E, float* loss,
-                   int rows, int B, cudaStream_t stream) {
+                   int32_t* status, int rows, int B, cudaStream_t stream) {
   int dev = 0, nsm = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -63,7 +65,8 @@ cudaError_t launch(const float* G, const float* U, const T* W, const uint8_t* ma
       return err;
     const long long want = (long long)(per_sm > 0 ? per_sm : 1) * nsm;
     const int grid = (int)(want < rows ? want : rows);
-    masked_solve_kernel<T><<<grid, threads, bytes, stream>>>(G, U, W, mask, E, loss, rows, B, kmin, kmax);
+    masked_solve_kernel<T><<<grid, threads, bytes, stream>>>(G, U, W, mask, E, loss, status, rows, B, kmin,
+                                                                       kmax);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -81,14 +84,14 @@ extern "C" int pyprune_masked_solve_cuda_max_b(int device) {
 }
 
 extern "C" cudaError_t pyprune_masked_solve_cuda(const float* G, const float* U, const void* W, int wdtype,
-                                                 const uint8_t* mask, float* E, float* loss, int rows, int B,
-                                                 cudaStream_t stream) {
+                                                 const uint8_t* mask, float* E, float* loss, int32_t* status,
+                                                 int rows, int B, cudaStream_t stream) {
   using namespace pyprune;
   if (rows <= 0 || B <= 0) return cudaSuccess;
   switch (wdtype) {
-    case 0: return launch(G, U, static_cast<const float*>(W), mask, E, loss, rows, B, stream);
-    case 1: return launch(G, U, static_cast<const __half*>(W), mask, E, loss, rows, B, stream);
-    case 2: return launch(G, U, static_cast<const __nv_bfloat16*>(W), mask, E, loss, rows, B, stream);
+    case 0: return launch(G, U, static_cast<const float*>(W), mask, E, loss, status, rows, B, stream);
+    case 1: return launch(G, U, static_cast<const __half*>(W), mask, E, loss, status, rows, B, stream);
+    case 2: return launch(G, U, static_cast<const __nv_bfloat16*>(W), mask, E, loss, status, rows, B, stream);
     default: return cudaErrorInvalidValue;
   }
 }

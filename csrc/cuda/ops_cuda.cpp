@@ -51,8 +51,8 @@ at::Tensor nm_select_cuda(const at::Tensor& W1, const at::Tensor& G, int64_t n, 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_solve_cuda(const at::Tensor& G, const at::Tensor& U_B,
-                                                     const at::Tensor& W1, const at::Tensor& mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_solve_cuda(const at::Tensor& G, const at::Tensor& U_B,
+                                                                 const at::Tensor& W1, const at::Tensor& mask) {
   check_masked_solve(G, U_B, W1, mask);
   const c10::cuda::CUDAGuard guard(G.device());
   const int64_t rows = W1.size(0), B = G.size(0);
@@ -63,13 +63,14 @@ std::tuple<at::Tensor, at::Tensor> masked_solve_cuda(const at::Tensor& G, const 
                                        "'torch'"));
   at::Tensor E = at::empty({rows, B}, G.options());
   at::Tensor loss = at::empty({rows}, G.options());
-  if (rows == 0 || B == 0) return {E.zero_(), loss.zero_()};
+  at::Tensor status = at::empty({rows}, G.options().dtype(at::kInt));
+  if (rows == 0 || B == 0) return {E.zero_(), loss.zero_(), status.zero_()};
   check_cuda("pyprune.masked_solve",
              pyprune_masked_solve_cuda(G.data_ptr<float>(), U_B.data_ptr<float>(), W1.data_ptr(), dtype_code(W1),
                                        reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
-                                       E.data_ptr<float>(), loss.data_ptr<float>(), (int)rows, (int)B,
-                                       c10::cuda::getCurrentCUDAStream().stream()));
-  return {E, loss};
+                                       E.data_ptr<float>(), loss.data_ptr<float>(), status.data_ptr<int32_t>(),
+                                       (int)rows, (int)B, c10::cuda::getCurrentCUDAStream().stream()));
+  return {E, loss, status};
 }
 
 void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double alpha, double beta, bool allow_tf32) {

@@ -15,6 +15,11 @@
 //  6. loss = 1/2 lambda . w[M] (fp64 accumulation), e_r = sum over M_j >= r of U_B[r, M_j] lambda_j (warp per r,
 //     fp64 accumulation; U_B is upper triangular).
 // Nothing of size B x B is written per row; G and U_B are only read.
+//
+// Status contract (the same on every backend): status = 0 for a solved row, else 1 + the block column of the first
+// non-positive (or NaN) Cholesky pivot, i.e. the column j of the block at which G[M, M] stops being positive
+// definite in fp32 (the torch reference reports the same number: cholesky_ex's info on the padded system). Such a
+// row gets NaN in e and loss; the caller (pyprune.ops.masked_solve) raises before anything uses them.
 #pragma once
 
 #include <stddef.h>
@@ -70,13 +75,15 @@ PP_HD void ms_backward(Team& t, const float* A, const float* rdiag, double* y, d
 }
 
 // One row. G, U: (B, B) fp32 row-major; w: the row of W1 (B values); msk: the row of the mask (B bytes, nonzero =
-// pruned); smem: ms_smem_words(kmax) words, 8-byte aligned; e: the row of E (B floats); loss: one float. Rows
-// whose count k lies outside [kmin, kmax] are skipped (nothing written, MS_SKIPPED). A non-positive pivot writes
-// NaN to e and loss and returns MS_NOT_SPD. All threads of the team call this with the same arguments.
+// pruned); smem: ms_smem_words(kmax) words, 8-byte aligned; e: the row of E (B floats); loss, status: one value
+// each. Rows whose count k lies outside [kmin, kmax] are skipped (nothing written, MS_SKIPPED). A non-positive pivot
+// at position j of M writes NaN to e and loss, status = M[j] + 1, and returns MS_NOT_SPD; otherwise status = 0.
+// All threads of the team call this with the same arguments.
 template <class Team, class T>
 PP_HD int masked_solve_row(Team& t, const float* __restrict__ G, const float* __restrict__ U,
                            const T* __restrict__ w, const uint8_t* __restrict__ msk, int B, int kmin, int kmax,
-                           float* smem, float* __restrict__ e, float* __restrict__ loss) {
+                           float* smem, float* __restrict__ e, float* __restrict__ loss,
+                           int32_t* __restrict__ status) {
   const int R = t.rank(), S = t.size();
   const int ln = t.lane(), W = t.warp_size(), wp = t.warp(), NW = t.nwarps();
   const int kcap = kmax;
@@ -104,7 +111,10 @@ PP_HD int masked_solve_row(Team& t, const float* __restrict__ G, const float* __
   if (k < kmin || k > kmax) return MS_SKIPPED;
   if (k == 0) {
     for (int r = R; r < B; r += S) e[r] = 0.f;
-    if (R == 0) *loss = 0.f;
+    if (R == 0) {
+      *loss = 0.f;
+      *status = 0;
+    }
     return MS_DONE;
   }
   t.sync();
@@ -120,11 +130,11 @@ PP_HD int masked_solve_row(Team& t, const float* __restrict__ G, const float* __
 
   // 3. Right-looking Cholesky. Column j of L goes to A (below the diagonal) and to col[] (contiguous copy for
   //    the trailing update); 1 / the diagonal of L goes to rdiag[] (A's diagonal keeps the pivots).
-  bool ok = true;
+  int bad = -1;
   for (int j = 0; j < k; ++j) {
     const float d = A[tri(j) + j];
-    if (!(d > 0.f)) {  // every thread read the same value: a uniform exit
-      ok = false;
+    if (!(d > 0.f)) {  // every thread read the same value: a uniform exit (NaN included)
+      bad = j;
       break;
     }
     const float inv = 1.f / pp_sqrtf(d);
@@ -143,9 +153,12 @@ PP_HD int masked_solve_row(Team& t, const float* __restrict__ G, const float* __
     }
     t.sync();
   }
-  if (!ok) {
+  if (bad >= 0) {
     for (int r = R; r < B; r += S) e[r] = pp_nan();
-    if (R == 0) *loss = pp_nan();
+    if (R == 0) {
+      *loss = pp_nan();
+      *status = idx[bad] + 1;
+    }
     return MS_NOT_SPD;
   }
 
@@ -174,7 +187,10 @@ PP_HD int masked_solve_row(Team& t, const float* __restrict__ G, const float* __
   double part = 0.0;
   for (int i = R; i < k; i += S) part += lam[i] * (double)to_f32(w[idx[i]]);
   const double tot = t.sum(part);
-  if (R == 0) *loss = (float)(0.5 * tot);
+  if (R == 0) {
+    *loss = (float)(0.5 * tot);
+    *status = 0;
+  }
   for (int r = wp; r < B; r += NW) {
     const float* Ur = U + (size_t)r * B;
     const int j0 = ms_lower_bound(idx, k, r);

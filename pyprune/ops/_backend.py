@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -52,7 +53,9 @@ def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = Tr
 
     The kernels compute in float32: float64 problems (``float64=True``) go to the torch reference under "auto" and
     are refused by an explicit kernel backend. "auto" takes the compiled extension, except on CUDA tensors where the
-    caller says the Triton kernel is the faster one (``prefer_triton``, from measurements on an H200)."""
+    caller says the Triton kernel is the faster one (``prefer_triton``, from measurements on an H200). A backend that
+    is unknown, or unavailable for these tensors, is a ValueError naming the option (the same type for every
+    backend)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if float64:
@@ -73,14 +76,19 @@ def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = Tr
         if device.type != want:
             raise ValueError(f"backend={backend!r} needs {want} tensors, got {device.type} tensors")
         if not native_has(op, device):
-            raise RuntimeError(f"backend={backend!r}: the compiled extension pyprune._C has no {want} kernel for "
-                               f"{op} (was the package built {'with CUDA' if want == 'cuda' else ''}?)")
+            hint = ("was the package built with CUDA (PYPRUNE_CUDA=1)?" if want == "cuda" else
+                    "was the package built (pip install --no-build-isolation -e .)?")
+            raise ValueError(f"backend={backend!r}: the compiled extension pyprune._C has no {want} kernel for {op} "
+                             f"({hint}); choose another backend or 'auto'")
         return "native"
     if backend == "triton":
         if not triton_op:
-            raise RuntimeError(f"op {op} has no Triton implementation")
+            raise ValueError(f"backend='triton': op {op} has no Triton implementation; choose another backend or "
+                             "'auto'")
         if not triton_usable(device):
-            raise RuntimeError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
-                               f"got {device.type} tensors")
+            why = ("triton is not installed" if device.type in ("cpu", "cuda") and importlib.util.find_spec("triton")
+                   is None else f"it needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type} "
+                   "tensors")
+            raise ValueError(f"backend='triton' is not available: {why}; choose another backend or 'auto'")
         return "triton"
     return "torch"

@@ -18,9 +18,10 @@ def _register() -> None:
 
     if hasattr(ops, "masked_solve"):
         @torch.library.register_fake("pyprune::masked_solve")
-        def _masked_solve_fake(G, U_B, W1, mask):
+        def _masked_solve_fake(G, U_B, W1, mask):  # E, loss, status (int32 per row)
             return (torch.empty(W1.shape, dtype=G.dtype, device=G.device),
-                    torch.empty(W1.shape[0], dtype=G.dtype, device=G.device))
+                    torch.empty(W1.shape[0], dtype=G.dtype, device=G.device),
+                    torch.empty(W1.shape[0], dtype=torch.int32, device=G.device))
 
     if hasattr(ops, "hessian_update"):
         @torch.library.register_fake("pyprune::hessian_update")

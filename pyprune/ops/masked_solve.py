@@ -5,18 +5,23 @@ import torch
 
 from .. import reference
 from ._backend import resolve
-from ._checks import check_matrix, check_same_device
+from ._checks import check_matrix, check_same_device, check_symmetric
 
 
 def masked_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: torch.Tensor, *,
                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Per row i: ``G[M_i, M_i] lambda_i = w_i[M_i]``, ``e_i = U_B[:, M_i] lambda_i``, ``loss_i = 1/2 lambda_i^T w_i[M_i]``.
 
-    G, U_B: (B, B) float32/float64 (U_B upper triangular, G = U_B^T U_B); W1: (rows, B); mask: (rows, B) bool,
-    True = pruned. Returns E (rows, B) and loss (rows,) in G's dtype.
+    G, U_B: (B, B) float32/float64 (U_B upper triangular, G = U_B^T U_B, symmetric within rounding: checked);
+    W1: (rows, B); mask: (rows, B) bool, True = pruned. Returns E (rows, B) and loss (rows,) in G's dtype.
+
+    Every backend's op also returns a per-row status (0 = solved, else 1 + the block column of the first
+    non-positive pivot); a ValueError naming the first failing row and column is raised here if any row failed, so
+    nothing with NaN is returned. Costs one host sync on CUDA tensors.
     """
-    B = G.shape[0] if G.dim() == 2 else -1
+    B = G.shape[0] if isinstance(G, torch.Tensor) and G.dim() == 2 else -1
     check_matrix("G", G, dtypes=(torch.float32, torch.float64), shape=(B, B))
+    check_symmetric("G", G)
     check_matrix("U_B", U_B, dtypes=(G.dtype,), shape=(B, B))
     check_matrix("W1", W1)
     if W1.shape[1] != B:
@@ -26,8 +31,26 @@ def masked_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: tor
     which = resolve(backend, "masked_solve", G.device,
                     float64=G.dtype == torch.float64 or W1.dtype == torch.float64)
     if which == "native":
-        return torch.ops.pyprune.masked_solve(G.contiguous(), U_B.contiguous(), W1.contiguous(), mask.contiguous())
-    if which == "triton":
+        E, loss, status = torch.ops.pyprune.masked_solve(G.contiguous(), U_B.contiguous(), W1.contiguous(),
+                                                         mask.contiguous())
+    elif which == "triton":
         from ..triton_kernels.masked_solve import masked_solve_triton
-        return masked_solve_triton(G.contiguous(), U_B.contiguous(), W1.contiguous(), mask.contiguous())
-    return reference.masked_solve(G, U_B, W1, mask)
+        E, loss, status = masked_solve_triton(G.contiguous(), U_B.contiguous(), W1.contiguous(), mask.contiguous())
+    else:
+        E, loss, status = reference.masked_solve(G, U_B, W1, mask)
+    check_status(status, mask)
+    return E, loss
+
+
+def check_status(status: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise the masked solve's failure (the same message for every backend) if any row's status is not 0."""
+    bad = status != 0
+    if not bool(bad.any()):
+        return
+    rows = torch.nonzero(bad).flatten()
+    r = int(rows[0])
+    col = int(status[r]) - 1
+    raise ValueError(f"masked_solve: G[M, M] is not positive definite for {rows.numel()} of {status.numel()} rows "
+                     f"(first: row {r}, which prunes {int(mask[r].sum())} weights of the block; non-positive pivot at "
+                     f"block column {col}): the damped Hessian block is not positive definite; increase damp (or "
+                     "check that H is a symmetric positive semi-definite Hessian of finite activations)")

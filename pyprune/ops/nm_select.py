@@ -5,7 +5,7 @@ import torch
 
 from .. import reference
 from ._backend import resolve
-from ._checks import check_matrix, check_same_device
+from ._checks import check_matrix, check_same_device, check_symmetric
 
 
 def nm_select(W1: torch.Tensor, G: torch.Tensor, n: int, m: int, *, exact: bool = True,
@@ -13,13 +13,16 @@ def nm_select(W1: torch.Tensor, G: torch.Tensor, n: int, m: int, *, exact: bool 
     """Bool mask (rows, B), True = prune, exactly ``n`` per group of ``m`` consecutive columns of every row.
 
     exact=True: best subset by ``1/2 w_S^T G[S,S]^{-1} w_S`` (G's diagonal m x m blocks); exact=False: the n
-    smallest ``w_j^2 / G_jj``. Pass a diagonal G to select by any per-column saliency denominator.
+    smallest ``w_j^2 / G_jj``. Pass a diagonal G to select by any per-column saliency denominator. G must be
+    symmetric within rounding (checked: the kernels read one triangle of each group's block).
     """
     check_matrix("W1", W1)
     B = W1.shape[1]
     check_matrix("G", G, dtypes=(torch.float32, torch.float64), shape=(B, B))
+    check_symmetric("G", G)
     check_same_device(W1=W1, G=G)
-    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+    if not (isinstance(n, int) and isinstance(m, int) and not isinstance(n, bool) and not isinstance(m, bool)
+            and 0 < n < m):
         raise ValueError(f"N:M needs integers 0 < N < M, got {n}:{m}")
     if m > 16:
         raise ValueError(f"M={m} is too large for best-subset enumeration (at most 16)")

@@ -68,11 +68,12 @@ def test_masked_solve_native(device, rows, B, kind, rng):
     G, U = realistic_G(B, rng)
     W = weights(rows, B, dtype, rng)
     mask = masks(rows, B, kind, rng)
-    E, loss = torch.ops.pyprune.masked_solve(G.to(device), U.to(device), W.to(device), mask.to(device))
-    assert E.dtype == torch.float32 and loss.dtype == torch.float32
-    assert E.shape == (rows, B) and loss.shape == (rows,)
-    E64, loss64 = reference.masked_solve(G.to(F64), U.to(F64), W.to(F64), mask)
-    E32, loss32 = reference.masked_solve(G, U, W.float(), mask)
+    E, loss, status = torch.ops.pyprune.masked_solve(G.to(device), U.to(device), W.to(device), mask.to(device))
+    assert E.dtype == torch.float32 and loss.dtype == torch.float32 and status.dtype == torch.int32
+    assert E.shape == (rows, B) and loss.shape == (rows,) and status.shape == (rows,)
+    assert torch.all(status.cpu() == 0)
+    E64, loss64, _ = reference.masked_solve(G.to(F64), U.to(F64), W.to(F64), mask)
+    E32, loss32, _ = reference.masked_solve(G, U, W.float(), mask)
     assert_close_rule("E", E, E64, E32)
     assert_close_rule("loss", loss, loss64, loss32)
     empty = ~mask.any(dim=1)
@@ -88,19 +89,22 @@ def test_masked_solve_emulated_cuda_partitioning(threads, warp, rows, B, rng):
     G, U = realistic_G(B, rng)
     W = weights(rows, B, torch.bfloat16, rng)
     mask = masks(rows, B, "varied", rng)
-    E, loss = torch.ops.pyprune._masked_solve_emulated(G, U, W, mask, threads, warp)
-    E64, loss64 = reference.masked_solve(G.to(F64), U.to(F64), W.to(F64), mask)
-    E32, loss32 = reference.masked_solve(G, U, W.float(), mask)
+    E, loss, status = torch.ops.pyprune._masked_solve_emulated(G, U, W, mask, threads, warp)
+    assert torch.all(status == 0), "a row's status was not written (-1) or it failed"
+    E64, loss64, _ = reference.masked_solve(G.to(F64), U.to(F64), W.to(F64), mask)
+    E32, loss32, _ = reference.masked_solve(G, U, W.float(), mask)
     assert_close_rule("E", E, E64, E32)
     assert_close_rule("loss", loss, loss64, loss32)
 
 
-def test_masked_solve_not_positive_definite_raises():
+def test_masked_solve_not_positive_definite_status():
+    """The op does not raise for an indefinite G[M, M]: status = 1 + the failing block column, NaN in the row."""
     B = 8
     G = -torch.eye(B)
     mask = torch.ones(2, B, dtype=torch.bool)
-    with pytest.raises(RuntimeError, match="not positive definite"):
-        torch.ops.pyprune.masked_solve(G, torch.eye(B), torch.randn(2, B), mask)
+    E, loss, status = torch.ops.pyprune.masked_solve(G, torch.eye(B), torch.randn(2, B), mask)
+    assert status.tolist() == [1, 1]
+    assert torch.isnan(E).all() and torch.isnan(loss).all()
 
 
 def test_auto_backend_choice():
@@ -122,7 +126,7 @@ def test_masked_solve_wrapper_uses_cpp(rng):
     W = weights(9, 24, torch.float32, rng)
     mask = masks(9, 24, "varied", rng)
     E, loss = pyprune.ops.masked_solve(G, U, W, mask, backend="cpp")
-    E2, loss2 = torch.ops.pyprune.masked_solve(G, U, W, mask)
+    E2, loss2, _ = torch.ops.pyprune.masked_solve(G, U, W, mask)
     assert torch.equal(E, E2) and torch.equal(loss, loss2)
 
 
@@ -322,8 +326,8 @@ def test_torch_compile_fullgraph(rng):
     def step(H, X, W, G, U):
         torch.ops.pyprune.hessian_update(H, X, 0.5, 0.5, False)
         mask = torch.ops.pyprune.nm_select(W, G, 2, 4, True)
-        E, loss = torch.ops.pyprune.masked_solve(G, U, W, mask)
-        return E, loss, mask
+        E, loss, status = torch.ops.pyprune.masked_solve(G, U, W, mask)
+        return E, loss, status, mask
 
     H1, H2 = torch.eye(16), torch.eye(16)
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(H1, X, W, G, U)

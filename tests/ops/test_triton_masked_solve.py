@@ -35,16 +35,18 @@ def _err(x, exact):
     return (x.double() - exact).norm().item()
 
 
-def _check(G, U_B, W1, mask, E, loss, seed):
+def _check(G, U_B, W1, mask, E, loss, seed, status=None):
     """Error vs float64 <= 2x the error of the same solve done by plain torch in fp32 (+ a few ulps)."""
-    E64, l64 = reference.masked_solve(G.double(), U_B.double(), W1.double(), mask)
-    Et, lt = reference.masked_solve(G, U_B, W1, mask)  # plain torch, fp32 (the kernel's compute dtype)
+    E64, l64, _ = reference.masked_solve(G.double(), U_B.double(), W1.double(), mask)
+    Et, lt, _ = reference.masked_solve(G, U_B, W1, mask)  # plain torch, fp32 (the kernel's compute dtype)
     assert E.dtype == torch.float32 and loss.dtype == torch.float32
     assert E.shape == W1.shape and loss.shape == (W1.shape[0],)
     for name, got, plain, exact in (("E", E, Et, E64), ("loss", loss, lt, l64)):
         err_k, err_t = _err(got, exact), _err(plain, exact)
         tiny = 4 * EPS32 * exact.norm().item() + 1e-30
         assert err_k <= 2 * err_t + tiny, f"seed {seed}: {name} error {err_k:.3e} vs torch fp32 {err_t:.3e}"
+    if status is not None:
+        assert status.dtype == torch.int32 and torch.equal(status.cpu(), torch.zeros(W1.shape[0], dtype=torch.int32))
     empty = ~mask.any(1)
     assert torch.equal(E[empty], torch.zeros_like(E[empty])) and torch.equal(loss[empty], torch.zeros_like(loss[empty]))
 
@@ -67,8 +69,8 @@ def test_masked_solve_matches_reference(device, rows, B, dtype, rng):
     W1 = torch.randn(rows, B, generator=rng).to(dtype)
     mask = random_mask(rows, B, rng)
     G, U_B, W1, mask = (t.to(device) for t in (G, U_B, W1, mask))
-    E, loss = masked_solve_triton(G, U_B, W1, mask)
-    _check(G, U_B, W1, mask, E, loss, rng.initial_seed())
+    E, loss, status = masked_solve_triton(G, U_B, W1, mask)
+    _check(G, U_B, W1, mask, E, loss, rng.initial_seed(), status)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,8 +82,8 @@ def test_masked_solve_B256(device, rng):
     W1 = torch.randn(rows, B, generator=rng)
     mask = random_mask(rows, B, rng)
     G, U_B, W1, mask = (t.to(device) for t in (G, U_B, W1, mask))
-    E, loss = masked_solve_triton(G, U_B, W1, mask)
-    _check(G, U_B, W1, mask, E, loss, rng.initial_seed())
+    E, loss, status = masked_solve_triton(G, U_B, W1, mask)
+    _check(G, U_B, W1, mask, E, loss, rng.initial_seed(), status)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,8 +97,8 @@ def test_masked_solve_nm_mask_and_strided_rows(device, rng):
     score = torch.rand(rows, B // 4, 4, generator=rng)
     mask = torch.zeros(rows, B // 4, 4, dtype=torch.bool).scatter_(2, score.argsort(2)[:, :, :2], True).reshape(rows, B)
     G, U_B, W1, mask = (t.to(device) for t in (G, U_B, W1, mask))
-    E, loss = masked_solve_triton(G, U_B, W1, mask)
-    _check(G, U_B, W1, mask, E, loss, rng.initial_seed())
+    E, loss, status = masked_solve_triton(G, U_B, W1, mask)
+    _check(G, U_B, W1, mask, E, loss, rng.initial_seed(), status)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,10 +107,11 @@ def test_masked_solve_nothing_masked(device, rng):
     G, U_B = spd_block(12, rng)
     W1 = torch.randn(9, 12, generator=rng)
     mask = torch.zeros(9, 12, dtype=torch.bool)
-    E, loss = masked_solve_triton(G.to(device), U_B.to(device), W1.to(device), mask.to(device))
+    E, loss, status = masked_solve_triton(G.to(device), U_B.to(device), W1.to(device), mask.to(device))
     assert torch.equal(E.cpu(), torch.zeros(9, 12)) and torch.equal(loss.cpu(), torch.zeros(9))
-    E, loss = masked_solve_triton(G.to(device), U_B.to(device), W1[:0].to(device), mask[:0].to(device))
-    assert E.shape == (0, 12) and loss.shape == (0,)
+    assert torch.equal(status.cpu(), torch.zeros(9, dtype=torch.int32))
+    E, loss, status = masked_solve_triton(G.to(device), U_B.to(device), W1[:0].to(device), mask[:0].to(device))
+    assert E.shape == (0, 12) and loss.shape == (0,) and status.shape == (0,)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -119,7 +122,7 @@ def test_masked_solve_B1_is_sparsegpt_step(device, rng):
     G = U_B * U_B
     W1 = torch.randn(6, 1, generator=rng)
     mask = torch.tensor([[True], [False], [True], [True], [False], [True]])
-    E, loss = masked_solve_triton(G.to(device), U_B.to(device), W1.to(device), mask.to(device))
+    E, loss, status = masked_solve_triton(G.to(device), U_B.to(device), W1.to(device), mask.to(device))
     m = mask.float()
     torch.testing.assert_close(E.cpu(), W1 / 0.7 * m, rtol=1e-6, atol=0)
     torch.testing.assert_close(loss.cpu(), (W1[:, 0] ** 2 / (2 * 0.49)) * m[:, 0], rtol=1e-6, atol=0)

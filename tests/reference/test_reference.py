@@ -32,7 +32,8 @@ def test_masked_solve_matches_explicit_index_sets(rows, B, rng):
     mask[0] = True
     if rows > 1:
         mask[1] = False
-    E, loss = reference.masked_solve(G, U_B, W1, mask)
+    E, loss, status = reference.masked_solve(G, U_B, W1, mask)
+    assert status.dtype == torch.int32 and torch.all(status == 0)
     for i in range(rows):
         M = mask[i].nonzero().flatten()
         e, l = torch.zeros(B, dtype=torch.float64), 0.0
