@@ -2,9 +2,14 @@
 
 Text comes from local files; the names ``wikitext2`` (the project's shared copy of WikiText-2) and ``c4`` (through the
 optional ``datasets`` package, from its local cache only) are accepted as shortcuts. Nothing here needs a network.
+
+Text files are decoded strictly: UTF-8 unless an encoding is given; a file with a NUL byte (binary, or UTF-16/32
+text) or with bytes invalid in the encoding is refused with an error naming the file, the byte offset and the fix.
+No byte is ever replaced silently. A UTF-8 byte-order mark is kept (as U+FEFF), as before.
 """
 from __future__ import annotations
 
+import codecs
 import os
 
 import torch
@@ -12,6 +17,10 @@ import torch
 
 class TextTooShortError(ValueError):
     """The text has fewer tokens than the requested samples need."""
+
+
+class NotTextError(ValueError):
+    """A text file that is binary or not valid in its encoding."""
 
 
 def repo_root() -> str:
@@ -41,13 +50,35 @@ _WIKITEXT_SPLITS = {"train": "valid.txt", "calib": "valid.txt", "validation": "v
                     "eval": "test.txt", "test": "test.txt"}
 
 
-def load_text(source: str, split: str = "eval") -> str:
-    """The text of a local file, or of a named data set: ``wikitext2`` (shared copy: valid.txt to calibrate,
-    test.txt to evaluate; ``wikitext2-raw`` is the raw test split) or ``c4`` (``datasets``, local cache only).
-    ``split`` is "calib" or "eval"."""
+def read_text_file(path: str, encoding: str = "utf-8") -> str:
+    """The text of file ``path``, decoded strictly with ``encoding``, line ends made "\\n". NotTextError (a
+    ValueError) for a file with a NUL byte (binary, or UTF-16/32 text) or with bytes that are invalid in
+    ``encoding``; it names the file, the offset of the first bad byte, and how to fix it."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r} (for {path!r}); give e.g. 'utf-8' or 'latin-1'") from None
+    with open(path, "rb") as f:
+        data = f.read()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise NotTextError(f"{path!r} is not a text file: it has a NUL byte at offset {nul} (a binary file, or "
+                           "UTF-16/32 text: convert that to UTF-8); give a text file")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise NotTextError(f"{path!r} is not valid {encoding} text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                           f"({e.reason}); convert the file to UTF-8 (for Latin-1 text: iconv -f latin1 -t utf-8), "
+                           "or give its encoding (load_text(..., encoding='latin-1'))") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode open()
+
+
+def load_text(source: str, split: str = "eval", *, encoding: str = "utf-8") -> str:
+    """The text of a local file (decoded strictly with ``encoding``: see ``read_text_file``), or of a named data
+    set: ``wikitext2`` (shared copy: valid.txt to calibrate, test.txt to evaluate; ``wikitext2-raw`` is the raw
+    test split) or ``c4`` (``datasets``, local cache only). ``split`` is "calib" or "eval"."""
     if os.path.isfile(source):
-        with open(source, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = read_text_file(source, encoding)
         if not text.strip():
             raise TextTooShortError(f"text file {source!r} is empty")
         return text

