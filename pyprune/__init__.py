@@ -4,6 +4,7 @@ Layer API (pure functions on tensors)::
 
     from pyprune import PruneConfig, prune_layer
     result = prune_layer(W, H, PruneConfig(method="joint", sparsity="2:4", block_size=128))
+    q, k, v = prune_group([Wq, Wk, Wv], H, config)   # modules reading one input: one setup for all
 
 Ops (Hessian accumulation, batched submatrix solve, N:M selection) live in ``pyprune.ops``.
 
@@ -12,7 +13,7 @@ Model API (imported lazily, so ``import pyprune`` stays light)::
     report = pyprune.prune_model(model, calibration_ids, PruneConfig(method="joint", sparsity=0.5))
     report = pyprune.prune_checkpoint(src_dir, out_dir, calibration_ids, config)   # streamed from shards
 """
-from .algorithms import PruneResult, prune_layer
+from .algorithms import PruneResult, prune_group, prune_layer
 from .config import PruneConfig, Sparsity
 
 __version__ = "0.1.0"
@@ -30,4 +31,4 @@ def __getattr__(name):
 
 
 __all__ = ["LayerReport", "PruneConfig", "PruneReport", "PruneResult", "Sparsity", "load_model", "perplexity",
-           "prune_checkpoint", "prune_layer", "prune_model", "save_model", "__version__"]
+           "prune_checkpoint", "prune_group", "prune_layer", "prune_model", "save_model", "__version__"]

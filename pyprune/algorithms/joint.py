@@ -11,7 +11,7 @@ import torch
 from .. import ops
 from ..config import PruneConfig
 from .greedy import greedy_mask
-from .common import PruneResult, obs_setup, smallest_mask
+from .common import HessianSetup, PruneResult, obs_setup, smallest_mask
 
 
 def select_block_mask(W1: torch.Tensor, U_B: torch.Tensor, G: torch.Tensor, config: PruneConfig) -> torch.Tensor:
@@ -31,10 +31,10 @@ def select_block_mask(W1: torch.Tensor, U_B: torch.Tensor, G: torch.Tensor, conf
 
 
 def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneConfig(), *,
-                mask: torch.Tensor | None = None) -> PruneResult:
+                mask: torch.Tensor | None = None, setup: HessianSetup | None = None) -> PruneResult:
     """Prune ``W`` (rows, cols) given its Hessian ``H`` (cols, cols). ``mask`` (bool, True = prune) fixes the
     pruned set instead of selecting it; the sparsity setting is then ignored."""
-    Wc, U, pruned, row_loss = obs_setup(W, H, config, mask)
+    Wc, U, pruned, row_loss = obs_setup(W, H, config, mask, setup)
     cols = Wc.shape[1]
     B = config.block_size
     for b0 in range(0, cols, B):

@@ -4,16 +4,16 @@ from __future__ import annotations
 import torch
 
 from ..config import PruneConfig
-from .common import PruneResult, nm_smallest_mask, obs_setup, smallest_mask
+from .common import HessianSetup, PruneResult, nm_smallest_mask, obs_setup, smallest_mask
 
 
 def prune_sparsegpt(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneConfig(method="sparsegpt"), *,
-                    mask: torch.Tensor | None = None) -> PruneResult:
+                    mask: torch.Tensor | None = None, setup: HessianSetup | None = None) -> PruneResult:
     """SparseGPT's algorithm. Unstructured masks are chosen per block of ``block_size`` columns by ``w^2/U_jj^2``
     (the fraction of the block, or of each row of it with mask_scope="row"); N:M masks per group when the group's
     first column is reached. With a fixed ``mask`` the result does not depend on ``block_size``."""
     sp = config.sparsity
-    Wc, U, pruned, row_loss = obs_setup(W, H, config, mask)
+    Wc, U, pruned, row_loss = obs_setup(W, H, config, mask, setup)
     cols = Wc.shape[1]
     B = config.block_size
     for b0 in range(0, cols, B):
