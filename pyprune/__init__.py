@@ -12,6 +12,11 @@ Model API (imported lazily, so ``import pyprune`` stays light)::
 
     report = pyprune.prune_model(model, calibration_ids, PruneConfig(method="joint", sparsity=0.5))
     report = pyprune.prune_checkpoint(src_dir, out_dir, calibration_ids, config)   # streamed from shards
+    report = pyprune.prune_pretrained(path, out_dir, calibration_ids, config)    # either, chosen by size (the CLI)
+    print(pyprune.inspect_model(model).table())    # blocks, matrices, shared-Hessian groups, what stays dense
+
+Any decoder-only ``*ForCausalLM`` that transformers builds works: blocks, matrices (linear layers, fused MoE experts)
+and shared inputs are observed from the model's own forward pass (``pyprune.models.discover``).
 """
 from .algorithms import PruneResult, prune_group, prune_layer
 from .config import PruneConfig, Sparsity
@@ -20,7 +25,9 @@ __version__ = "0.1.0"
 
 _LAZY = {"prune_model": "pyprune.models.driver", "prune_checkpoint": "pyprune.models.streaming",
          "PruneReport": "pyprune.report", "LayerReport": "pyprune.report", "load_model": "pyprune.models.io",
-         "save_model": "pyprune.models.io", "perplexity": "pyprune.evaluate"}
+         "save_model": "pyprune.models.io", "perplexity": "pyprune.evaluate",
+         "prune_pretrained": "pyprune.models.pipeline", "inspect_model": "pyprune.models.pipeline",
+         "matrix_views": "pyprune.models.pipeline"}
 
 
 def __getattr__(name):
@@ -30,5 +37,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'pyprune' has no attribute {name!r}")
 
 
-__all__ = ["LayerReport", "PruneConfig", "PruneReport", "PruneResult", "Sparsity", "load_model", "perplexity",
-           "prune_checkpoint", "prune_group", "prune_layer", "prune_model", "save_model", "__version__"]
+__all__ = ["LayerReport", "PruneConfig", "PruneReport", "PruneResult", "Sparsity", "__version__", "inspect_model",
+           "load_model", "matrix_views", "perplexity", "prune_checkpoint", "prune_group", "prune_layer",
+           "prune_model", "prune_pretrained", "save_model"]

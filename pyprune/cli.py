@@ -3,6 +3,7 @@
     pyprune prune MODEL --method joint --sparsity 2:4 --calib-text FILE --nsamples 128 --seqlen 2048 \\
                         --block-size 128 --device cpu --output DIR
     torchrun --nproc-per-node 8 -m pyprune prune MODEL ... --output DIR      (distributed: see pyprune.distributed)
+    pyprune inspect MODEL                                                     (what would be pruned)
     pyprune eval MODEL --text FILE --seqlen 2048 --nsamples N [--json]
     pyprune demo
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -74,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import MASK_SCOPES, MASKS, METHODS
     parser = argparse.ArgumentParser(prog="pyprune", description="One-shot LLM pruning with the joint multi-weight "
                                      "OBS update (Zhao et al., 2024), SparseGPT, Wanda or magnitude.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,eval,demo}")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    p = sub.add_parser("prune", help="prune a model and write a Hugging Face directory",
+    p = sub.add_parser("prune", help="prune a model and write a Hugging Face directory", formatter_class=fmt,
                        description="Prune MODEL block by block and write the pruned model to --output.")
     p.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'builtin'")
     p.add_argument("--method", default="joint", choices=METHODS)
@@ -100,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=_blocks, default=None, help="prune only these blocks, e.g. '0-3'")
     p.add_argument("--true-sequential", action="store_true",
                    help="collect each group's Hessian after the earlier groups of its block are pruned")
+    p.add_argument("--calibrate-all-experts", action="store_true",
+                   help="MoE: each expert's Hessian from every calibration token (outputs stay routed)")
+    p.add_argument("--expert-min-tokens", type=_positive_int, default=None, metavar="N",
+                   help="MoE: experts with fewer routed tokens get Wanda's mask and no update (default: the "
+                        "expert matrix's input width)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="calibration windows per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions")
     _add_device(p)
@@ -118,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report summary as JSON on the last line")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("eval", help="perplexity of a model on a text",
+    i = sub.add_parser("inspect", help="show what would be pruned (no calibration)", formatter_class=fmt,
+                       description="Load MODEL and list its decoder blocks, every prunable matrix with its shape "
+                                   "(out x in), the matrices that share a Hessian (in brackets) and what stays "
+                                   "dense. Runs of identical blocks are folded.")
+    i.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'builtin'")
+    i.add_argument("--all", action="store_true", help="one entry per block (no folding)")
+    i.add_argument("--device", default="cpu", help="where the blocks run for the observation")
+    i.add_argument("--json", action="store_true", help="also print the result as JSON on the last line")
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text", formatter_class=fmt,
                        description="Perplexity on consecutive non-overlapping windows of --text.")
     e.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'builtin'")
     e.add_argument("--text", default="wikitext2", help="evaluation text file ('wikitext2' = shared test split)")
@@ -131,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
-    d = sub.add_parser("demo", help="prune the built-in model and compare perplexities",
+    d = sub.add_parser("demo", help="prune the built-in model and compare perplexities", formatter_class=fmt,
                        description="Prune SmolLM2-135M (built in) and print dense vs pruned perplexity, sparsity and "
                                    "wall times.")
     d.add_argument("--method", default="joint", choices=METHODS)
@@ -175,49 +192,23 @@ def _prune_config(args):
                        mask_scope=getattr(args, "mask_scope", None), backend=getattr(args, "backend", "auto"))
 
 
-def _should_stream(args, source, copies: int = 1) -> bool:
-    if source.kind != "hf" or args.stream == "off":
-        if args.stream == "on" and source.kind != "hf":
-            raise _BadInput("--stream on needs a Hugging Face directory with safetensors shards")
-        return False
-    if args.stream == "on":
-        return True
-    from .models.streaming import checkpoint_bytes
-    try:
-        size = checkpoint_bytes(source.path)
-    except FileNotFoundError:
-        return False
-    available = _mem_available()
-    return available is not None and size * copies > available // 2
-
-
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def cmd_prune(args) -> int:
     from .data import calibration_samples, load_text, tokenize
-    from .models.io import check_supported, load_model, load_tokenizer, prepare_output_dir, resolve_model
+    from .models.driver import resolve_device
+    from .models.io import check_supported, load_tokenizer, prepare_output_dir, resolve_model
+    from .models.outdir import check_output_vs_input
+    from .models.pipeline import should_stream
     config = _prune_config(args)
     source = resolve_model(args.model)
-    check_supported(source)
+    resolve_device(args.device)  # before any slow work: --device cuda on a machine without CUDA
     out = os.path.abspath(args.output)
-    if source.kind == "hf" and (out == source.path or out.startswith(source.path + os.sep)):
-        raise _BadInput("--output must not be the input model directory or inside it")
+    check_output_vs_input(out, str(source))
+    check_supported(source)      # the config or GGUF metadata only: no weight is loaded yet
     distributed = args.distributed or _env_world_size() > 1
     # distributed: every rank of this node holds the model unless it streams
-    stream = _should_stream(args, source, copies=_local_world_size() if distributed else 1)
-    if not stream:
-        prepare_output_dir(out, overwrite=args.overwrite)
+    stream = should_stream(source, args.stream, copies=_local_world_size() if distributed else 1)
+    prepare_output_dir(out, overwrite=args.overwrite, input_path=str(source), resume=stream and not args.no_resume)
     text = load_text(args.calib_text, split="calib")
-    progress = not args.quiet
     _quiet_transformers()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
@@ -236,41 +227,44 @@ def cmd_prune(args) -> int:
 
 
 def _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, stream, comm=None) -> int:
-    """Prune in memory or streamed from the shards. Distributed (``comm``): every rank prunes with its calibration
+    """``prune_pretrained``, in memory or streamed. Distributed (``comm``): every rank prunes with its calibration
     shard and the same weights; rank 0 alone writes the output and prints the summary."""
+    from .models.pipeline import prune_pretrained
     main = comm is None or comm.is_main
     if comm is not None:
         from .distributed import shard_samples
         samples = shard_samples(samples, comm)
-    common = dict(modules=args.modules, dense=args.dense, blocks=args.blocks,
-                  device=args.device if comm is None else comm.device, batch_size=args.batch_size,
-                  true_sequential=args.true_sequential, progress=not args.quiet and main, comm=comm)
-    if stream:
-        from .models.streaming import prune_checkpoint
-        if main:
-            _log(f"streaming {source} block by block into {out}"
-                 + (f" on {comm.world_size} ranks" if comm is not None else ""))
-        report = prune_checkpoint(source.path, out, samples, config, resume=not args.no_resume,
-                                  overwrite=args.overwrite, **common)
-        if not main:
-            return EXIT_OK
-        report.times = {"tokenize": t_tok, **report.times}
-    else:
-        from .models.driver import prune_model
-        from .models.io import load_model, save_model
-        t1 = time.perf_counter()
-        model = load_model(source, dtype=_dtype(args.dtype))
-        t_load = time.perf_counter() - t1
-        report = prune_model(model, samples, config, **common)
-        if not main:
-            return EXIT_OK
-        report.settings.update(source=str(source), calib_text=args.calib_text, seed=args.seed)
-        report.times = {"tokenize": t_tok, "load": t_load, **report.times}
-        t1 = time.perf_counter()
-        save_model(model, out, tokenizer=tokenizer, report=report, overwrite=True)
-        report.times["save"] = time.perf_counter() - t1
-        report.save(os.path.join(out, "pyprune_report.json"))
+    if stream and main:
+        _log(f"streaming {source} block by block into {out}"
+             + (f" on {comm.world_size} ranks" if comm is not None else ""))
+    report = prune_pretrained(str(source) if source.kind != "builtin" else "builtin", out, samples, config,
+                              stream="on" if stream else "off", tokenizer=tokenizer, dtype=_dtype(args.dtype),
+                              overwrite=args.overwrite, resume=not args.no_resume, modules=args.modules,
+                              dense=args.dense, blocks=args.blocks,
+                              device=args.device if comm is None else comm.device, batch_size=args.batch_size,
+                              true_sequential=args.true_sequential,
+                              calibrate_all_experts=args.calibrate_all_experts,
+                              expert_min_tokens=args.expert_min_tokens, progress=not args.quiet and main, comm=comm)
+    if not main:
+        return EXIT_OK
+    report.settings.update(source=str(source), calib_text=args.calib_text, seed=args.seed)
+    report.times = {"tokenize": t_tok, **report.times}
+    report.save(os.path.join(out, "pyprune_report.json"))
     _print_prune_summary(args, report, out)
+    removed = report.settings.get("replaced_files") or []
+    if removed:
+        _log(f"replaced the earlier pyprune output in {out}: removed {', '.join(removed[:10])}"
+             + (f" and {len(removed) - 10} more" if len(removed) > 10 else ""))
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from .models.pipeline import inspect_model
+    _quiet_transformers()
+    result = inspect_model(args.model, device=args.device)
+    print(result.table(full=args.all))
+    if args.json:
+        print(json.dumps(result.to_dict()))
     return EXIT_OK
 
 
@@ -296,14 +290,15 @@ def _print_prune_summary(args, report, out) -> None:
 
 
 def cmd_eval(args) -> int:
+    import torch
     from .data import eval_windows, load_text, tokenize
     from .evaluate import perplexity
     from .models.driver import resolve_device
     from .models.io import check_supported, load_model, load_tokenizer, resolve_model
     source = resolve_model(args.model)
+    device = resolve_device(args.device)
     check_supported(source)
     text = load_text(args.text, split="eval")
-    device = resolve_device(args.device)
     _quiet_transformers()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
@@ -312,6 +307,10 @@ def cmd_eval(args) -> int:
     t_load = time.perf_counter() - t0
     result = perplexity(model, windows, device=device, batch_size=args.batch_size, progress=not args.quiet,
                         sequential=args.sequential)
+    if not math.isfinite(result["perplexity"]):
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        raise _BadInput(f"the perplexity of {source} is not finite (mean NLL {result['nll']})"
+                        + (f": non-finite weights in {', '.join(bad[:5])}" if bad else ""))
     print(f"perplexity {result['perplexity']:.4f}  ({result['windows']} x {result['seqlen']} tokens of "
           f"{args.text}; load {t_load:.1f} s, eval {result['seconds']:.1f} s)")
     if args.json:
@@ -373,7 +372,12 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def _message(e: BaseException) -> str:
+    """The error and the notes pyprune added to it (e.g. which blocks were already pruned)."""
+    return "; ".join([str(e), *getattr(e, "__notes__", [])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     except (_BadInput, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         if os.environ.get("PYPRUNE_DEBUG"):
             raise
-        _log(f"pyprune {args.command}: error: {e}")
+        _log(f"pyprune {args.command}: error: {_message(e)}")
         return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - a CLI reports, it does not dump a traceback unless asked
         if os.environ.get("PYPRUNE_DEBUG"):
             raise
-        _log(f"pyprune {args.command}: failed: {type(e).__name__}: {e} (set PYPRUNE_DEBUG=1 for a traceback)")
+        _log(f"pyprune {args.command}: failed: {type(e).__name__}: {_message(e)} (set PYPRUNE_DEBUG=1 for a "
+             "traceback)")
         return EXIT_FAILURE
 
 

@@ -64,11 +64,10 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _sequential(model, windows, device, batch_size, progress) -> dict:
-    from .models.architectures import architecture_of, find_submodule, get_submodule
-    from .models.driver import _bar, _device_of, _MoveNonBlock, capture_block_inputs, run_block
-    arch = architecture_of(model)
-    blocks = get_submodule(model, arch.blocks)
-    head = [m for m in (find_submodule(model, p) for p in arch.head) if m is not None]
+    from .models.capture import capture_inputs, replay_head, run_block
+    from .models.discover import eager_experts, find_blocks
+    from .models.driver import MoveNonBlock, _bar, device_of
+    _, blocks = find_blocks(model)
     batches = [windows[s:s + batch_size] for s in range(0, windows.shape[0], batch_size)]
     was_training = model.training
     model.eval()
@@ -76,19 +75,19 @@ def _sequential(model, windows, device, batch_size, progress) -> dict:
     sums = []
     bar = _bar(len(blocks), "eval blocks") if progress else None
     try:
-        with torch.no_grad(), _MoveNonBlock(model, blocks, device):
-            inputs = capture_block_inputs(model, blocks, batches, device)
-            for block in blocks:
-                home = _device_of(block)
+        with torch.no_grad(), eager_experts(model), MoveNonBlock(model, blocks, device):
+            inputs = capture_inputs(model, blocks, batches, device)
+            hidden = inputs.hidden
+            for i, block in enumerate(blocks):
+                home = device_of(block)
                 block.to(device)
-                inputs.hidden = run_block(block, inputs)
+                hidden = [run_block(block, h, c) for h, c in zip(hidden, inputs.calls[i])]
                 block.to(home)
                 if bar is not None:
                     bar.update(1)
-            for h, ids in zip(inputs.hidden, batches):
-                for m in head:
-                    h = m(h.to(m.weight.dtype) if getattr(m, "weight", None) is not None else h)
-                sums.append(_nll(h, ids.to(device)))
+            for ids, logits in zip(batches, replay_head(model, blocks, batches, hidden, device,
+                                                        inputs.tuple_output)):
+                sums.append(_nll(logits, ids.to(device)))
     finally:
         if bar is not None:
             bar.close()

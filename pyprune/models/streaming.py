@@ -25,10 +25,12 @@ import torch
 from ..config import PruneConfig
 from ..report import (LayerReport, PruneReport, atomic_open, atomic_write_text, device_peak_memory,
                       host_peak_rss, reset_device_peak_memory, reset_host_peak_rss)
-from .architectures import Architecture, architecture_for, get_submodule
-from .driver import (BlockInputs, _bar, _MoveNonBlock, as_batches, capture_block_inputs, make_selection, prune_block,
-                     resolve_device, run_block, settings_dict)
-from .io import REPORT_NAME, meta_model, prepare_output_dir
+from .capture import BlockInputs, capture_inputs
+from .discover import eager_experts, find_blocks
+from .driver import (BlockStore, MoveNonBlock, Options, as_batches, make_selection, resolve_device, run_blocks,
+                     settings_dict, synthetic_batches)
+from .io import REPORT_NAME, meta_model
+from .outdir import JOURNAL_NAME, MANIFEST_NAME, OutputDir
 
 STATE_DIR = ".pyprune-partial"
 INDEX_NAME = "model.safetensors.index.json"
@@ -220,10 +222,19 @@ def _to_meta(module: torch.nn.Module, skip: set[int] | None = None) -> None:
 
 
 class _KeyMap:
-    """Checkpoint keys <-> model names. Usually identical; checkpoints saved from the base model lack its prefix."""
+    """Checkpoint keys <-> model names. Usually identical; checkpoints saved from the base model lack its prefix; and
+    where transformers converts a checkpoint layout when it loads one (per-expert tensors fused into 3-D experts,
+    renamed modules), ``load`` and ``save_form`` apply its own conversion and its reverse, one block at a time."""
 
-    def __init__(self, model, arch: Architecture, keys: Iterable[str]):
+    def __init__(self, model, blocks_path: str, keys: Iterable[str]):
         keys = list(keys)
+        self.model = model
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        try:
+            self.mapping = [m for m in (get_model_conversion_mapping(model, add_legacy=True) or [])
+                            if type(m).__name__ != "PrefixChange"]
+        except Exception:  # noqa: BLE001 - models without a mapping
+            self.mapping = []
         names = set(model.state_dict().keys())
         base = getattr(model, "base_model_prefix", "") or ""
         self.prefix = ""
@@ -234,7 +245,7 @@ class _KeyMap:
             n = self.prefix + k
             if n in names:
                 self.to_model[k] = n
-        block_prefix = arch.blocks + "."
+        block_prefix = blocks_path + "."
         self.block_keys: dict[int, list[str]] = {}
         self.other_keys: list[str] = []
         for k in keys:
@@ -245,6 +256,47 @@ class _KeyMap:
                     self.block_keys.setdefault(int(idx), []).append(k)
                     continue
             self.other_keys.append(k)
+        self.converts = bool(self.mapping) and any(k not in self.to_model for k in keys)
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Put checkpoint tensors into the (meta) model; returns those the model has no place for (written back
+        as they were)."""
+        if not self.converts:
+            raw = {}
+            for k, v in tensors.items():
+                if k in self.to_model:
+                    _set_tensor(self.model, self.to_model[k], v)
+                else:
+                    raw[k] = v
+            return raw
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        with _quiet_hf():
+            convert_and_load_state_dict_in_model(model=self.model, state_dict=dict(tensors),
+                                                 load_config=LoadStateDictConfig(weight_mapping=self.mapping))
+        return {}
+
+    def save_form(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model-named tensors -> checkpoint-named ones (the layout of the input checkpoint)."""
+        if not self.converts:
+            back = {v: k for k, v in self.to_model.items()}
+            return {back.get(k, k): v for k, v in state.items()}
+        from transformers.core_model_loading import revert_weight_conversion
+        return dict(revert_weight_conversion(self.model, state))
+
+
+class _quiet_hf:
+    """transformers' loading bar off while pyprune loads one block (library code prints nothing)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+        self.was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+        if self.was:
+            hf_logging.enable_progress_bar()
 
 
 def _fingerprint(*parts) -> str:
@@ -266,16 +318,109 @@ def _block_file(i: int) -> str:
 NONBLOCK_FILE = "model-nonblock.safetensors"
 
 
-def _acts_name(i: int, comm=None) -> str:
+def _acts_name(i: int, comm=None, rank: int | None = None) -> str:
     """The activations entering block i + 1 (one file per rank in a distributed run)."""
-    return f"acts-{i:05d}.bin" if comm is None else f"acts-{i:05d}-rank{comm.rank:05d}.bin"
+    if comm is None:
+        return f"acts-{i:05d}.bin"
+    return f"acts-{i:05d}-rank{comm.rank if rank is None else rank:05d}.bin"
 
 
 # ----------------------------------------------------------------------------------------------------- the run
+class _ShardStore(BlockStore):
+    """The streamed ``BlockStore``: a block's tensors are read from the input shards when its turn comes; when it is
+    done it is written to its own output shard, the activations entering the next block and the state naming them
+    are persisted (the resume point), and its memory is released."""
+
+    def __init__(self, run: "_StreamRun"):
+        super().__init__(run.block_list, run.device)
+        self.run = run
+        self.raw: dict[str, torch.Tensor] = {}
+
+    def load(self, i: int) -> torch.nn.Module:
+        r = self.run
+        block = r.block_list[i]
+        tensors = r.ckpt.read(r.keymap.block_keys[i], device=r.device)
+        self.raw = r.keymap.load(tensors)  # what the model has no place for (legacy buffers): written back as is
+        del tensors
+        still_meta = [n for n, p in block.named_parameters() if p.device.type == "meta"]
+        if still_meta:
+            raise ValueError(f"checkpoint {r.src!r} lacks tensors of block {i}: {still_meta[:5]}")
+        return block
+
+    def done(self, i: int, block: torch.nn.Module, inputs: BlockInputs, reports: list[LayerReport]) -> None:
+        r = self.run
+        if r.main:
+            lead = f"{r.path}.{i}."
+            written = r.keymap.save_form({lead + k: v for k, v in block.state_dict().items()})
+            written.update(self.raw)
+            missing = set(r.keymap.block_keys[i]) - set(written)
+            if missing:
+                raise RuntimeError(f"block {i}: cannot write {sorted(missing)[:5]} back in the checkpoint's layout")
+            written = {k: written[k] for k in r.keymap.block_keys[i]}
+            atomic_save_safetensors(written, r.claim(_block_file(i)))
+            del written
+        self.raw = {}
+        _to_meta(block)
+        r.layers += reports
+        release_host_memory()
+        r.persist(i, inputs if i < r.last else None)
+
+    def skip(self, i: int) -> None:
+        r = self.run
+        if r.main:
+            atomic_save_safetensors(r.ckpt.read(r.keymap.block_keys[i]), r.claim(_block_file(i)))
+        r.persist(i, None)
+
+
+class _StreamRun:
+    """The books of one streamed run: input checkpoint, output directory, resume state."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def claim(self, name: str) -> str:
+        """The path to write output file ``name`` at, claimed in the output directory's journal (rank 0)."""
+        return self.od.claim(name) if self.od is not None else os.path.join(self.out, name)
+
+    def persist(self, i: int, inputs: BlockInputs | None) -> None:
+        """Persist the resume point after block ``i``: the activations entering block i + 1, then the state naming
+        them, then remove the previous activations."""
+        comm = self.comm
+        new_acts = None
+        if inputs is not None and inputs.hidden:
+            new_acts = _acts_name(i, comm)
+            if self.od is not None:  # every rank's file is pyprune's own: rank 0 claims them all ...
+                self.od.claim_all([f"{STATE_DIR}/{_acts_name(i, comm, r)}"
+                                   for r in range(1 if comm is None else comm.world_size)])
+            if comm is not None:  # ... before any rank writes its own
+                comm.barrier()
+            _save_activations(inputs.hidden, os.path.join(self.state_dir, new_acts))
+        if comm is not None:  # every rank's activations are on disk before the state names them
+            comm.barrier()
+        if self.main:
+            self.claim(f"{STATE_DIR}/state.json")
+            atomic_write_text(self.state_file, json.dumps({
+                "fingerprint": self.fingerprint, "done": i, "activations": new_acts,
+                "layers": PruneReport(self.settings, self.layers).to_dict()["layers"]}))
+        if comm is not None:  # ... and the state names the new ones before the old ones go
+            comm.barrier()
+        if self.acts_file is not None and self.acts_file != new_acts:
+            old = os.path.join(self.state_dir, self.acts_file)
+            if os.path.exists(old):
+                os.unlink(old)
+            if self.od is not None:
+                for r in range(1 if comm is None else comm.world_size):
+                    name = f"{STATE_DIR}/{_acts_name(i - 1, comm, r)}"
+                    if name in self.od.files:
+                        self.od.discard(name)
+        self.acts_file = new_acts
+
+
 def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None = None, *,
                      modules: Sequence[str] | None = None, dense: Sequence[str] | None = None,
                      blocks: Iterable[int] | None = None, device=None, batch_size: int = 1,
-                     true_sequential: bool = False, progress: bool = False, resume: bool = True,
+                     true_sequential: bool = False, calibrate_all_experts: bool = False,
+                     expert_min_tokens: int | None = None, progress: bool = False, resume: bool = True,
                      overwrite: bool = False,
                      on_block_done: Callable[[int, list[LayerReport]], None] | None = None,
                      comm=None) -> PruneReport:
@@ -294,11 +439,10 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     out = os.path.abspath(out)
     if not os.path.isfile(os.path.join(src, "config.json")):
         raise FileNotFoundError(f"{src!r} has no config.json: not a Hugging Face model directory")
-    if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
-        raise ValueError("the output directory must not be the input directory or inside it (the input is never "
-                         "modified)")
-    with open(os.path.join(src, "config.json")) as f:
-        arch = architecture_for(json.load(f).get("model_type", "<missing model_type>"))
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if (real_out == real_src or real_out.startswith(real_src + os.sep) or real_src.startswith(real_out + os.sep)):
+        raise ValueError(f"the output directory {out!r} must not be the input directory {src!r}, inside it or "
+                         "around it (the input is never modified)")
     ckpt = ShardedCheckpoint(src)
     device = resolve_device(device)
     batches = as_batches(calibration, batch_size)
@@ -314,33 +458,37 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
 
     state_dir = os.path.join(out, STATE_DIR)
     state_file = os.path.join(state_dir, "state.json")
+    # The output directory's contract (outdir.OutputDir): only pyprune's own files are ever replaced or removed, an
+    # earlier output only with overwrite, and a directory without a finished manifest is never taken for a model.
+    od = OutputDir(out, input_path=src) if main else None
     partial = on_main(lambda: os.path.isfile(state_file))
     if partial and not resume:
-        raise FileExistsError(f"{out!r} holds a partial run; resume it or remove the directory")
-    if not partial:
-        on_main(lambda: prepare_output_dir(out, overwrite=overwrite))
+        on_main(lambda: od.check(overwrite, resume=False))  # an unfinished run is replaced only with overwrite
+        partial = False
+    on_main(lambda: od.prepare(overwrite, resume=resume))
 
     reset_host_peak_rss()
     reset_device_peak_memory(device)
     t_start = time.perf_counter()
     hf_config = AutoConfig.from_pretrained(src, local_files_only=True)
     model = meta_model(hf_config)
-    block_list = get_submodule(model, arch.blocks)
+    path, block_list = find_blocks(model)
     num_blocks = len(block_list)
-    selection = make_selection(arch, modules, dense, blocks, num_blocks)
-    keymap = _KeyMap(model, arch, ckpt.weight_map)
+    selection = make_selection(modules, dense, blocks, num_blocks)
+    keymap = _KeyMap(model, path, ckpt.weight_map)
     missing_blocks = [i for i in range(num_blocks) if i not in keymap.block_keys]
     if missing_blocks:
         raise ValueError(f"checkpoint {src!r} has no tensors for blocks {missing_blocks[:8]}")
     last = max(selection.blocks) if selection.blocks is not None else num_blocks - 1
 
     nsamples = sum(b.shape[0] for b in batches)
-    settings = settings_dict(config, model_type=hf_config.model_type, architecture=arch.name,
+    settings = settings_dict(config, model_type=hf_config.model_type, blocks_path=path,
                              nsamples=nsamples if comm is None else comm.sum_int(nsamples),
                              seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
                              modules=list(selection.modules) if selection.modules else None,
                              dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
-                             true_sequential=true_sequential, batch_size=batch_size, streaming=True, source=src,
+                             true_sequential=true_sequential, calibrate_all_experts=calibrate_all_experts,
+                             expert_min_tokens=expert_min_tokens, batch_size=batch_size, streaming=True, source=src,
                              **({} if comm is None else {"world_size": comm.world_size}))
     calib_part = torch.cat([b.reshape(-1) for b in batches]) if batches else []
     if comm is not None:  # every rank's shard
@@ -366,94 +514,31 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
 
     times = {}
     t0 = time.perf_counter()
-    # The parts outside the blocks: copied unchanged, and loaded (once) when the first block's inputs are needed.
+    # The parts outside the blocks: copied unchanged, and loaded (once) to capture every block's inputs.
     nonblock_path = os.path.join(out, NONBLOCK_FILE)
-    if main and not os.path.isfile(nonblock_path):
-        atomic_save_safetensors(ckpt.read(keymap.other_keys), nonblock_path)
-    inputs = BlockInputs([], [])
-    if batches and done < last:
-        loaded = ckpt.read([k for k in keymap.other_keys if k in keymap.to_model])
-        for k, v in loaded.items():
-            _set_tensor(model, keymap.to_model[k], v)
-        del loaded
-        with _MoveNonBlock(model, block_list, device):
-            inputs = capture_block_inputs(model, block_list, batches, device)
-        _to_meta(model)
-        release_host_memory()
-        if acts_file is not None:
-            inputs.hidden = _load_activations(os.path.join(state_dir, acts_file), device)
-    times["capture"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    outer = _bar(num_blocks, "blocks") if progress else None
-    if outer is not None:
-        outer.update(done + 1)
-    try:
-        for i in range(done + 1, num_blocks):
-            keys = keymap.block_keys[i]
-            target = _block_file(i)
-            work = i <= last and (selection.wants_block(i) or (i < last and inputs.hidden))
-            if not work:
-                if main:
-                    atomic_save_safetensors(ckpt.read(keys), os.path.join(out, target))
-            else:
-                block = block_list[i]
-                tensors = ckpt.read(keys, device=device)
-                raw = {}
-                for k, v in tensors.items():
-                    if k in keymap.to_model:
-                        _set_tensor(model, keymap.to_model[k], v)
-                    else:
-                        raw[k] = v  # e.g. legacy buffers: written back as they were
-                del tensors
-                still_meta = [n for n, p in block.named_parameters() if p.device.type == "meta"]
-                if still_meta:
-                    raise ValueError(f"checkpoint {src!r} lacks tensors of block {i}: {still_meta[:5]}")
-                new_reports = []
-                if selection.wants_block(i):
-                    new_reports = prune_block(block, i, arch, inputs, config, selection,
-                                              prefix=f"{arch.blocks}.{i}.", true_sequential=true_sequential,
-                                              progress=progress, comm=comm)
-                if i < last and inputs.hidden:
-                    inputs.hidden = run_block(block, inputs)
-                if main:
-                    state = block.state_dict()
-                    written = {k: state[keymap.to_model[k][len(f"{arch.blocks}.{i}."):]] for k in keys
-                               if k in keymap.to_model}
-                    written.update(raw)
-                    atomic_save_safetensors(written, os.path.join(out, target))
-                    del written, state
-                del raw
-                _to_meta(block)
-                layers += new_reports
+    if main and (not os.path.isfile(nonblock_path) or NONBLOCK_FILE not in od.files):
+        atomic_save_safetensors(ckpt.read(keymap.other_keys), od.claim(NONBLOCK_FILE))
+    inputs = BlockInputs([])
+    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress)
+    with eager_experts(model):
+        if done < last:
+            keymap.load(ckpt.read(keymap.other_keys))
+            with MoveNonBlock(model, block_list, device):
+                inputs = capture_inputs(model, block_list, batches or synthetic_batches(model), device)
+            _to_meta(model)
             release_host_memory()
-            # Persist the resume point: activations entering block i + 1, then the state naming them.
-            new_acts = None
-            if i < last and inputs.hidden:
-                new_acts = _acts_name(i, comm)
-                _save_activations(inputs.hidden, os.path.join(state_dir, new_acts))
-            if comm is not None:  # every rank's activations are on disk before the state names them
-                comm.barrier()
-            if main:
-                atomic_write_text(state_file, json.dumps({
-                    "fingerprint": fingerprint, "done": i, "activations": new_acts,
-                    "layers": PruneReport(settings, layers).to_dict()["layers"]}))
-            if comm is not None:  # ... and the state names the new ones before the old ones go
-                comm.barrier()
-            if acts_file is not None and acts_file != new_acts:
-                old = os.path.join(state_dir, acts_file)
-                if os.path.exists(old):
-                    os.unlink(old)
-            acts_file = new_acts
-            if i == last:
-                inputs = BlockInputs([], [])
-            if outer is not None:
-                outer.update(1)
-            if on_block_done is not None:
-                on_block_done(i, [r for r in layers if r.block == i])
-    finally:
-        if outer is not None:
-            outer.close()
+            if acts_file is not None:
+                inputs.hidden = _load_activations(os.path.join(state_dir, acts_file), device)
+        times["capture"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        run = _StreamRun(src=src, out=out, ckpt=ckpt, keymap=keymap, model=model, path=path, block_list=block_list,
+                         device=device, main=main, comm=comm, state_dir=state_dir, state_file=state_file,
+                         fingerprint=fingerprint, settings=settings, layers=layers, acts_file=acts_file, last=last,
+                         od=od)
+        run_blocks(block_list, path, inputs, config, selection, options, _ShardStore(run), start=done + 1, last=last,
+                   comm=comm, on_block_done=on_block_done, layers=[])
+    layers = run.layers
     times["prune"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
     if comm is not None:
@@ -466,13 +551,20 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     for i in range(num_blocks):
         weight_map.update({k: _block_file(i) for k in keymap.block_keys[i]})
     total = sum(os.path.getsize(os.path.join(out, f)) for f in set(weight_map.values()))
-    atomic_write_text(os.path.join(out, INDEX_NAME),
+    atomic_write_text(od.claim(INDEX_NAME),
                       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     for name in os.listdir(src):
         p = os.path.join(src, name)
-        if os.path.isfile(p) and not name.endswith(WEIGHT_SUFFIXES) and name != INDEX_NAME and name != REPORT_NAME:
-            _copy_atomic(p, os.path.join(out, name))
+        if (os.path.isfile(p) and not name.endswith(WEIGHT_SUFFIXES) and name != INDEX_NAME
+                and name not in (REPORT_NAME, MANIFEST_NAME, JOURNAL_NAME)):
+            _copy_atomic(p, od.claim(name))
+    for name in list(od.files):  # the resume state is not part of the output
+        if name.startswith(STATE_DIR + "/"):
+            od.discard(name)
+    if os.path.isdir(state_dir) and not os.listdir(state_dir):
+        os.rmdir(state_dir)
     report = PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks)
-    report.save(os.path.join(out, REPORT_NAME))
-    shutil.rmtree(state_dir, ignore_errors=True)
+    report.settings["replaced_files"] = sorted(set(od.replaced) - set(od.files))
+    report.save(od.claim(REPORT_NAME))
+    od.finish()
     return report

@@ -77,7 +77,7 @@ def test_prune_streaming_cli(workspace, tmp_path, capsys):
 
 @pytest.mark.parametrize("case, pattern", [
     ("missing_model", "not found"),
-    ("unsupported", "unsupported architecture 'bert'"),
+    ("unsupported", "'bert' is an encoder"),
     ("short_text", "fewer than"),
     ("missing_text", "not found"),
     ("block_size", "multiple of M=8"),

@@ -38,24 +38,17 @@ def _setup():
 
 
 def _block0_hessians(model, calib, comm=None):
-    """The reduced Hessians of block 0's groups, collected as the driver does."""
-    from pyprune.models.architectures import architecture_of, get_submodule
-    from pyprune.models.driver import _HessianHook, as_batches, capture_block_inputs, run_block
-    arch = architecture_of(model)
-    blocks = get_submodule(model, arch.blocks)
-    inputs = capture_block_inputs(model, blocks, as_batches(calib), torch.device("cpu"))
-    hooks, handles = {}, []
-    for g in arch.groups:
-        src = g.source or g.modules[0]
-        hooks[src] = hook = _HessianHook(src, None, g.source is not None, "auto")
-        handles.append(get_submodule(blocks[0], src).register_forward_hook(hook))
-    run_block(blocks[0], inputs)
-    for h in handles:
-        h.remove()
+    """The reduced Hessians of block 0's groups, collected as the driver does (keyed by the group's first matrix)."""
+    from pyprune.models.capture import capture_inputs
+    from pyprune.models.discover import find_blocks
+    from pyprune.models.driver import as_batches, observe_block
+    _, blocks = find_blocks(model)
+    inputs = capture_inputs(model, blocks, as_batches(calib), torch.device("cpu"))
+    obs = observe_block(blocks[0], inputs, 0, collect=lambda s: True)
     out = {}
-    for name, hook in hooks.items():
-        H, n = (hook.H, hook.n) if comm is None else comm.reduce_hessian(hook.H, hook.n)
-        out[name] = (H.clone(), n)
+    for slot in obs.slots:
+        H, n = (slot.H, slot.n) if comm is None else comm.reduce_hessian(slot.H, slot.n)
+        out[slot.sites[0].name] = (H.clone(), n)
     return out
 
 

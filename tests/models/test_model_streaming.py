@@ -67,7 +67,7 @@ def test_stream_matches_memory_and_resume_is_identical(model_type, rng, tmp_path
     assert not [f for f in os.listdir(resumed_dir) if ".tmp-" in f]
     with pytest.raises(ResumeMismatchError):
         prune_checkpoint(src, resumed_dir, ids, config.replace(sparsity="4:8"), batch_size=2)
-    with pytest.raises(FileExistsError, match="partial"):
+    with pytest.raises(FileExistsError, match="unfinished"):
         prune_checkpoint(src, resumed_dir, ids, config, batch_size=2, resume=False)
     seen = []
     again = prune_checkpoint(src, resumed_dir, ids, config, batch_size=2,
@@ -139,5 +139,9 @@ def test_stream_memory_is_bounded_by_one_block(tmp_path):
     print(f"checkpoint {size / 2**20:.0f} MiB, block {block_bytes / 2**20:.0f} MiB, RSS before "
           f"{result['rss_before'] / 2**20:.0f} MiB, peak {result['peak'] / 2**20:.0f} MiB, added {added / 2**20:.0f} MiB")
     assert result["sparsity"] == 0.5
-    assert added < 4 * block_bytes, (added, block_bytes)
-    assert added * 5 < size, (added, size)
+    # Measured with the observed discovery pass (a synthetic 8-token forward through every block, new with issue
+    # 10): RSS after each block stays flat at +15 MiB for a 14 MiB block; the peak creeps from +34 MiB after block 0
+    # to +54..58 MiB after block 19 (allocator fragmentation; it was < 4 blocks before the forward pass existed). A
+    # leak of one block per block would reach +280 MiB.
+    assert added < 5 * block_bytes, (added, block_bytes)
+    assert added * 4 < size, (added, size)

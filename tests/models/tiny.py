@@ -9,28 +9,61 @@ import torch
 
 VOCAB = 256
 
-TINY = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
-    "qwen3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "opt": dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64),
-    "gpt2": dict(n_embd=64, n_head=4, bos_token_id=0, eos_token_id=0),
-    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4),
-    "mamba": dict(hidden_size=64, state_size=8),
-    "mamba2": dict(hidden_size=64, state_size=8, num_heads=8, head_dim=16, n_groups=1, expand=2),
+# The decoder-only causal LMs every release must prune (issue 10's matrix): dense, per-layer attention, MoE, SSM and
+# hybrid stacks. Any other type transformers builds goes through the same code; these are the ones tested.
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox", "mamba", "mamba2", "gemma", "gemma2",
+               "gemma3_text", "phi", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss",
+               "llama4_text", "olmo2", "granite", "cohere", "starcoder2", "falcon", "gptj", "bloom", "stablelm",
+               "falcon_mamba", "jamba", "zamba2")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text", "jamba")
+
+# Every config field that sets a size, shrunk where the model type has it; then the few per-type constraints.
+_SHRINK = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               moe_intermediate_size=32, shared_expert_intermediate_size=64, num_local_experts=4, num_experts=4,
+               n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+               first_k_dense_replace=1, max_position_embeddings=256, n_embd=64, n_head=4, n_inner=128, d_model=64,
+               ffn_dim=128, word_embed_proj_dim=64, state_size=8, expand=2, mamba_d_state=8, mamba_expand=2,
+               kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+               sliding_window=8, rotary_dim=8, ffn_hidden_size=128, mamba_dt_rank=8, time_step_rank=8,
+               attention_head_dim=16, mamba_headdim=16, mamba_d_conv=4, n_mamba_heads=8, mamba_n_heads=8,
+               num_heads=8, n_groups=1, mamba_n_groups=1)
+_PER_TYPE = {
+    "mamba2": dict(head_dim=16),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "deepseek_v3": dict(head_dim=8),
+    "zamba2": dict(layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], num_mem_blocks=1),
 }
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# kept for tests written against the first table of architectures
+TINY = {t: {} for t in ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox", "mamba", "mamba2")}
 
 
 def seed_from(rng: torch.Generator) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
 
 
+def _settable(config, key: str) -> bool:
+    return hasattr(config, key) and not isinstance(getattr(type(config), key, None), property)
+
+
 def tiny_config(model_type: str, layers: int = 2, **overrides):
+    """The model type's default config with every size field shrunk (hidden 64, 4 heads, 4 experts, vocab 256)."""
     from transformers import AutoConfig
-    kw = dict(TINY[model_type], vocab_size=VOCAB, **overrides)
-    kw["n_layer" if model_type == "gpt2" else "num_hidden_layers"] = layers
-    return AutoConfig.for_model(model_type, **kw)
+    base = AutoConfig.for_model(model_type)
+    kw = {k: v for k, v in _SHRINK.items() if _settable(base, k) and getattr(base, k) is not None}
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        if _settable(base, k):
+            kw[k] = layers
+    for i, k in enumerate(_TOKEN_IDS):
+        if getattr(base, k, None) is not None:
+            kw[k] = i
+    kinds = getattr(base, "layer_types", None)
+    if kinds is not None and _settable(base, "layer_types"):
+        distinct = list(dict.fromkeys(kinds))
+        kw["layer_types"] = [distinct[i % len(distinct)] for i in range(layers)]
+    kw.update(_PER_TYPE.get(model_type, {}))
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, vocab_size=VOCAB, **kw)
 
 
 def tiny_model(model_type: str, rng: torch.Generator, layers: int = 2, dtype=torch.float32, **overrides):

@@ -1,0 +1,361 @@
+"""What a model is, observed rather than looked up: its decoder blocks, the weight matrices a block's forward pass
+uses as linear maps, which of them read the same input (one Hessian for them), and what stays dense.
+
+The rules, all of them:
+
+* **Blocks**: the ``nn.ModuleList`` of the model that holds the most parameters (the decoder layers of every causal LM
+  transformers builds, whatever the attribute is called, mixed layer kinds of hybrids included).
+* **Weight matrices**: while a block runs, every ``F.linear(x, W)``, ``x @ W``, ``W @ x``, ``torch.mm`` and
+  ``torch.addmm`` whose ``W`` is a parameter of the block, or a view of one, is seen with its input ``x``
+  (``MatrixObserver``). The matrix is that view of the parameter, in the layout the forward used it in:
+
+  - the weight of an ``nn.Linear`` (or subclass) or of GPT-2's ``Conv1D`` module: pruned;
+  - a part of a larger parameter (a fused 3-D expert tensor ``experts.gate_up_proj[e]``, in either layout): pruned,
+    one matrix per expert, each with its own Hessian from the tokens routed to it;
+  - any other parameter used whole as a linear map (MoE routers such as ``TopKRouter.weight``), and ``nn.Linear``
+    routers and shared-expert gates (``out_features`` equal to the block's expert count, or 1): **dense**.
+
+  Everything else stays dense because it is never a linear map's weight: embeddings and the LM head (outside the
+  blocks), norms, biases, convolutions (Mamba's ``conv1d``) and state-space parameters (``A_log``, ``D``,
+  ``dt_bias``).
+* **Shared Hessians**: matrices that read the same input tensor in the same forward pass (q/k/v, gate/up, the ``w1``
+  and ``w3`` of one expert) share one Hessian.
+* **Shared weights**: a parameter used by several blocks (Zamba's shared attention) is pruned once, in the first block
+  that uses it.
+
+Fused expert modules run their per-expert ("eager") implementation while a block is observed (``eager_experts``),
+so that every expert's matrix is a visible linear map.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+F = torch.nn.functional
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no decoder blocks pyprune can find, or a block whose weights it cannot see."""
+
+
+# ------------------------------------------------------------------------------------------------------- blocks
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The dotted path and the ``nn.ModuleList`` of the model's decoder blocks: the list holding the most parameters
+    (counting a parameter shared between blocks once). Raises ``UnsupportedModelError`` naming the model class when
+    there is none."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        count = sum(p.numel() for p in module.parameters())
+        if count > best_count:
+            best, best_count = (name, module), count
+    if best is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.ModuleList of decoder blocks; pyprune prunes "
+                                    "causal LMs whose forward runs a list of blocks")
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------- matrices
+@dataclass(frozen=True)
+class Site:
+    """One prunable weight matrix: a view of a block parameter, as a forward pass used it.
+
+    param:      the parameter's name relative to the block (``self_attn.q_proj.weight``);
+    offset, shape, stride: the view (``torch.as_strided`` of the parameter);
+    transposed: the view is (in_features, out_features) (``x @ W``, GPT-2's Conv1D); the matrix pyprune prunes is
+                always (out_features, in_features);
+    expert:     the index of the matrix inside a fused expert parameter, else None.
+    """
+
+    param: str
+    offset: int
+    shape: tuple[int, int]
+    stride: tuple[int, int]
+    transposed: bool
+    expert: int | None = None
+
+    @property
+    def name(self) -> str:
+        """``q_proj`` style module names for a module's own weight, ``experts.down_proj[3]`` for expert matrices."""
+        if self.expert is not None:
+            return f"{self.param}[{self.expert}]"
+        return self.param[:-len(".weight")] if self.param.endswith(".weight") else self.param
+
+    @property
+    def out_in(self) -> tuple[int, int]:
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
+
+    def view(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The matrix as (out_features, in_features), a view into the parameter (writes go to the model)."""
+        p = params[self.param]
+        v = p.data.as_strided(self.shape, self.stride, p.data.storage_offset() + self.offset)
+        return v.t() if self.transposed else v
+
+
+@dataclass
+class BlockMatrices:
+    """What one observed block holds: its prunable matrices grouped by shared input, in forward order, and its dense
+    weight-like parameters with the reason they stay dense."""
+
+    groups: list[tuple[Site, ...]] = field(default_factory=list)
+    dense: dict[str, str] = field(default_factory=dict)   # parameter or matrix name -> why it stays dense
+    experts: int = 0                                       # experts in the block (0: not a MoE block)
+
+    @property
+    def sites(self) -> list[Site]:
+        return [s for g in self.groups for s in g]
+
+
+_LINEAR_FUNCS = {F.linear}
+_RIGHT_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
+_ADDMM_FUNCS = {torch.addmm, torch.Tensor.addmm}
+_BMM_FUNCS = {torch.bmm, torch.Tensor.bmm}
+_COPY_FUNCS = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type,
+               torch.Tensor.contiguous, torch.Tensor.clone}
+
+
+def _is_linear_module(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+class MatrixObserver(TorchFunctionMode):
+    """A ``TorchFunctionMode`` that sees every linear use of a block parameter during a forward pass.
+
+    ``params``: the block's parameters by name (``block.named_parameters()``). After the forward, ``events`` lists
+    ``(site, x2d)`` in call order: the matrix and its input as (tokens, in_features). Views and dtype casts of a
+    parameter are followed (``P[e]``, ``P.t()``, ``P.to(bf16)``): their results are tracked as parts of ``P``.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.by_id = {id(p): (name, p) for name, p in params.items() if p.dim() >= 2}
+        self.derived: dict[int, tuple] = {}  # id(copy) -> (param name, param, the view it copies, copy)
+        self.events: list[tuple[Site, torch.Tensor]] = []
+        self.enabled = True
+
+    def _origin(self, t):
+        """(param name, param, view of the param with t's layout) when ``t`` is a parameter, a view of one, or a cast
+        of such a view; else None."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        hit = self.by_id.get(id(t))
+        if hit is not None:
+            return hit[0], hit[1], t
+        d = self.derived.get(id(t))
+        if d is not None and d[3] is t:
+            return d[:3]
+        base = t._base
+        if base is not None:
+            hit = self.by_id.get(id(base))
+            if hit is not None:
+                return hit[0], hit[1], t
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.enabled:
+            return out
+        if func in _COPY_FUNCS and args and isinstance(out, torch.Tensor):
+            src = self._origin(args[0])
+            if src is not None and out._base is not src[1] and out is not src[1] and out.shape == src[2].shape:
+                self.derived[id(out)] = (*src, out)  # a cast or copy of the view: remember which view
+            return out
+        if func in _LINEAR_FUNCS:
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            self._see(w, x, transposed=False)
+        elif func in _RIGHT_FUNCS and not self._batched_param(args):
+            a, b = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs.get("other", kwargs.get("mat2")))
+            if self._origin(b) is not None and b.dim() == 2:
+                self._see(b, a, transposed=True)
+            elif self._origin(a) is not None and a.dim() == 2 and isinstance(b, torch.Tensor):
+                self._see(a, b.transpose(-1, -2), transposed=False)
+        elif func is torch.Tensor.__rmatmul__:
+            b, a = args[0], args[1]
+            if self._origin(b) is not None and b.dim() == 2:
+                self._see(b, a, transposed=True)
+        elif func in _BMM_FUNCS or func in _RIGHT_FUNCS:
+            a, b = args[0], args[1]
+            if self._origin(b) is not None and b.dim() == 3 and isinstance(a, torch.Tensor) and a.dim() == 3:
+                # every expert's matrix applied to its own slice of a batched input (Llama-4's experts): rows that
+                # are all zero are tokens the router did not send to that expert (their score is 0)
+                for e in range(b.shape[0]):
+                    x = a[e]
+                    self._see(b[e], x[x.abs().sum(-1) != 0], transposed=True)
+        elif func in _ADDMM_FUNCS:
+            a, b = args[1], args[2]
+            if self._origin(b) is not None and b.dim() == 2:
+                self._see(b, a, transposed=True)
+        return out
+
+    def _batched_param(self, args) -> bool:
+        """``x @ P`` with P a 3-D parameter (or view): one matrix per expert."""
+        return (len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].dim() == 3
+                and self._origin(args[1]) is not None)
+
+    def _see(self, w, x, transposed: bool) -> None:
+        origin = self._origin(w)
+        if origin is None or not isinstance(x, torch.Tensor) or w.dim() != 2:
+            return
+        name, p, view = origin
+        if view.dim() != 2 or view.shape != w.shape:
+            return
+        if view.data_ptr() != 0 or p.data_ptr() != 0:
+            offset = (view.data_ptr() - p.data_ptr()) // p.element_size()
+        else:  # meta tensors: no addresses, but offsets are kept
+            offset = view.storage_offset() - p.storage_offset()
+        shape, stride = tuple(view.shape), tuple(view.stride())
+        if stride[0] < stride[1]:  # a transposed view (W.t()): store the contiguous layout and flip the meaning
+            shape, stride, transposed = (shape[1], shape[0]), (stride[1], stride[0]), not transposed
+        expert = None
+        if view.numel() < p.numel():
+            expert = offset // (shape[0] * shape[1]) if offset % (shape[0] * shape[1]) == 0 else None
+            if expert is None:
+                raise UnsupportedModelError(f"{name}: a linear map reads a part of the parameter that is not a whole "
+                                     f"matrix of it (offset {offset}, shape {shape}); pyprune cannot prune it")
+        site = Site(name, int(offset), shape, stride, transposed, expert)
+        self.events.append((site, x.detach().reshape(-1, x.shape[-1])))
+
+
+class PrunedParams:
+    """Parameters already pruned in an earlier block, by identity. Weak references: a streamed block's parameters are
+    freed after its turn, and a new tensor may then reuse a freed one's ``id``."""
+
+    def __init__(self):
+        self._refs: dict[int, tuple[weakref.ref, str]] = {}
+
+    def add(self, p: torch.Tensor, where: str) -> None:
+        if self.where(p) is None:
+            self._refs[id(p)] = (weakref.ref(p), where)
+
+    def where(self, p: torch.Tensor) -> str | None:
+        hit = self._refs.get(id(p))
+        return hit[1] if hit is not None and hit[0]() is p else None
+
+
+def input_key(x: torch.Tensor):
+    """Identity of an input tensor within one forward pass (meta tensors have no addresses: the object itself)."""
+    if x.device.type == "meta":
+        return ("id", id(x))
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+def classify(block: torch.nn.Module, events: list[tuple[Site, torch.Tensor]],
+             shared: PrunedParams | None = None) -> BlockMatrices:
+    """Turn the observed linear uses of one forward pass into prunable groups and dense entries (the rules of the
+    module docstring). ``shared``: the parameters already pruned in an earlier block."""
+    owner = {}
+    for mname, module in block.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owner[f"{mname}.{pname}" if mname else pname] = module
+    params = dict(block.named_parameters())
+    experts = max((params[s.param].shape[0] for s, _ in events if s.expert is not None), default=0)
+    result = BlockMatrices(experts=experts)
+    by_input: dict = {}
+    order: list = []
+    seen: set[Site] = set()
+    for site, x in events:
+        if site in seen:
+            continue
+        seen.add(site)
+        module = owner.get(site.param)
+        p = params[site.param]
+        where = shared.where(p) if shared is not None else None
+        if where is not None:
+            result.dense[site.name] = f"shared with {where}, pruned there"
+            continue
+        if site.expert is None:
+            if module is None or not _is_linear_module(module) or not site.param.endswith("weight"):
+                result.dense[site.name] = "not a linear module's weight (router)"
+                continue
+            rows = site.out_in[0]
+            if experts and (rows == experts or rows == 1):
+                result.dense[site.name] = "router or shared-expert gate"
+                continue
+        key = input_key(x)
+        if key not in by_input:
+            by_input[key] = []
+            order.append(key)
+        by_input[key].append(site)
+    result.groups = [tuple(by_input[k]) for k in order]
+    return result
+
+
+@contextlib.contextmanager
+def eager_experts(model: torch.nn.Module):
+    """Run fused expert modules with their per-expert implementation (each expert a visible linear map) and restore
+    the configured one afterwards."""
+    configs = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_experts_implementation") and id(cfg) not in configs:
+            configs[id(cfg)] = (cfg, cfg._experts_implementation)
+    try:
+        for cfg, impl in configs.values():
+            if impl not in (None, "eager"):
+                cfg._experts_implementation = "eager"
+        yield
+    finally:
+        for cfg, impl in configs.values():
+            if cfg._experts_implementation != impl:
+                cfg._experts_implementation = impl
+
+
+def expert_modules(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int]]:
+    """Modules of the block that own fused expert parameters (a parameter of 3 or more dimensions): (name, module,
+    number of experts)."""
+    out = []
+    for name, module in block.named_modules():
+        ps = [p for p in module.parameters(recurse=False) if p.dim() >= 3]
+        if ps:
+            out.append((name, module, int(ps[0].shape[0])))
+    return out
+
+
+@contextlib.contextmanager
+def all_experts_statistics(block: torch.nn.Module, observer: MatrixObserver):
+    """Calibrate every expert on every token: each fused experts module is called once more with every token routed
+    to every expert (weights 1) while the observer records, and then with the router's own choice while it does not,
+    so the block's outputs stay exactly the routed ones. Needs the experts call convention of transformers 5,
+    ``experts(hidden_states, top_k_index, top_k_weights)``; experts modules called with the hidden states alone
+    (Llama-4) already run every expert on every token, scaled by its router score, and are left as they are."""
+    patched = []
+    for name, module, count in expert_modules(block):
+        original = module.forward
+        if len(inspect.signature(original).parameters) < 3:
+            continue  # experts called on every token already (Llama-4: inputs scaled by the router's scores)
+
+        def forward(hidden_states, top_k_index=None, top_k_weights=None, *args, _orig=original, _n=count,
+                    _name=name, **kwargs):
+            if top_k_index is None or not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2:
+                raise UnsupportedModelError(
+                    f"{_name} ({type(module).__name__}): calibrate_all_experts needs the experts call "
+                    "experts(hidden_states, top_k_index, top_k_weights) of transformers 5")
+            tokens = top_k_index.shape[0]
+            idx = torch.arange(_n, device=top_k_index.device, dtype=top_k_index.dtype).expand(tokens, _n)
+            w = torch.ones(tokens, _n, device=hidden_states.device,
+                           dtype=top_k_weights.dtype if isinstance(top_k_weights, torch.Tensor)
+                           else hidden_states.dtype)
+            was = observer.enabled
+            observer.enabled = was
+            _orig(hidden_states, idx, w, *args, **kwargs)
+            observer.enabled = False
+            try:
+                return _orig(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            finally:
+                observer.enabled = was
+
+        module.forward = forward
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
