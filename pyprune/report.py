@@ -74,11 +74,14 @@ class PruneReport:
         lines = []
         if per == "layer" and self.layers:
             width = max(len(layer.name) for layer in self.layers)
-            lines.append(f"{'module':<{width}}  {'shape':>12}  {'sparsity':>8}  {'loss':>11}  {'time s':>7}")
+            lines.append(f"{'module':<{width}}  {'shape':>12}  {'sparsity':>8}  {'loss':>11}  {'tokens':>9}  "
+                         f"{'time s':>7}  note")
             for layer in self.layers:
                 shape = f"{layer.shape[0]}x{layer.shape[1]}"
+                note = "; ".join(n for n in (layer.fallback, None if layer.damp is None or layer.damp ==
+                                             self.settings.get("damp") else f"damp {layer.damp:g}") if n)
                 lines.append(f"{layer.name:<{width}}  {shape:>12}  {layer.sparsity:8.4f}  {layer.loss:11.4g}  "
-                             f"{layer.seconds:7.2f}")
+                             f"{layer.samples:9d}  {layer.seconds:7.2f}  {note}".rstrip())
             lines.append("")
         elif per == "block" and self.layers:
             lines.append(f"{'block':>5}  {'modules':>7}  {'weights':>10}  {'sparsity':>8}  {'loss':>11}  "
@@ -97,6 +100,14 @@ class PruneReport:
         lines.append(f"method {s.get('method')}  sparsity {s.get('sparsity')}  block size {s.get('block_size')}  "
                      f"modules pruned {len(self.layers)}  blocks {self.blocks}")
         lines.append(f"achieved sparsity {self.sparsity:.4f}  total loss {self.total_loss:.6g}")
+        fallbacks = [r for r in self.layers if r.fallback]
+        damped = [r for r in self.layers if r.damp is not None and r.damp != s.get("damp")]
+        if fallbacks or damped:
+            lines.append(f"fallbacks {len(fallbacks)} (e.g. {fallbacks[0].name}: {fallbacks[0].fallback})"
+                         if fallbacks else "fallbacks 0")
+            if damped:
+                lines[-1] += (f"  damping raised for {len(damped)} matrices (max {max(r.damp for r in damped):g}; "
+                              "the Cholesky of the damped Hessian failed at the asked damping)")
         lines.append("time s: " + "  ".join(f"{k} {v:.1f}" for k, v in self.times.items()))
         lines.append(f"peak host RSS {format_bytes(self.peak_host_rss)}  peak device memory "
                      f"{format_bytes(self.peak_device_memory)}")
