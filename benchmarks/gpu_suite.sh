@@ -4,6 +4,7 @@
 #   2. run the GPU tests (pytest tests/ops tests/models/test_driver_cuda.py -k "cuda or triton or native"),
 #   3. run the three kernel benchmarks at full size (Llama-2-70B shapes),
 #   4. run the whole-layer benchmark (joint on each backend against SparseGPT at 70B layer shapes),
+#   5. run the whole-model benchmark (prune_model on a Llama-2-70B-shaped model, per-block phases, 80-block estimate),
 # writing logs and results under benchmarks/results/gpu (RESULTS=... to change) and printing a short summary at the
 # end. Where $OUT is set (the device tool), everything is also packed into $OUT/gpu_suite.tar.gz (the tool brings
 # back at most 8 files) next to gpu_summary.md. A failing step is reported and the suite
@@ -74,6 +75,24 @@ step tests 140 "$PY" -m pytest -q -rfE -p no:cacheprovider ${XDIST[@]+"${XDIST[@
 
 # 3. Benchmarks at full size.
 step bench_prune_layer 120 "$PY" benchmarks/bench_prune_layer.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
+# Whole model (issue 12): pyprune.prune_model on a Llama-2-70B-shaped model (hidden 8192, intermediate 28672, 64
+# heads, 8 KV heads, bf16 random weights on the CPU), 128 x 2048 calibration tokens, the joint method then SparseGPT
+# in one process; per-block phases, the 80-block extrapolation and the floors go to bench_prune_model.md/.json.
+# Blocks: 2, the fewest that give a block without first-call costs. Estimate per block on one H200 (one block has
+# 0.86e9 weights in q, k, v, o (8192 columns), gate, up (8192) and down (28672)): two forward passes over 262144 tokens
+# (2 x 4.5e14 flops, about 2 s), Hessians of 3 x 8192 and 1 x 28672 columns (about 1 s: bench_hessian's Triton rate),
+# setups (about 1 s, mostly the 28672-column one), transfers of 1.7 GB each way (about 0.4 s), then joint's solves
+# and trailing updates (about 2 s: bench_prune_layer's 2.8 s for down_proj held the old 1.7 s setup) or SparseGPT's
+# column loops (about 11 s: 1.0 s per 8192 x 8192, 5.5 s for down_proj): about 7 s per block joint, 16 s SparseGPT.
+# With start-up and peaks (about 15 s), the model build (about 10 s) and the tiny warm-up (about 10 s): about 80 s for
+# 2 blocks. Limit 180 s; a run cut short keeps the methods it finished (the script writes after each). QUICK=1: the
+# small shape. Host memory: 2 blocks of 1.7 GB plus a 0.5 GB embedding. The suite: run 2's three kernel benchmarks
+# ended 21, 33 and 28 s apart (their files' times), build and tests take about 80 s, bench_prune_layer at most 120 s:
+# about 80 + 120 + 80 + 82 = 362 s with this step's estimate, inside SUITE_SECONDS=480 (and step() caps every limit
+# at what is left of it, so an overrun costs the last steps, never the budget).
+MODEL_ARGS=(--shape 70b --blocks 2 --nsamples 128 --seqlen 2048)
+[[ "${QUICK:-0}" == 1 ]] && MODEL_ARGS=(--shape small)
+step bench_prune_model 180 "$PY" benchmarks/bench_prune_model.py --device cuda "${MODEL_ARGS[@]}" --out "$RESULTS"
 step bench_masked_solve 70 "$PY" benchmarks/bench_masked_solve.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
 step bench_hessian 60 "$PY" benchmarks/bench_hessian.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
 step bench_nm_select 50 "$PY" benchmarks/bench_nm_select.py --device cuda ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --out "$RESULTS"
@@ -113,6 +132,19 @@ for r in load("bench_prune_layer"):
                      f"{r['vs_sparsegpt']:.3g} | - |")
 errors = [f"{n}: {r.get('method') or r.get('backend')}: {r['error']}" for n in ("bench_hessian", "bench_masked_solve",
           "bench_nm_select", "bench_prune_layer") for r in load(n) if r.get("error")]
+pm = out / "bench_prune_model.json"
+if pm.exists():
+    model = json.loads(pm.read_text())
+    lines += ["", "Whole model (bench_prune_model.md): " + str(model["meta"].get("headline"))]
+    for r in model["results"]:
+        if "error" in r:
+            errors.append(f"bench_prune_model: {r['method']}: {r['error']}")
+            continue
+        gib = r["peak_device_gib"]
+        lines.append(f"- {r['method']}: {r['per_block_s']:.3g} s per block (floor {r['floor_per_block_s']:.3g} s), "
+                     + ", ".join(f"{p} {s:.3g}" for p, s in r["mean_s"].items())
+                     + f"; peak device {gib if gib is None else round(gib, 1)} GiB, host RSS "
+                     f"{r['peak_host_rss_gib']:.3g} GiB")
 text = "\n".join(lines + ([""] + ["errors:"] + sorted(set(errors)) if errors else []))
 (out / "gpu_summary.md").write_text(text + "\n")
 print("\n" + text)
