@@ -85,9 +85,9 @@ def key(run: dict) -> str:
         return "dense"
     cfg = config_of(run)
     parts = [cfg.method, str(cfg.sparsity), f"B{cfg.block_size}"]
-    if cfg.method == "joint":
-        parts += [cfg.mask, cfg.mask_scope]
-    elif cfg.mask_scope != "block":
+    if cfg.method == "joint":  # N:M has no mask scope; its cached keys say "block", as the config once did
+        parts += [cfg.mask, cfg.mask_scope or "block"]
+    elif cfg.mask_scope not in (None, "block"):
         parts.append(cfg.mask_scope)
     if cfg.damp != 0.01:
         parts.append(f"damp{cfg.damp:g}")

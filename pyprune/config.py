@@ -74,7 +74,7 @@ class PruneConfig:
                  "exact"     N:M only: best subset of each group by the exact group loss under G;
                  "greedy"    exact OBS order: per row remove the cheapest weight, update, repeat (the count per
                              row is that of the "diag" choice; N:M: until every group holds N);
-                 None picks the default: "exact" for N:M, "sparsegpt" for unstructured.
+                 None picks the default: "exact" for N:M, "sparsegpt" for unstructured. Other methods: must be None.
     mask_scope:  unstructured only: "block" (the fraction of the whole rows x B block; per-row counts vary) or
                  "row" (the fraction of every row of the block). None picks the default: "row" for the joint
                  method's unstructured masks, "block" otherwise (SparseGPT's own rule). On SmolLM2-135M at 50-70% the
@@ -100,16 +100,27 @@ class PruneConfig:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
             raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
-        if self.mask is None:
+        # Options belong to the methods that read them: ``mask`` to the joint method, ``mask_scope`` to the joint
+        # method and SparseGPT with an unstructured fraction. Elsewhere they stay None (reports list what was used).
+        uses_mask = self.method == "joint"
+        uses_scope = self.method in ("joint", "sparsegpt") and not self.sparsity.structured
+        if self.mask is not None and not uses_mask:
+            raise ValueError(f"mask={self.mask!r} is an option of the joint method only; {self.method} chooses its "
+                             "pruned weights its own way (leave mask unset)")
+        if self.mask_scope is not None and not uses_scope:
+            where = ("N:M sparsity fixes the pattern per group" if self.sparsity.structured
+                     else f"{self.method} has one rule")
+            raise ValueError(f"mask_scope={self.mask_scope!r} applies to the joint method and SparseGPT with an "
+                             f"unstructured fraction only ({where}); leave it unset")
+        if uses_mask and self.mask is None:
             object.__setattr__(self, "mask", "exact" if self.sparsity.structured else "sparsegpt")
-        if self.mask_scope is None:
-            row = self.method == "joint" and not self.sparsity.structured
-            object.__setattr__(self, "mask_scope", "row" if row else "block")
-        if self.mask not in MASKS:
+        if uses_scope and self.mask_scope is None:
+            object.__setattr__(self, "mask_scope", "row" if self.method == "joint" else "block")
+        if uses_mask and self.mask not in MASKS:
             raise ValueError(f"unknown mask {self.mask!r}; choose one of {', '.join(MASKS)}")
         if self.mask == "exact" and not self.sparsity.structured:
             raise ValueError("mask='exact' (best subset per group) needs an N:M sparsity")
-        if self.mask_scope not in MASK_SCOPES:
+        if uses_scope and self.mask_scope not in MASK_SCOPES:
             raise ValueError(f"unknown mask_scope {self.mask_scope!r}; choose one of {', '.join(MASK_SCOPES)}")
         if self.sparsity.structured and self.block_size % self.sparsity.m:
             raise ValueError(f"block_size={self.block_size} must be a multiple of M={self.sparsity.m} for "
@@ -118,4 +129,17 @@ class PruneConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose auto, torch, cpp, cuda or triton")
 
     def replace(self, **changes) -> "PruneConfig":
+        """A copy with ``changes``. A new method or sparsity re-derives the defaults of ``mask`` and ``mask_scope``
+        (the new method may not use them) unless they are given too."""
+        if "method" in changes or "sparsity" in changes:
+            changes.setdefault("mask", None)
+            changes.setdefault("mask_scope", None)
         return dataclasses.replace(self, **changes)
+
+    def settings(self) -> dict:
+        """The settings this configuration really uses (for reports): options the method ignores are left out."""
+        out = {"method": self.method, "sparsity": str(self.sparsity), "block_size": self.block_size,
+               "damp": self.damp, "mask": self.mask, "mask_scope": self.mask_scope, "backend": self.backend}
+        if self.method in ("wanda", "magnitude"):
+            del out["block_size"]  # a per-row or per-group rule: no column blocks
+        return {k: v for k, v in out.items() if v is not None}

@@ -388,9 +388,7 @@ def resolve_device(device) -> torch.device:
 
 
 def settings_dict(config: PruneConfig, **extra) -> dict:
-    return {"method": config.method, "sparsity": str(config.sparsity), "block_size": config.block_size,
-            "damp": config.damp, "mask": config.mask, "mask_scope": config.mask_scope, "backend": config.backend,
-            **extra}
+    return {**config.settings(), **extra}
 
 
 class MoveNonBlock:
