@@ -195,7 +195,7 @@ def _prune_config(args):
 def cmd_prune(args) -> int:
     from .data import calibration_samples, load_text, tokenize
     from .models.driver import resolve_device
-    from .models.io import check_supported, load_tokenizer, prepare_output_dir, resolve_model
+    from .models.io import check_nm_shapes, check_supported, load_tokenizer, prepare_output_dir, resolve_model
     from .models.outdir import check_output_vs_input
     from .models.pipeline import should_stream
     config = _prune_config(args)
@@ -203,7 +203,12 @@ def cmd_prune(args) -> int:
     resolve_device(args.device)  # before any slow work: --device cuda on a machine without CUDA
     out = os.path.abspath(args.output)
     check_output_vs_input(out, str(source))
-    check_supported(source)      # the config or GGUF metadata only: no weight is loaded yet
+    cfg = check_supported(source)  # the config or GGUF metadata only: no weight is loaded yet
+    if config.backend != "auto":  # an unavailable backend fails now, not after loading
+        from .ops._backend import resolve
+        resolve(config.backend, "masked_solve", resolve_device(args.device))
+    if config.sparsity.structured:
+        check_nm_shapes(source, cfg, config.sparsity.m, args.modules)
     distributed = args.distributed or _env_world_size() > 1
     # distributed: every rank of this node holds the model unless it streams
     stream = should_stream(source, args.stream, copies=_local_world_size() if distributed else 1)
@@ -235,8 +240,12 @@ def _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, strea
         from .distributed import shard_samples
         samples = shard_samples(samples, comm)
     if stream and main:
+        from .models.streaming import partial_run
+        done = partial_run(out)
         _log(f"streaming {source} block by block into {out}"
-             + (f" on {comm.world_size} ranks" if comm is not None else ""))
+             + (f" on {comm.world_size} ranks" if comm is not None else "")
+             + (f"; resuming the unfinished run there after block {done}" if done is not None and
+                not args.no_resume else ""))
     report = prune_pretrained(str(source) if source.kind != "builtin" else "builtin", out, samples, config,
                               stream="on" if stream else "off", tokenizer=tokenizer, dtype=_dtype(args.dtype),
                               overwrite=args.overwrite, resume=not args.no_resume, modules=args.modules,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Sparsity
-from ..ops._checks import check_matrix, check_same_device
+from ..ops._checks import check_matrix, check_same_device, check_symmetric
 
 # Damping retry (hessian_setup): when the Cholesky factorisation of H + damp * mean(diag(H)) * I fails, damp is
 # multiplied by DAMP_STEP (0 becomes DAMP_FROM_ZERO) and the setup tried again, up to MAX_DAMP: config.damp = 0.01
@@ -74,6 +74,7 @@ def check_layer(W: torch.Tensor, H: torch.Tensor | None, sparsity: Sparsity) -> 
     if H is not None:
         check_matrix("H", H, dtypes=(torch.float32, torch.float64), shape=(cols, cols))
         check_same_device(weight=W, H=H)
+        check_symmetric("H", H)  # both triangles are read: an upper-only H would be pruned as a wrong one
     if sparsity.structured and cols % sparsity.m:
         raise ValueError(f"{sparsity} sparsity needs the number of input columns ({cols}) to be a multiple of "
                          f"M={sparsity.m}")

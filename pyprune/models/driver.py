@@ -173,7 +173,10 @@ def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, ba
                     x = x_of[group[0]]
                     if slot.H is None:
                         slot.H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-                    slot.n = accumulate_hessian(slot.H, slot.n, x, backend=backend)
+                    try:
+                        slot.n = accumulate_hessian(slot.H, slot.n, x, backend=backend)
+                    except ValueError as e:
+                        raise ValueError(f"block {index}, input of {', '.join(s.name for s in group)}: {e}") from e
             observer.events.clear()
             observer.derived.clear()
     return result
@@ -462,6 +465,7 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
                     outer.update(1)
                 continue
             block = store.load(i)
+            check_finite(block, f"{path}.{i}")
             new: list[LayerReport] = []
             if selection.wants_block(i):
                 new, obs = prune_block(block, i, inputs, config, selection, options, prefix=f"{path}.{i}.",
@@ -485,6 +489,30 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
         if outer is not None:
             outer.close()
     return layers
+
+
+def check_finite(module: torch.nn.Module, prefix: str) -> None:
+    """Refuse NaN/Inf in a block's weights before its turn, naming the parameter (otherwise it would surface as
+    'the activations contain NaN' in a later block, or be written into the output)."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{prefix}.{name} holds NaN or Inf values: the model's weights are damaged (check the "
+                             "checkpoint file that holds it)")
+
+
+def check_inputs_finite(inputs: BlockInputs, model, blocks: torch.nn.ModuleList) -> None:
+    """The weights outside the blocks (embeddings, LM head, final norm) and the hidden states entering block 0 must be
+    finite; the error names the parameter."""
+    inside = {id(p) for p in blocks.parameters()}
+    for name, p in model.named_parameters():
+        if (id(p) not in inside and p.is_floating_point() and p.device.type != "meta"
+                and not bool(torch.isfinite(p).all())):
+            raise ValueError(f"{name} holds NaN or Inf values: the model's weights are damaged (check the "
+                             "checkpoint file that holds it)")
+    for h in inputs.hidden:
+        if h.is_floating_point() and not bool(torch.isfinite(h).all()):
+            raise ValueError("the hidden states entering the first block hold NaN or Inf values (the embeddings' "
+                             "output overflows its dtype?)")
 
 
 def synthetic_batches(model) -> list[torch.Tensor]:
@@ -547,6 +575,7 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
             t0 = time.perf_counter()
             with MoveNonBlock(model, block_list, device):
                 inputs = capture_inputs(model, block_list, batches or synthetic_batches(model), device)
+            check_inputs_finite(inputs, model, block_list)
             times["capture"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             layers = []

@@ -121,11 +121,49 @@ def check_supported(source: ModelSource) -> dict:
     return cfg
 
 
+def check_nm_shapes(source: ModelSource, cfg: dict, m: int, modules=None) -> None:
+    """Before any weight loads: N:M sparsity needs every pruned linear module's input width to be a multiple of M
+    (checked on a meta-device copy of the model built from its config; fused expert tensors are checked when their
+    layout is seen). ``modules``: the fnmatch patterns of a selection (None: all)."""
+    import fnmatch
+
+    from transformers import AutoConfig
+    config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    path, blocks = find_blocks(meta_model(config))
+    for i, block in enumerate(blocks):
+        for name, mod in block.named_modules():
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            full = f"{path}.{i}.{name}"
+            if modules is not None and not any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(full, p)
+                                               for p in modules):
+                continue
+            if mod.in_features % m and mod.out_features > 1:
+                raise ValueError(f"{source}: {full} has {mod.in_features} input features, not a multiple of M={m}: "
+                                 f"N:M sparsity with M={m} cannot be applied to it (choose another M, or leave it "
+                                 "out with --modules)")
+
+
 def _transformers_version() -> str:
     try:
         return "transformers " + importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
         return "transformers not installed"
+
+
+class quiet_transformers:
+    """transformers' progress bars off while pyprune calls it (library code prints nothing); restored after."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+        self.was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+        if self.was:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(spec: str | ModelSource, *, dtype: torch.dtype | str | None = None, device=None):
@@ -139,14 +177,25 @@ def load_model(spec: str | ModelSource, *, dtype: torch.dtype | str | None = Non
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    if source.kind == "hf":
+        from .outdir import output_state
+        if output_state(source.path) == "unfinished":
+            raise ValueError(f"{source} is the output of a pyprune run that did not finish (it holds "
+                             "pyprune_unfinished.json): resume or redo that run before loading it")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, local_files_only=True, **kwargs)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(source.path, local_files_only=True, **kwargs)
     except ValueError as e:
         if "Unrecognized" in str(e) or "model type" in str(e) or "not supported" in str(e):
             raise ValueError(f"cannot load {source}: {e}") from e
-        raise
+        raise ValueError(f"cannot load the weights of {source}: {e}") from e
     except OSError as e:
         raise FileNotFoundError(f"cannot load model weights from {source}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - e.g. safetensors' SafetensorError on a truncated file names no file
+        if type(e).__name__ == "SafetensorError":
+            raise ValueError(f"cannot read the weights in {source}: {e} (a truncated or damaged .safetensors "
+                             "file?)") from e
+        raise
     find_blocks(model)
     if device is not None:
         model.to(device)
@@ -253,7 +302,8 @@ def save_model(model, out_dir: str, *, tokenizer=None, report=None, overwrite: b
     os.makedirs(od.path, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=od.path)
     try:
-        serializable(model).save_pretrained(tmp)
+        with quiet_transformers():
+            serializable(model).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:

@@ -27,9 +27,9 @@ from ..report import (LayerReport, PruneReport, atomic_open, atomic_write_text, 
                       host_peak_rss, reset_device_peak_memory, reset_host_peak_rss)
 from .capture import BlockInputs, capture_inputs
 from .discover import eager_experts, find_blocks
-from .driver import (BlockStore, MoveNonBlock, Options, as_batches, make_selection, resolve_device, run_blocks,
-                     settings_dict, synthetic_batches)
-from .io import REPORT_NAME, meta_model
+from .driver import (BlockStore, MoveNonBlock, Options, as_batches, check_inputs_finite, make_selection,
+                     resolve_device, run_blocks, settings_dict, synthetic_batches)
+from .io import REPORT_NAME, meta_model, quiet_transformers
 from .outdir import JOURNAL_NAME, MANIFEST_NAME, OutputDir
 
 STATE_DIR = ".pyprune-partial"
@@ -271,7 +271,7 @@ class _KeyMap:
             return raw
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
-        with _quiet_hf():
+        with quiet_transformers():
             convert_and_load_state_dict_in_model(model=self.model, state_dict=dict(tensors),
                                                  load_config=LoadStateDictConfig(weight_mapping=self.mapping))
         return {}
@@ -283,20 +283,6 @@ class _KeyMap:
             return {back.get(k, k): v for k, v in state.items()}
         from transformers.core_model_loading import revert_weight_conversion
         return dict(revert_weight_conversion(self.model, state))
-
-
-class _quiet_hf:
-    """transformers' loading bar off while pyprune loads one block (library code prints nothing)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-        self.was = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-        if self.was:
-            hf_logging.enable_progress_bar()
 
 
 def _fingerprint(*parts) -> str:
@@ -326,6 +312,15 @@ def _acts_name(i: int, comm=None, rank: int | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- the run
+def partial_run(out: str) -> int | None:
+    """The last finished block of an unfinished streamed run in ``out`` (None when there is none)."""
+    try:
+        with open(os.path.join(out, STATE_DIR, "state.json")) as f:
+            return int(json.load(f)["done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class _ShardStore(BlockStore):
     """The streamed ``BlockStore``: a block's tensors are read from the input shards when its turn comes; when it is
     done it is written to its own output shard, the activations entering the next block and the state naming them
@@ -505,6 +500,7 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
             raise ResumeMismatchError(f"{out!r} holds a partial run made with other settings, input or calibration; "
                                       "use the same ones to resume, or another output directory")
         done = int(state["done"])
+        resumed_after = done
         layers = [LayerReport(**{**d, "shape": tuple(d["shape"]),
                                  "loss": float("nan") if d["loss"] is None else d["loss"]}) for d in state["layers"]]
         acts_file = state.get("activations")
@@ -525,6 +521,7 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
             keymap.load(ckpt.read(keymap.other_keys))
             with MoveNonBlock(model, block_list, device):
                 inputs = capture_inputs(model, block_list, batches or synthetic_batches(model), device)
+            check_inputs_finite(inputs, model, block_list)
             _to_meta(model)
             release_host_memory()
             if acts_file is not None:
@@ -564,6 +561,8 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     if os.path.isdir(state_dir) and not os.listdir(state_dir):
         os.rmdir(state_dir)
     report = PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks)
+    if partial:
+        report.settings["resumed_after_block"] = resumed_after
     report.settings["replaced_files"] = sorted(set(od.replaced) - set(od.files))
     report.save(od.claim(REPORT_NAME))
     od.finish()

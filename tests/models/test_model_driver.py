@@ -58,7 +58,9 @@ def test_block0_losses_match_prune_layer_on_hooked_hessians(model_type, rng):
         H = (2.0 / X.shape[0]) * X.T @ X
         W = views[f"{path}.0.{m}"].detach()
         ref = prune_layer(W.contiguous(), H.float(), config)
-        assert got[m].loss == pytest.approx(ref.loss, rel=2e-3, abs=1e-6), m
+        # the driver's fp32 running-mean H against this fp64 one flips near-tie mask choices: measured up to 6e-3
+        # relative (opt, qwen3 seeds); a Hessian of the wrong input is off by far more than 1e-2
+        assert got[m].loss == pytest.approx(ref.loss, rel=1e-2, abs=1e-6), m
         agree = float(((mine[f"{path}.0.{m}"] == 0) == ref.mask).float().mean())
         assert agree > 0.98, (m, agree)
     # blocks=[0]: the second block is untouched
