@@ -45,6 +45,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _budget(text: str):
+    """'auto', 'none' or a number of GiB -> what prune_model's hessian_budget takes."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GiB, 'auto' or 'none', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, got {text!r}")
+    return int(value * 2**30)
+
+
 def _blocks(text: str) -> list[int]:
     """'0,1,5' or '0-3' or a mix."""
     out = []
@@ -105,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="collect each group's Hessian after the earlier groups of its block are pruned")
     p.add_argument("--calibrate-all-experts", action="store_true",
                    help="MoE: each expert's Hessian from every calibration token (outputs stay routed)")
+    p.add_argument("--hessian-budget", type=_budget, default="auto", metavar="GIB",
+                   help="GiB of Hessians one block may hold at once (auto: half the free GPU memory; none: no "
+                        "limit); groups beyond it are collected in further passes, after the earlier are pruned")
     p.add_argument("--expert-min-tokens", type=_positive_int, default=None, metavar="N",
                    help="MoE: experts with fewer routed tokens get Wanda's mask and no update (default: the "
                         "expert matrix's input width)")
@@ -171,12 +187,7 @@ def _quiet_transformers():
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        import functools
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        from tqdm.auto import tqdm
-        gguf_utils.tqdm = functools.partial(tqdm, disable=True)  # its de-quantisation bar ignores the switch above
+        hf_logging.disable_progress_bar()  # (pyprune's own library calls silence them too: io.quiet_transformers)
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
 
@@ -253,7 +264,8 @@ def _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, strea
                               device=args.device if comm is None else comm.device, batch_size=args.batch_size,
                               true_sequential=args.true_sequential,
                               calibrate_all_experts=args.calibrate_all_experts,
-                              expert_min_tokens=args.expert_min_tokens, progress=not args.quiet and main, comm=comm)
+                              expert_min_tokens=args.expert_min_tokens, hessian_budget=args.hessian_budget,
+                              progress=not args.quiet and main, comm=comm)
     if not main:
         return EXIT_OK
     report.settings.update(source=str(source), calib_text=args.calib_text, seed=args.seed)

@@ -81,6 +81,7 @@ class Options:
     calibrate_all_experts: bool = False
     expert_min_tokens: int | None = None
     progress: bool = False
+    hessian_budget: int | str | None = "auto"
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -117,6 +118,8 @@ class _Slot:
     sites: tuple[Site, ...]
     H: torch.Tensor | None = None
     n: int = 0
+    deferred: bool = False  # left for a later pass by the Hessian memory budget
+    seen: bool = True       # False: an expert no calibration token reached (never ran)
 
 
 @dataclass
@@ -131,11 +134,15 @@ class Observed:
 
 def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, backend: str = "auto",
                   collect: Callable[[Site], bool] | None = None, all_experts: bool = False,
-                  shared: PrunedParams | None = None, batches: int | None = None) -> Observed:
+                  shared: PrunedParams | None = None, batches: int | None = None,
+                  budget: int | None = None) -> Observed:
     """Run the block over the calibration batches under a ``MatrixObserver``: find its matrices and accumulate a
     Hessian for every group with a member ``collect`` accepts (None: none, discovery only). ``all_experts``: every
-    expert sees every token for its statistics (the routed outputs stay exact)."""
+    expert sees every token for its statistics (the routed outputs stay exact). ``budget``: bytes of Hessians to
+    hold at once; groups beyond it (the first always fits) are left uncollected (``H`` None) for a later pass.
+    Experts no calibration token reached are listed too (``n`` = 0), with the layout of their observed siblings."""
     params = dict(block.named_parameters())
+    used = 0
     observer = MatrixObserver(params)
     result = Observed()
     by_site: dict[Site, _Slot] = {}
@@ -169,9 +176,14 @@ def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, ba
                     raise RuntimeError(f"block {index}: the matrices reading the input of {group[0].name} changed "
                                        f"between batches ({[s.name for s in slot.sites]} -> "
                                        f"{[s.name for s in group]})")
-                if collect is not None and any(collect(s) for s in group):
+                if collect is not None and not slot.deferred and any(collect(s) for s in group):
                     x = x_of[group[0]]
                     if slot.H is None:
+                        size = x.shape[1] * x.shape[1] * 4
+                        if budget is not None and used and used + size > budget:
+                            slot.deferred = True  # collected in a later pass
+                            continue
+                        used += size
                         slot.H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
                     try:
                         slot.n = accumulate_hessian(slot.H, slot.n, x, backend=backend)
@@ -179,7 +191,29 @@ def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, ba
                         raise ValueError(f"block {index}, input of {', '.join(s.name for s in group)}: {e}") from e
             observer.events.clear()
             observer.derived.clear()
+    _add_unseen_experts(result, params, shared)
     return result
+
+
+def _add_unseen_experts(result: Observed, params: dict, shared) -> None:
+    """Experts that no calibration token reached never run, so the observer never saw them: list them with the layout
+    of a sibling that ran (same parameter, the next matrix of it), each alone and without a Hessian."""
+    seen: dict[str, Site] = {}
+    have = set()
+    for slot in result.slots:
+        for site in slot.sites:
+            if site.expert is not None:
+                seen.setdefault(site.param, site)
+                have.add((site.param, site.expert))
+    for name, site in seen.items():
+        p = params[name]
+        if shared is not None and shared.where(p) is not None:
+            continue
+        size = site.shape[0] * site.shape[1]
+        for e in range(p.numel() // size):
+            if (name, e) not in have:
+                result.slots.append(_Slot((Site(name, e * size, site.shape, site.stride, site.transposed, e),),
+                                          seen=False))
 
 
 class _nothing:
@@ -210,17 +244,16 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
 
     reports: list[LayerReport] = []
     done: set[Site] = set()
-    pending: list[tuple[Site, ...]] | None = None
-    observed_all = Observed()
+    stage: set[Site] | None = None  # the matrices to collect in this pass (None: all remaining, within the budget)
+    observed_all = None
     bar = None
+    budget = None if comm is not None else hessian_budget(options.hessian_budget, block)
     while True:
-        if pending is not None and not pending:
-            break
-        todo = None if pending is None else set(s for g in pending[:1] for s in g)
-        obs = observe_block(block, inputs, index, backend=config.backend, shared=shared,
-                            collect=(lambda s: wanted(s) and (todo is None or s in todo)) if needs_h else None,
+        obs = observe_block(block, inputs, index, backend=config.backend, shared=shared, budget=budget,
+                            collect=(lambda s: wanted(s) and s not in done and (stage is None or s in stage))
+                            if needs_h else None,
                             all_experts=options.calibrate_all_experts or not needs_h)
-        if pending is None:
+        if observed_all is None:
             observed_all = obs
             if check_patterns and selection.modules is not None:
                 names = [s.name for slot in obs.slots for s in slot.sites]
@@ -231,27 +264,35 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
             if options.progress:
                 total = sum(1 for slot in obs.slots for s in slot.sites if wanted(s)) + len(selection.dense)
                 bar = _bar(total, f"block {index}", leave=False)
-        slots = [slot for slot in obs.slots if any(wanted(s) and s not in done for s in slot.sites)]
-        if options.true_sequential and needs_h:
-            if pending is None:
-                pending = [slot.sites for slot in slots]
-                if not pending:
-                    break
-                # the first stage's Hessian was collected from the dense block: prune it now, re-collect the rest
-            slots = [slot for slot in slots if slot.sites == pending[0]]
-            pending = pending[1:]
-        else:
-            pending = []
+        order = {name: i for i, (name, _) in enumerate(block.named_parameters())}
+        todo = sorted((slot for slot in obs.slots if any(wanted(s) and s not in done for s in slot.sites)),
+                      key=lambda slot: (order[slot.sites[0].param], slot.sites[0].offset))  # the same on every rank
+        if not todo:
+            break
+        if not needs_h or (comm is not None and not options.true_sequential):
+            ready = todo
+        else:  # what this pass collected (experts no token reached have nothing to collect: ready too)
+            ready = [slot for slot in todo if slot.H is not None or not slot.seen]
+            if options.true_sequential:
+                ready = ready[:1]
+            if not ready:
+                raise RuntimeError(f"block {index}: no Hessian was collected for {todo[0].sites[0].name}")
         if comm is not None:
-            reports += _prune_slots_distributed(block, index, slots, wanted, config, options, comm, prefix)
+            reports += _prune_slots_distributed(block, index, ready, wanted, config, options, comm, prefix)
         else:
-            for slot in slots:
+            for slot in ready:
                 reports += _prune_slot(block, index, slot, wanted, config, options, prefix)
-        for slot in slots:
+        for slot in ready:
             done.update(slot.sites)
             slot.H = None
         if bar is not None:
-            bar.update(sum(1 for slot in slots for s in slot.sites if wanted(s)))
+            bar.update(sum(1 for slot in ready for s in slot.sites if wanted(s)))
+        rest = [slot for slot in todo if not any(slot is r for r in ready)]
+        if not rest:
+            break
+        # the next pass re-observes the partly pruned block: the next group alone (true_sequential), or every
+        # remaining group within the Hessian memory budget
+        stage = set(rest[0].sites) if options.true_sequential else None
     try:
         for rel in selection.dense:
             reports.append(_prune_dense(block, rel, index, config, prefix))
@@ -261,6 +302,19 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
         if bar is not None:
             bar.close()
     return reports, observed_all
+
+
+def hessian_budget(setting, block) -> int | None:
+    """Bytes of Hessians a block may hold at once: ``setting`` in bytes, or "auto": on CUDA, half of the device
+    memory free when the block's turn comes (MoE blocks of hundreds of experts otherwise need tens of GB of them);
+    on the CPU no limit."""
+    if setting is None or isinstance(setting, int):
+        return setting
+    dev = device_of(block)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free // 2
+    return None
 
 
 def _layer_config(site: Site, n: int, H, config: PruneConfig, options: Options):
@@ -324,8 +378,16 @@ def _prune_slots_distributed(block, index: int, slots: list[_Slot], wanted, conf
     items, setters, meta = [], [], []
     fallbacks = []
     for slot in slots:
-        if slot.H is not None:
-            slot.H, slot.n = comm.reduce_hessian(slot.H, slot.n)
+        if config.method != "magnitude":
+            # every rank reduces every group in the same order; an expert this rank's tokens never reached joins
+            # with an empty Hessian (n = 0), one that no rank's tokens reached falls back below
+            if slot.H is None:
+                cols = slot.sites[0].out_in[1]
+                slot.H = torch.zeros(cols, cols, dtype=torch.float32, device=comm.device)
+            if comm.sum_int(slot.n) == 0:
+                slot.H, slot.n = None, 0
+            else:
+                slot.H, slot.n = comm.reduce_hessian(slot.H, slot.n)
         for site in slot.sites:
             if not wanted(site):
                 continue
@@ -524,8 +586,9 @@ def synthetic_batches(model) -> list[torch.Tensor]:
 def prune_model(model, calibration, config: PruneConfig | None = None, *, modules: Sequence[str] | None = None,
                 dense: Sequence[str] | None = None, blocks: Iterable[int] | None = None, device=None,
                 batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
-                expert_min_tokens: int | None = None, progress: bool = False,
-                on_block_done: Callable[[int, list[LayerReport]], None] | None = None, comm=None) -> PruneReport:
+                expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto",
+                progress: bool = False, on_block_done: Callable[[int, list[LayerReport]], None] | None = None,
+                comm=None) -> PruneReport:
     """Prune a transformers causal LM in place, one decoder block at a time, and return a ``PruneReport``.
 
     model:        any ``*ForCausalLM`` (decoder-only) that transformers builds: its blocks, their weight matrices and
@@ -546,6 +609,10 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
                   the tokens its router sends it.
     expert_min_tokens: MoE: an expert with fewer calibration tokens than this (default: its input width) gets Wanda's
                   mask and no update (magnitude with no token); the report says so.
+    hessian_budget: bytes of Hessians a block may hold at once ("auto": half the free device memory on CUDA, no
+                  limit on the CPU; None: no limit). Groups beyond it are collected in further passes over the
+                  block, after the earlier ones are pruned (as true_sequential does); a MoE block of hundreds of
+                  experts needs this. Ignored with ``comm`` (ranks must agree on every pass).
     on_block_done: called as ``f(block_index, layer_reports)`` after each block.
     comm:         a ``pyprune.distributed.Comm`` to prune on several ranks (torchrun): every rank calls this with the
                   same model and its own calibration shard; all ranks end with identical weights and reports.
@@ -561,7 +628,7 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
         raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
     if comm is not None and not comm.is_main:
         progress = False
-    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress)
+    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
 
     reset_host_peak_rss()
     reset_device_peak_memory(device)
@@ -598,7 +665,8 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
                              seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
                              modules=list(selection.modules) if selection.modules else None,
                              dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
-                             true_sequential=true_sequential, calibrate_all_experts=calibrate_all_experts, **extra)
+                             true_sequential=true_sequential, calibrate_all_experts=calibrate_all_experts,
+                             hessian_budget=hessian_budget, **extra)
     return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), last + 1)
 
 

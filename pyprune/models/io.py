@@ -155,13 +155,21 @@ class quiet_transformers:
     """transformers' progress bars off while pyprune calls it (library code prints nothing); restored after."""
 
     def __enter__(self):
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from tqdm.auto import tqdm
         from transformers.utils import logging as hf_logging
         self.was = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
+        self.gguf_tqdm = gguf_utils.tqdm  # its de-quantisation bar ignores the switch above
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
         return self
 
     def __exit__(self, *exc):
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
         from transformers.utils import logging as hf_logging
+        gguf_utils.tqdm = self.gguf_tqdm
         if self.was:
             hf_logging.enable_progress_bar()
 

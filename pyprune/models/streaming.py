@@ -415,7 +415,8 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
                      modules: Sequence[str] | None = None, dense: Sequence[str] | None = None,
                      blocks: Iterable[int] | None = None, device=None, batch_size: int = 1,
                      true_sequential: bool = False, calibrate_all_experts: bool = False,
-                     expert_min_tokens: int | None = None, progress: bool = False, resume: bool = True,
+                     expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto",
+                     progress: bool = False, resume: bool = True,
                      overwrite: bool = False,
                      on_block_done: Callable[[int, list[LayerReport]], None] | None = None,
                      comm=None) -> PruneReport:
@@ -515,7 +516,7 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     if main and (not os.path.isfile(nonblock_path) or NONBLOCK_FILE not in od.files):
         atomic_save_safetensors(ckpt.read(keymap.other_keys), od.claim(NONBLOCK_FILE))
     inputs = BlockInputs([])
-    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress)
+    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
     with eager_experts(model):
         if done < last:
             keymap.load(ckpt.read(keymap.other_keys))

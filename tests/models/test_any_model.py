@@ -238,3 +238,34 @@ def test_unsupported_models_fail_before_loading(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
     with pytest.raises(UnsupportedModelError, match="no_such_model"):
         check_supported(resolve_model(str(tmp_path)))
+
+
+def test_experts_no_token_reached_are_pruned_by_magnitude(rng):
+    """One calibration token at top-2 of 4 experts: two experts never run; they are still pruned (magnitude, no
+    update), reported with 0 tokens, and hold the exact pattern."""
+    model = tiny_model("mixtral", rng, layers=1)
+    report = prune_model(model, calibration(rng, 1, 1), PruneConfig(sparsity="2:4", block_size=16))
+    experts = [r for r in report.layers if "experts" in r.name]
+    assert len(experts) == 8  # 4 experts x (gate_up, down)
+    unseen = [r for r in experts if r.samples == 0]
+    assert len(unseen) == 4 and all(r.method == "magnitude" and r.fallback == "no tokens: magnitude" for r in unseen)
+    views = matrix_views(model)
+    for r in experts:
+        check_pattern(r.name, views[r.name], "2:4")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe"])
+def test_hessian_budget_collects_in_passes(model_type, rng):
+    """A budget of one Hessian at a time collects one group per pass over the partly pruned block: exactly what
+    true_sequential does, bit for bit; with no budget, one pass (the default on the CPU)."""
+    model = tiny_model(model_type, rng)
+    ids = calibration(rng, 4, 16)
+    config = PruneConfig(sparsity="2:4", block_size=16)
+    a, b, c = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    kw = dict(calibrate_all_experts=True, expert_min_tokens=1)
+    prune_model(a, ids, config, hessian_budget=1, **kw)
+    prune_model(b, ids, config, true_sequential=True, hessian_budget=None, **kw)
+    prune_model(c, ids, config, hessian_budget=None, **kw)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # passes see the partly pruned block
