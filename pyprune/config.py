@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 METHODS = ("joint", "sparsegpt", "wanda", "magnitude")
-MASKS = ("diag", "sparsegpt", "exact", "greedy")
+MASKS = ("diag", "sparsegpt", "exact", "greedy", "wanda")
 MASK_SCOPES = ("block", "row")
 
 
@@ -74,6 +74,9 @@ class PruneConfig:
                  "exact"     N:M only: best subset of each group by the exact group loss under G;
                  "greedy"    exact OBS order: per row remove the cheapest weight, update, repeat (the count per
                              row is that of the "diag" choice; N:M: until every group holds N);
+                 "wanda"     Wanda's score |w_ij| * sqrt(H_jj) (= |w_ij| * ||x_j||) on the block's current weights
+                             (per row or per block by mask_scope; N:M: the N smallest of each group); the joint
+                             update then reconstructs, which Wanda itself does not;
                  None picks the default: "exact" for N:M, "sparsegpt" for unstructured. Other methods: must be None.
     mask_scope:  unstructured only: "block" (the fraction of the whole rows x B block; per-row counts vary) or
                  "row" (the fraction of every row of the block). None picks the default: "row" for the joint

@@ -11,12 +11,23 @@ import torch
 from .. import ops
 from ..config import PruneConfig
 from .greedy import greedy_mask
-from .common import HessianSetup, PruneResult, obs_setup, smallest_mask
+from .common import HessianSetup, PruneResult, nm_smallest_mask, obs_setup, smallest_mask
 
 
-def select_block_mask(W1: torch.Tensor, U_B: torch.Tensor, G: torch.Tensor, config: PruneConfig) -> torch.Tensor:
-    """The pruned set of one block (section 4), chosen before the joint solve."""
+def select_block_mask(W1: torch.Tensor, U_B: torch.Tensor, G: torch.Tensor, config: PruneConfig,
+                      h_diag: torch.Tensor | None = None) -> torch.Tensor:
+    """The pruned set of one block (section 4), chosen before the joint solve. ``h_diag``: the block's slice of
+    diag(H) (undamped), needed by mask="wanda" only: Wanda's score |w_ij| * sqrt(H_jj) (= |w_ij| * ||x_j|| up to a
+    constant) on the block's current weights, the smallest per row (mask_scope="row") or per block, or the N
+    smallest of every N:M group."""
     sp = config.sparsity
+    if config.mask == "wanda":
+        if h_diag is None:
+            raise ValueError("mask='wanda' needs the block's diag(H) (h_diag)")
+        score = W1.abs() * torch.sqrt(h_diag.to(W1.dtype)).clamp_min(0)[None, :]
+        if sp.structured:
+            return nm_smallest_mask(score, sp.n, sp.m)
+        return smallest_mask(score, sp.fraction, config.mask_scope)
     d = torch.diagonal(U_B) ** 2 if config.mask == "sparsegpt" else torch.diagonal(G)
     if config.mask == "greedy":
         if sp.structured:
@@ -37,12 +48,14 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
     Wc, U, pruned, row_loss = obs_setup(W, H, config, mask, setup)
     cols = Wc.shape[1]
     B = config.block_size
+    h_diag = torch.diagonal(H) if config.mask == "wanda" and mask is None else None
     for b0 in range(0, cols, B):
         b1 = min(b0 + B, cols)
         W1 = Wc[:, b0:b1]
         U_B = U[b0:b1, b0:b1]
         G = U_B.T @ U_B
-        M1 = mask[:, b0:b1] if mask is not None else select_block_mask(W1, U_B, G, config)
+        M1 = mask[:, b0:b1] if mask is not None else select_block_mask(
+            W1, U_B, G, config, None if h_diag is None else h_diag[b0:b1])
         E, loss = ops.masked_solve(G, U_B, W1, M1, backend=config.backend)
         W1 -= E @ U_B
         W1.masked_fill_(M1, 0.0)
