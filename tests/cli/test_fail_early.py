@@ -119,3 +119,28 @@ def test_resumed_streamed_run_says_so(ws, tmp_path, capsys, monkeypatch):
     assert prune(ws, ws["model"], out, "--stream", "on") == 0
     assert "resuming the unfinished run there after block 0" in capsys.readouterr().err
     assert json.load(open(out / "pyprune_report.json"))["settings"]["resumed_after_block"] == 0
+
+
+def test_failed_prune_model_says_which_blocks_are_done(ws):
+    """Issue 11 item 8: a prune_model call that fails midway leaves earlier blocks pruned; the error says so."""
+    from pyprune import PruneConfig
+    from pyprune.models import prune_model
+    from ..models.tiny import calibration
+    model = tiny_model("llama", ws["g"], layers=3)
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="model.layers.2.mlp.up_proj.weight holds NaN") as info:
+        prune_model(model, calibration(ws["g"], 2, 16), PruneConfig(sparsity=0.5, block_size=16))
+    assert any("blocks 0-1 of model.layers were pruned before this error" in n for n in info.value.__notes__)
+
+
+def test_library_calls_print_nothing(ws, tmp_path, capfd):
+    """Library code prints nothing: loading, pruning and saving leave stdout and stderr empty."""
+    import pyprune
+    from ..models.tiny import calibration
+    model = pyprune.load_model(ws["model"])
+    report = pyprune.prune_model(model, calibration(ws["g"], 2, 16), pyprune.PruneConfig(sparsity="2:4",
+                                                                                        block_size=16))
+    pyprune.save_model(model, str(tmp_path / "out"), report=report)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
