@@ -258,10 +258,15 @@ def write_report(cache: dict, args) -> str:
     floor_rows += [f"| {c} | {s} | {TEXTS[n][1]} | {100 * d:+.2f}% |" for c, s, n, d in floor]
     worst = max((abs(d) for *_, d in floor), default=float("nan"))
     pairs = []
-    for sp in sorted({k.split("/")[1] for k in summary}):
-        for a, b in ((f"joint/{sp}/wanda", f"wanda/{sp}"), (f"joint/{sp}/wanda", f"joint/{sp}/"
-                     + ("exact" if ":" in sp else "sparsegpt")), (f"joint/{sp}/wanda", f"sparsegpt/{sp}")):
-            if a in summary and b in summary:
+    for a in summary:
+        parts = a.split("/")
+        if parts[0] != "joint" or parts[2] != "wanda":
+            continue
+        sp, suffix = parts[1], "".join("/" + p for p in parts[3:])
+        plain = "".join("/" + p for p in parts[3:] if not p.startswith("damp"))  # Wanda has no damping
+        for b in (f"wanda/{sp}", f"joint/{sp}/" + ("exact" if ":" in sp else "sparsegpt"), f"sparsegpt/{sp}"):
+            b = b + suffix if b + suffix in summary else b + plain
+            if b in summary:
                 r = paired_seed_ratios(cache, a, b)
                 pairs.append(f"| `{a}` / `{b}` | " + " | ".join(
                     (f"{statistics.fmean(r[n]):.3f} ({min(r[n]):.3f}-{max(r[n]):.3f})" if r[n] else "-")
@@ -312,8 +317,8 @@ def main(argv=None) -> int:
     p.add_argument("--damp", action="store_true", help="also joint (both masks) with damp 0.1")
     p.add_argument("--configs", help="comma-separated configuration keys to run, in this priority order "
                    "(e.g. wanda/0.5,joint/0.5/wanda); default: all")
-    p.add_argument("--floor", default="joint",
-                   help="methods whose configurations get a reordered-samples run at --floor-seed (the noise floor)")
+    p.add_argument("--floor", default="joint/0.5/sparsegpt,joint/2:4/exact",
+                   help="configuration keys that get a reordered-samples run at --floor-seed (the noise floor)")
     p.add_argument("--floor-seed", type=int, default=0)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
@@ -332,9 +337,8 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"unknown configuration keys {missing}; known: {', '.join(by_key)}")
         cfgs = [by_key[k] for k in args.configs.split(",")]
-    floor_methods = args.floor.split(",") if args.floor else []
-    floor = [c for c in cfgs if config_key(c).split("/")[0] in floor_methods and "damp" not in c
-             and (c["method"] != "joint" or c.get("mask") is None)]
+    every = {config_key(c): c for c in configs(("0.5", "2:4", "0.6", "0.7", "4:8"), damp=True)}
+    floor = [every[k] for k in (args.floor.split(",") if args.floor else []) if k in every]
     todo = plan(cfgs, [int(s) for s in args.seeds.split(",")], floor, args.floor_seed)
     cache = load_cache(os.path.join(args.out, "heldout_runs.json")) if args.report_only else run_all(args, todo)
     print(write_report(on_windows(cache, args.eval_windows), args))
