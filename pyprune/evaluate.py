@@ -86,7 +86,7 @@ def _sequential(model, windows, device, batch_size, progress) -> dict:
                 if bar is not None:
                     bar.update(1)
             for ids, logits in zip(batches, replay_head(model, blocks, batches, hidden, device,
-                                                        inputs.tuple_output)):
+                                                        inputs.output_format)):
                 sums.append(_nll(logits, ids.to(device)))
     finally:
         if bar is not None:

@@ -41,11 +41,12 @@ class Call:
 @dataclass
 class BlockInputs:
     """hidden: per calibration batch, the hidden states entering the current block. calls[i][b]: block i's arguments
-    for batch b (equal ones share one object, so a mask is stored once). tuple_output: the blocks return tuples."""
+    for batch b (equal ones share one object, so a mask is stored once). output_format: how the model's loop takes a
+    block's output: 0 a tensor, k > 0 a tuple of k items (hidden states first; Bamba unpacks two)."""
 
     hidden: list[torch.Tensor]
     calls: list[list[Call]] = field(default_factory=list)
-    tuple_output: bool = False
+    output_format: int = 0
 
     @property
     def tokens(self) -> int:
@@ -86,7 +87,7 @@ def _split(block, args: tuple, kwargs: dict, name: str) -> tuple[torch.Tensor, C
 
 
 @contextlib.contextmanager
-def _pass_through(blocks, record, tuple_output: bool, stop_after: int | None, replace: dict | None = None):
+def _pass_through(blocks, record, output_format: int, stop_after: int | None, replace: dict | None = None):
     """Every block's forward records its call and returns its input (or ``replace[i]``) unchanged."""
     names = [_hidden_name(b) for b in blocks]
 
@@ -97,7 +98,7 @@ def _pass_through(blocks, record, tuple_output: bool, stop_after: int | None, re
             if stop_after is not None and i >= stop_after:
                 raise _StopForward
             out = replace.get(i, hidden) if replace else hidden
-            return (out,) if tuple_output else out
+            return (out,) + (None,) * (output_format - 1) if output_format else out
         return forward
 
     for i, block in enumerate(blocks):
@@ -112,18 +113,23 @@ def _pass_through(blocks, record, tuple_output: bool, stop_after: int | None, re
 def capture_inputs(model, blocks: torch.nn.ModuleList, batches: list[torch.Tensor], device) -> BlockInputs:
     """Run the model on every batch with pass-through blocks; return the hidden states entering block 0 and every
     block's own arguments. The parameters outside the blocks must be on ``device``."""
-    last_error = None
-    for tuple_output in (False, True):
+    first_error = None
+    for output_format in OUTPUT_FORMATS:
         try:
-            return _capture(model, blocks, batches, device, tuple_output)
-        except _WrongFormat as e:
-            last_error = e
-    raise RuntimeError(f"the forward pass of {type(model).__name__} does not hand each block's output to the next "
-                       f"block as pyprune expects ({last_error})")
+            return _capture(model, blocks, batches, device, output_format)
+        except (_WrongFormat, ValueError, TypeError) as e:  # e.g. "not enough values to unpack"
+            first_error = first_error or e
+    if isinstance(first_error, _WrongFormat):
+        raise RuntimeError(f"the forward pass of {type(model).__name__} does not hand each block's output to the "
+                           f"next block as pyprune expects ({first_error})")
+    raise first_error
 
 
-def _capture(model, blocks, batches, device, tuple_output: bool) -> BlockInputs:
-    inputs = BlockInputs([], [[] for _ in blocks], tuple_output)
+OUTPUT_FORMATS = (0, 1, 2, 3)  # a tensor, or a tuple of 1-3 items: the forms the model loops of transformers take
+
+
+def _capture(model, blocks, batches, device, output_format: int) -> BlockInputs:
+    inputs = BlockInputs([], [[] for _ in blocks], output_format)
     current: dict[int, torch.Tensor] = {}
 
     def record(i, hidden, call):
@@ -141,7 +147,7 @@ def _capture(model, blocks, batches, device, tuple_output: bool) -> BlockInputs:
             call = inputs.calls[i - 1][-1]
         seen.append(call)
 
-    with torch.no_grad(), _pass_through(blocks, record, tuple_output, stop_after=len(blocks) - 1):
+    with torch.no_grad(), _pass_through(blocks, record, output_format, stop_after=len(blocks) - 1):
         for ids in batches:
             current.clear()
             try:
@@ -171,13 +177,13 @@ def run_block_all(block: torch.nn.Module, inputs: BlockInputs, index: int) -> li
 
 
 def replay_head(model, blocks: torch.nn.ModuleList, batches: list[torch.Tensor], final: list[torch.Tensor], device,
-                tuple_output: bool) -> list[torch.Tensor]:
+                output_format: int) -> list[torch.Tensor]:
     """The model's logits for every batch, given the last block's outputs ``final`` (computed block by block): its
     own forward runs with pass-through blocks and the last one returning ``final``."""
     out = []
     last = len(blocks) - 1
     with torch.no_grad():
         for ids, h in zip(batches, final):
-            with _pass_through(blocks, lambda *a: None, tuple_output, stop_after=None, replace={last: h}):
+            with _pass_through(blocks, lambda *a: None, output_format, stop_after=None, replace={last: h}):
                 out.append(model(input_ids=ids.to(device), use_cache=False).logits)
     return out

@@ -223,17 +223,13 @@ def load_tokenizer(spec: str | ModelSource):
 
 def meta_model(config):
     """The ``*ForCausalLM`` of ``config`` with every parameter on the meta device (no memory, not even address
-    space) and its buffers real: buffers that checkpoints do not hold (rotary tables) are recomputed by the model's
-    own weight initialisation, as transformers does when it loads a checkpoint."""
+    space) and its buffers real, computed by the modules' own constructors (rotary tables, Falcon-H1's muP vectors:
+    buffers checkpoints do not hold). Re-initialising meta buffers afterwards is not enough: ``_init_weights`` does
+    not know every buffer (Falcon-H1's ``mup_vector`` stayed uninitialised memory, at times NaN)."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    for module in model.modules():
-        names = [n for n, b in module._buffers.items() if b is not None and b.device.type == "meta"]
-        if names:
-            for n in names:
-                module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
-            model._init_weights(module)
     return model.eval()
 
 

@@ -245,18 +245,27 @@ class _KeyMap:
             n = self.prefix + k
             if n in names:
                 self.to_model[k] = n
+        self.converts = bool(self.mapping) and any(k not in self.to_model for k in keys)
+        rename = self._renamer(names, base) if self.converts else (lambda k: self.prefix + k)
         block_prefix = blocks_path + "."
         self.block_keys: dict[int, list[str]] = {}
         self.other_keys: list[str] = []
         for k in keys:
-            n = self.prefix + k
+            n = rename(k)  # the model's name of a checkpoint key (renamed modules: NemotronH's backbone -> model)
             if n.startswith(block_prefix):
                 idx = n[len(block_prefix):].split(".", 1)[0]
                 if idx.isdigit():
                     self.block_keys.setdefault(int(idx), []).append(k)
                     continue
             self.other_keys.append(k)
-        self.converts = bool(self.mapping) and any(k not in self.to_model for k in keys)
+
+    def _renamer(self, names: set[str], base: str):
+        """A checkpoint key -> the model's name for it, by transformers' own renaming rules."""
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        meta = dict.fromkeys(names, True)
+        return lambda k: rename_source_key(k, renamings, converters, base or None, meta)[0]
 
     def load(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Put checkpoint tensors into the (meta) model; returns those the model has no place for (written back

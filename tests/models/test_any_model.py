@@ -20,7 +20,7 @@ from pyprune.models.discover import eager_experts, find_blocks
 from pyprune.models.io import save_model
 from pyprune.models.pipeline import inspect_model, matrix_views
 
-from .tiny import MODEL_TYPES, MOE_TYPES, VOCAB, calibration, tiny_model
+from .tiny import MODEL_TYPES, MOE_TYPES, MORE_TYPES, VOCAB, calibration, tiny_model
 
 
 def own_block_outputs(model, ids):
@@ -68,7 +68,7 @@ def check_pattern(name, W, sparsity):
         assert zeros >= rows * cols // 2, (name, zeros, rows * cols)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", MODEL_TYPES + MORE_TYPES)
 def test_every_model_type(model_type, rng, tmp_path):
     model = tiny_model(model_type, rng)
     ids = calibration(rng, 4, 16)

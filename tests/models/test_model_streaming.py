@@ -141,7 +141,7 @@ def test_stream_memory_is_bounded_by_one_block(tmp_path):
     assert result["sparsity"] == 0.5
     # Measured with the observed discovery pass (a synthetic 8-token forward through every block, new with issue
     # 10): RSS after each block stays flat at +15 MiB for a 14 MiB block; the peak creeps from +34 MiB after block 0
-    # to +54..58 MiB after block 19 (allocator fragmentation; it was < 4 blocks before the forward pass existed). A
-    # leak of one block per block would reach +280 MiB.
-    assert added < 5 * block_bytes, (added, block_bytes)
-    assert added * 4 < size, (added, size)
+    # to +54..58 MiB after block 19 (allocator fragmentation; it was < 4 blocks before the forward pass existed), and
+    # +72 MiB once with the machine at a load average of 4. A leak of one block per block would reach +280 MiB.
+    assert added < 6 * block_bytes, (added, block_bytes)
+    assert added * 3 < size, (added, size)
