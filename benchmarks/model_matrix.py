@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 from pyprune import PruneConfig  # noqa: E402
 from pyprune.models import prune_model  # noqa: E402
 from pyprune.models.pipeline import inspect_model, matrix_views  # noqa: E402
-from tests.models.tiny import MODEL_TYPES, MOE_TYPES, calibration, tiny_model  # noqa: E402
+from tests.models.tiny import MODEL_TYPES, MOE_TYPES, MORE_TYPES, calibration, tiny_model  # noqa: E402
 
 
 def _short(name: str) -> str:
@@ -67,7 +67,7 @@ def row(model_type: str, seed: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--types", nargs="*", default=list(MODEL_TYPES))
+    p.add_argument("--types", nargs="*", default=list(MODEL_TYPES + MORE_TYPES))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "model_matrix.md"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
