@@ -302,7 +302,8 @@ def write_report(cache: dict, args) -> str:
         "## Rounding-only noise floor",
         "",
         "The same calibration windows in another order: the Hessians are equal up to float32 summation order, so "
-        f"any change is rounding, amplified by the mask choice. Largest change: {100 * worst:.1f}%.",
+        "any change is rounding, amplified by the mask choice. " + (
+            f"Largest change: {100 * worst:.1f}%." if floor else "Not measured yet (no reordered run finished)."),
         "",
         *floor_rows,
         ""])
