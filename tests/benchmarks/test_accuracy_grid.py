@@ -1,19 +1,13 @@
 """The accuracy report's bookkeeping: run keys, the grid per calibration size, and which SparseGPT run a joint run
 is compared with (a mistake here silently compares runs of different damping or calibration size)."""
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .util import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def acc():
-    spec = importlib.util.spec_from_file_location("accuracy", os.path.join(ROOT, "benchmarks", "accuracy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("accuracy")
 
 
 def test_keys_are_unique_and_stable(acc):

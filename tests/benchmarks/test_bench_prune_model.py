@@ -1,25 +1,19 @@
 """The whole-model benchmark (benchmarks/bench_prune_model.py) at its tiny shape on the CPU: it runs the real driver
 for both methods, its table has every phase with a positive time, the phases of every block sum to no more than the
 block's wall time, and the library functions it wraps are restored afterwards."""
-import importlib.util
 import json
 import math
-import os
-
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .util import load_benchmark
+
 METHODS = ("joint", "sparsegpt")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_prune_model",
-                                                  os.path.join(ROOT, "benchmarks", "bench_prune_model.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_prune_model")
 
 
 @pytest.fixture(scope="module")

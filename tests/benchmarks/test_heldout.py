@@ -1,20 +1,14 @@
 """The held-out report's bookkeeping (benchmarks/heldout.py): run keys, the run order, the reordered calibration,
 and the seed summary / noise floor on a synthetic cache (no model runs)."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .util import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ho():
-    spec = importlib.util.spec_from_file_location("heldout", os.path.join(ROOT, "benchmarks", "heldout.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("heldout")
 
 
 def test_keys_and_plan(ho):
