@@ -13,6 +13,7 @@ on a checkpoint streamed from its shards; ``comm`` splits the solves over ranks 
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..ops.hessian import accumulate_hessian
 from ..report import (LayerReport, PruneReport, device_peak_memory, host_peak_rss, reset_device_peak_memory,
                       reset_host_peak_rss)
 from .architectures import get_submodule
-from .capture import BlockInputs, capture_inputs, run_block_all
+from .capture import BlockInputs, capture_inputs, run_block, run_block_all
 from .discover import (MatrixObserver, PrunedParams, Site, all_experts_statistics, classify, eager_experts,
                        find_blocks)
 
@@ -134,8 +135,7 @@ class Observed:
 
 def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, backend: str = "auto",
                   collect: Callable[[Site], bool] | None = None, all_experts: bool = False,
-                  shared: PrunedParams | None = None, batches: int | None = None,
-                  budget: int | None = None) -> Observed:
+                  shared: PrunedParams | None = None, budget: int | None = None) -> Observed:
     """Run the block over the calibration batches under a ``MatrixObserver``: find its matrices and accumulate a
     Hessian for every group with a member ``collect`` accepts (None: none, discovery only). ``all_experts``: every
     expert sees every token for its statistics (the routed outputs stay exact). ``budget``: bytes of Hessians to
@@ -146,15 +146,14 @@ def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, ba
     observer = MatrixObserver(params)
     result = Observed()
     by_site: dict[Site, _Slot] = {}
-    count = len(inputs.hidden) if batches is None else min(batches, len(inputs.hidden))
-    stats = all_experts_statistics(block, observer) if all_experts else _nothing()
+    stats = all_experts_statistics(block, observer) if all_experts else contextlib.nullcontext()
     with torch.no_grad(), stats:
-        for b in range(count):
+        for b in range(len(inputs.hidden)):
             observer.events.clear()
             observer.derived.clear()
             call = inputs.calls[index][b]
             with observer:
-                run_one(block, inputs.hidden[b], call)
+                run_block(block, inputs.hidden[b], call)
             found = classify(block, observer.events, shared)
             result.dense.update(found.dense)
             result.experts = max(result.experts, found.experts)
@@ -214,19 +213,6 @@ def _add_unseen_experts(result: Observed, params: dict, shared) -> None:
             if (name, e) not in have:
                 result.slots.append(_Slot((Site(name, e * size, site.shape, site.stride, site.transposed, e),),
                                           seen=False))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def run_one(block, hidden, call):
-    from .capture import run_block
-    return run_block(block, hidden, call)
 
 
 # ------------------------------------------------------------------------------------------------ one block
