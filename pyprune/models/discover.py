@@ -344,9 +344,8 @@ def all_experts_statistics(block: torch.nn.Module, observer: MatrixObserver):
                            dtype=top_k_weights.dtype if isinstance(top_k_weights, torch.Tensor)
                            else hidden_states.dtype)
             was = observer.enabled
-            observer.enabled = was
-            _orig(hidden_states, idx, w, *args, **kwargs)
-            observer.enabled = False
+            _orig(hidden_states, idx, w, *args, **kwargs)  # every expert on every token: recorded
+            observer.enabled = False                         # the router's own choice: the output, not recorded
             try:
                 return _orig(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             finally:
