@@ -311,7 +311,6 @@ def _print_prune_summary(args, report, out) -> None:
 
 
 def cmd_eval(args) -> int:
-    import torch
     from .data import eval_windows, load_text, tokenize
     from .evaluate import perplexity
     from .models.driver import resolve_device
@@ -329,7 +328,8 @@ def cmd_eval(args) -> int:
     result = perplexity(model, windows, device=device, batch_size=args.batch_size, progress=not args.quiet,
                         sequential=args.sequential)
     if not math.isfinite(result["perplexity"]):
-        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        from .models.driver import nonfinite_params
+        bad = nonfinite_params(model)
         raise _BadInput(f"the perplexity of {source} is not finite (mean NLL {result['nll']})"
                         + (f": non-finite weights in {', '.join(bad[:5])}" if bad else ""))
     print(f"perplexity {result['perplexity']:.4f}  ({result['windows']} x {result['seqlen']} tokens of "

@@ -333,7 +333,7 @@ def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, opt
     for site in sites:
         cfg, fallback = _layer_config(site, slot.n, H, config, options)
         plans.setdefault((cfg, fallback), []).append(site)
-    out = []
+    out: dict[Site, LayerReport] = {}
     for (cfg, fallback), members in plans.items():
         t0 = time.perf_counter()
         views = [s.view(params) for s in members]
@@ -343,12 +343,11 @@ def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, opt
         for site, view, result in zip(members, views, results):
             with torch.no_grad():
                 view.copy_(result.weight.to(view.dtype))
-            out.append(LayerReport(f"{prefix}{site.name}", index, tuple(view.shape), float(result.loss),
-                                   float((view == 0).float().mean()), secs, cfg.method, slot.n,
-                                   fallback or result.fallback, _finite_or_none(result.damp)))
+            out[site] = LayerReport(f"{prefix}{site.name}", index, tuple(view.shape), float(result.loss),
+                                    float((view == 0).float().mean()), secs, cfg.method, slot.n,
+                                    fallback or result.fallback, _finite_or_none(result.damp))
         del results
-    order = {s: i for i, s in enumerate(sites)}
-    return sorted(out, key=lambda r: order[next(s for s in sites if r.name == f"{prefix}{s.name}")])
+    return [out[s] for s in sites]
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -539,24 +538,32 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
     return layers
 
 
+def nonfinite_params(module: torch.nn.Module, skip: set[int] | None = None) -> list[str]:
+    """Names of the floating-point parameters of ``module`` (not on meta, not in ``skip`` by id) holding NaN or Inf."""
+    return [name for name, p in module.named_parameters()
+            if p.is_floating_point() and p.device.type != "meta" and (skip is None or id(p) not in skip)
+            and not bool(torch.isfinite(p).all())]
+
+
+def _damaged(names: list[str], prefix: str = "") -> ValueError:
+    return ValueError(f"{prefix}{names[0]} holds NaN or Inf values: the model's weights are damaged (check the "
+                      "checkpoint file that holds it)")
+
+
 def check_finite(module: torch.nn.Module, prefix: str) -> None:
     """Refuse NaN/Inf in a block's weights before its turn, naming the parameter (otherwise it would surface as
     'the activations contain NaN' in a later block, or be written into the output)."""
-    for name, p in module.named_parameters():
-        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
-            raise ValueError(f"{prefix}.{name} holds NaN or Inf values: the model's weights are damaged (check the "
-                             "checkpoint file that holds it)")
+    bad = nonfinite_params(module)
+    if bad:
+        raise _damaged(bad, f"{prefix}.")
 
 
 def check_inputs_finite(inputs: BlockInputs, model, blocks: torch.nn.ModuleList) -> None:
     """The weights outside the blocks (embeddings, LM head, final norm) and the hidden states entering block 0 must be
     finite; the error names the parameter."""
-    inside = {id(p) for p in blocks.parameters()}
-    for name, p in model.named_parameters():
-        if (id(p) not in inside and p.is_floating_point() and p.device.type != "meta"
-                and not bool(torch.isfinite(p).all())):
-            raise ValueError(f"{name} holds NaN or Inf values: the model's weights are damaged (check the "
-                             "checkpoint file that holds it)")
+    bad = nonfinite_params(model, skip={id(p) for p in blocks.parameters()})
+    if bad:
+        raise _damaged(bad)
     for h in inputs.hidden:
         if h.is_floating_point() and not bool(torch.isfinite(h).all()):
             raise ValueError("the hidden states entering the first block hold NaN or Inf values (the embeddings' "

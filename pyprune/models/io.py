@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import glob
 import importlib.metadata
 import importlib.util
@@ -80,13 +81,20 @@ def read_config(source: ModelSource) -> dict:
                 return json.load(f)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read the model config ({e})") from None
+    path = os.path.realpath(str(source))
+    st = os.stat(path)
+    return dict(_gguf_config(path, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(path: str, size: int, mtime_ns: int) -> dict:
+    """A GGUF file's config (about 10 s for the built-in model's 49k-token vocabulary): read once per file version,
+    so the CLI's early check and the library call after it do not both pay it."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    path = str(source)
     try:
-        config = dict(load_gguf_checkpoint(path, return_tensors=False)["config"])
+        return dict(load_gguf_checkpoint(path, return_tensors=False)["config"])
     except Exception as e:  # noqa: BLE001 - gguf's reader fails in many ways on a damaged file
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
-    return config
 
 
 def check_supported(source: ModelSource) -> dict:
