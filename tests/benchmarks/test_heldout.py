@@ -1,5 +1,7 @@
-"""The held-out report's bookkeeping (benchmarks/heldout.py): run keys, the run order, the reordered calibration,
-and the seed summary / noise floor on a synthetic cache (no model runs)."""
+"""The held-out report's bookkeeping (benchmarks/heldout.py): configuration keys, the run order, the reordered and
+mixed calibration, and the seed summary / paired ratios / noise floor on a synthetic cache (no model runs)."""
+import math
+
 import pytest
 import torch
 
@@ -11,19 +13,26 @@ def ho():
     return load_benchmark("heldout")
 
 
-def test_keys_and_plan(ho):
-    cfgs = ho.configs(damp=True)
-    keys = [ho.config_key(c) for c in cfgs]
-    assert len(keys) == len(set(keys))
-    assert {"wanda/0.5", "sparsegpt/2:4", "joint/0.5/sparsegpt", "joint/2:4/exact", "joint/0.5/wanda",
-            "joint/2:4/wanda/damp0.1"} <= set(keys)
-    floor = [c for c in cfgs if c["method"] == "joint" and "mask" not in c and "damp" not in c]
-    runs = ho.plan(cfgs, [0, 1, 2], floor, 0)
-    run_keys = [ho.run_key(*r) for r in runs]
-    assert len(run_keys) == len(set(run_keys)) == 3 * len(cfgs) + len(floor)
-    # every configuration at the first two seeds before the noise floor, the third seed last
-    assert run_keys[:2 * len(cfgs)] == [ho.run_key(c, s) for s in (0, 1) for c in cfgs]
-    assert run_keys[2 * len(cfgs)] == "joint/0.5/sparsegpt/seed0/order1"
+def test_keys_round_trip(ho):
+    for key in ("wanda/0.5", "sparsegpt/2:4", "joint/0.5/sparsegpt", "joint/2:4/exact", "joint/0.5/wanda/damp0.1",
+                "joint/0.5/wanda/n64/mix", "wanda/0.5/mix"):
+        assert ho.config_key(ho.parse_key(key, 16), 16) == key
+    # joint's default mask is spelled out; the default calibration size is left out
+    assert ho.config_key(ho.parse_key("joint/0.5/n16", 16), 16) == "joint/0.5/sparsegpt"
+    assert ho.config_key(ho.parse_key("joint/2:4", 16), 16) == "joint/2:4/exact"
+    c = ho.parse_key("joint/0.5/wanda/damp1/n32/mix", 16)
+    assert (c["mask"], c["damp"], c["nsamples"], c["mix"]) == ("wanda", 1.0, 32, True)
+    for bad in ("wanda", "wanda/0.5/wanda", "joint/0.5/nomask", "joint/0.5/wanda/bogus"):
+        with pytest.raises((SystemExit, ValueError)):
+            ho.parse_key(bad, 16)
+
+
+def test_plan(ho):
+    keys = ["wanda/0.5", "joint/0.5/wanda"]
+    runs = ho.plan(keys, [0, 1, 2], ["joint/0.5/wanda"])
+    assert [ho.run_key(*r) for r in runs] == [
+        "wanda/0.5/seed0", "joint/0.5/wanda/seed0", "joint/0.5/wanda/seed0/order1",
+        "wanda/0.5/seed1", "joint/0.5/wanda/seed1", "wanda/0.5/seed2", "joint/0.5/wanda/seed2"]
 
 
 def test_reorder_keeps_the_samples(ho):
@@ -34,6 +43,17 @@ def test_reorder_keeps_the_samples(ho):
     assert sorted(map(tuple, r.tolist())) == sorted(map(tuple, calib.tolist()))
 
 
+def test_mixed_calibration_takes_half_from_the_book(ho):
+    sources = {"wikitext2": torch.arange(0, 1000), "book": torch.arange(5000, 6000)}
+    c = ho.parse_key("joint/0.5/wanda/n5/mix", 16)
+    calib = ho.calibration(sources, c, seed=3, seqlen=10)
+    assert calib.shape == (5, 10)
+    from_book = (calib[:, 0] >= 5000).tolist()
+    assert from_book == [False, False, False, True, True]
+    plain = ho.calibration(sources, ho.parse_key("joint/0.5/wanda/n5", 16), seed=3, seqlen=10)
+    assert torch.equal(plain[:3], calib[:3]) and bool((plain < 1000).all())
+
+
 def test_book_header_is_cut(ho, tmp_path):
     p = tmp_path / "book.txt"
     p.write_text("licence\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nChapter 1\n")
@@ -41,22 +61,30 @@ def test_book_header_is_cut(ho, tmp_path):
 
 
 def test_report_from_a_synthetic_cache(ho, tmp_path):
-    def entry(cfg, seed, order, base):
-        return dict(cfg, config=ho.config_key(cfg), seed=seed, order=order, prune_seconds=1.0,
-                    **{f"ppl_{n}": base + seed + 0.1 * order for n in ho.TEXTS})
-    a, b = dict(method="wanda", sparsity="0.5"), dict(method="joint", sparsity="0.5", mask="wanda")
+    def entry(ckey, seed, order, base):
+        nll = [math.log(base + seed + 0.1 * order)] * 4
+        return dict(config=ckey, method=ckey.split("/")[0], seed=seed, order=order, prune_seconds=1.0,
+                    **{f"ppl_{n}": base + seed + 0.1 * order for n in ho.TEXTS},
+                    **{f"window_nll_{n}": nll for n in ho.TEXTS})
+    a, b = "wanda/0.5", "joint/0.5/wanda"
     cache = {"dense": dict(method="dense", **{f"ppl_{n}": 10.0 for n in ho.TEXTS})}
-    for cfg, base in ((a, 20.0), (b, 15.0)):
+    for ckey, base in ((a, 20.0), (b, 15.0)):
         for s in (0, 1):
-            cache[ho.run_key(cfg, s)] = entry(cfg, s, 0, base)
+            cache[ho.run_key(ckey, s)] = entry(ckey, s, 0, base)
     cache[ho.run_key(b, 0, 1)] = entry(b, 0, 1, 15.0)
     summary = ho.summarise(cache)
-    assert summary["joint/0.5/wanda"]["wikitext2"][:3] == (15.5, 15.0, 16.0)
+    assert summary[b]["wikitext2"][:3] == (15.5, 15.0, 16.0)
+    assert summary[b]["wikitext2"][3] == pytest.approx(math.sqrt(0.5))
     floor = ho.noise_floor(cache)
     assert len(floor) == len(ho.TEXTS) and floor[0][3] == pytest.approx(0.1 / 15.0)
-    assert all("lowest mean `joint/0.5/wanda`; ranges apart from `wanda/0.5`" in v for v in ho.verdicts(summary))
-    args = type("A", (), dict(nsamples=32, seqlen=512, eval_windows=20, out=str(tmp_path)))()
+    assert all(f"lowest mean `{b}`; ranges apart from `{a}`" in v for v in ho.verdicts(summary))
+    assert ho.comparisons(summary) == [(b, a)]
+    ratios, win = ho.paired(cache, b, a)["pride"]
+    assert ratios == pytest.approx([15 / 20, 16 / 21])
+    geo = math.sqrt(15 / 20 * 16 / 21)  # the mean NLL difference over windows of both seeds
+    assert 15 / 20 < win[0] < geo < win[1] < 16 / 21
+    args = type("A", (), dict(nsamples=16, seqlen=512, eval_windows=40, out=str(tmp_path)))()
     text = ho.write_report(cache, args)
-    assert "| joint/0.5/wanda | 0,1 | 15.50 (15.00-16.00)" in text
-    assert "| `joint/0.5/wanda` / `wanda/0.5` | 0.756 (0.750-0.762)" in text
+    assert f"| {b} | 0,1 | 15.50 (15.00-16.00) 0.71" in text
+    assert f"| `{b}` / `{a}` | 0.756 (0.750-0.762)" in text
     assert (tmp_path / "heldout.md").exists()
