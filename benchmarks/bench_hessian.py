@@ -1,16 +1,20 @@
 """Benchmark of the Hessian accumulation H <- beta H + alpha X^T X (pyprune.ops.hessian_update_).
 
-Per call: k tokens (16 x 2048 on a GPU, as the block driver feeds them) of bf16 activations X (k, cols). Compared:
+Per call: k tokens (32768 on a GPU) of activations X (k, cols), bf16 (the model's dtype) and, at one smaller shape,
+fp32. Compared, all in one process against the library call:
+  library     the bare library call: torch.addmm(H, X.T, X, out_dtype=float32, out=H) for 16-bit X on CUDA (cuBLAS
+              reads X in its own dtype, fp32 sums and output), H.addmm_ of X in H's dtype otherwise (the CPU build
+              has no out_dtype addmm); no mirror, so H is symmetric only to rounding (asym)
   sparsegpt   SparseGPT's way, H.addmm_(X.float().T, X.float()) in fp32 (TF32 off: torch's default)
-  torch_bf16  torch's bf16 product, H.mul_(beta).add_((X.T @ X).float(), alpha) (bf16-rounded output)
-  cublas_fp32out  cuBLAS bf16 product with fp32 accumulation and fp32 output (torch.addmm(..., out_dtype=float32),
-              CUDA only): the same exact-products-fp32-sums H as the kernels, at cuBLAS speed, full square
-  torch       pyprune's reference through the wrapper (backend="torch")
-  cpp / cuda / triton   pyprune's kernels through the wrapper
+  torch_bf16  torch's 16-bit product, H.mul_(beta).add_((X.T @ X).float(), alpha) (16-bit-rounded output)
+  torch       pyprune's backend "torch": the library call, then the upper triangle mirrored (exactly symmetric H)
+  cpp / cuda / triton   pyprune's kernels through the wrapper (explicit backends)
+  auto        backend="auto"; the picks column names what it ran
 TFLOP/s use the GEMM convention 2 k cols^2; the floor is the symmetric half (k cols (cols + 1) flops) at the
-measured bf16 peak, or the bytes (X once, H read + written) at the measured copy bandwidth, whichever is larger.
-Ratios are against sparsegpt (the goal: >= 1.8x) in the same process. Usage: python benchmarks/bench_hessian.py
-[--quick] [--device cpu|cuda] [--out DIR].
+measured peak for X's dtype (bf16, or fp32 without TF32), or the bytes (X once, H read + written) at the measured
+copy bandwidth, whichever is larger. vs_library = library time / time (issue 12's goal for a kernel: >= 1.5);
+vs_sparsegpt likewise. rel_diff: max |H - H_sparsegpt| / max |H_sparsegpt| after one call from H = 0; asym:
+max |H - H^T| / max |H| after it. Usage: python benchmarks/bench_hessian.py [--quick] [--device cpu|cuda] [--out DIR].
 """
 from __future__ import annotations
 
@@ -19,63 +23,86 @@ import torch
 from _timing import bench, bench_main, measure_peaks, try_run
 
 
-def methods(device: torch.device) -> dict:
+def library_call(H: torch.Tensor, X: torch.Tensor, a: float, b: float) -> None:
+    """The bare library call (no mirror)."""
+    if H.is_cuda and X.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(H, X.T, X, beta=b, alpha=a, out_dtype=torch.float32, out=H)
+    else:
+        Xc = X.to(H.dtype)
+        H.addmm_(Xc.T, Xc, beta=b, alpha=a)
+
+
+def methods(device: torch.device, dtype: torch.dtype) -> dict:
     import pyprune.ops as ops
 
     def sparsegpt(H, X, a, b):
         Xf = X.float()
         H.addmm_(Xf.T, Xf, beta=b, alpha=a)
 
-    def torch_bf16(H, X, a, b):
+    def torch_16bit(H, X, a, b):
         H.mul_(b).add_((X.T @ X).float(), alpha=a)
 
-    m = {"sparsegpt": sparsegpt, "torch_bf16": torch_bf16,
-         "torch": lambda H, X, a, b: ops.hessian_update_(H, X, a, b, backend="torch")}
+    m = {"library": library_call, "sparsegpt": sparsegpt}
+    if dtype != torch.float32:
+        m["torch_bf16"] = torch_16bit
+    m["torch"] = lambda H, X, a, b: ops.hessian_update_(H, X, a, b, backend="torch")
     native = "cuda" if device.type == "cuda" else "cpp"
     m[native] = lambda H, X, a, b: ops.hessian_update_(H, X, a, b, backend=native)
     if device.type == "cuda":
-        m["cublas_fp32out"] = lambda H, X, a, b: H.copy_(torch.addmm(H, X.T, X, beta=b, alpha=a,
-                                                                       out_dtype=torch.float32))
         m["triton"] = lambda H, X, a, b: ops.hessian_update_(H, X, a, b, backend="triton")
+    m["auto"] = lambda H, X, a, b: ops.hessian_update_(H, X, a, b)
     return m
+
+
+def auto_picks(H: torch.Tensor, X: torch.Tensor) -> str:
+    from pyprune.ops.hessian import hessian_backend
+    which = hessian_backend(H, X)
+    return {"native": "cuda" if H.is_cuda else "cpp"}.get(which, which)
 
 
 def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dict]:
     device = torch.device(device)
     gpu = device.type == "cuda"
+    bf16, fp32 = torch.bfloat16, torch.float32
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False
-        shapes = [(8192, 4096)] if quick else [(8192, 32768), (28672, 32768)]  # (cols, tokens per call)
-        total_tokens = 128 * 2048
+        # (cols, tokens per call, X dtype): the 70B widths in bf16, and fp32 X at the smaller width
+        shapes = [(8192, 4096, bf16)] if quick else [(8192, 32768, bf16), (28672, 32768, bf16), (8192, 8192, fp32)]
     else:
-        shapes = [(256, 512), (512, 512)] if quick else [(512, 2048), (1024, 2048)]
-        total_tokens = 8 * 2048
+        shapes = [(256, 512, bf16), (512, 512, bf16)] if quick else [(512, 2048, bf16), (1024, 2048, bf16),
+                                                                      (512, 2048, fp32)]
     peaks = measure_peaks(device, quick)
     rows = []
-    for cols, k in shapes:
-        X = torch.randn(k, cols, device=device).to(torch.bfloat16)
+    for cols, k, dtype in shapes:
+        X = torch.randn(k, cols, device=device).to(dtype)
         alpha, beta = 2.0 / (k + k), 0.5
         flops_gemm = 2.0 * k * cols * cols
-        floor = max(k * cols * (cols + 1) / (peaks["mm_bf16_tflops"] * 1e12),
-                    (k * cols * 2 + 2 * cols * cols * 4) / (peaks["copy_gbps"] * 1e9))
+        peak = peaks["mm_bf16_tflops"] if dtype != fp32 else peaks["mm_fp32_tflops"]
+        floor = max(k * cols * (cols + 1) / (peak * 1e12),
+                    (k * cols * X.element_size() + 2 * cols * cols * 4) / (peaks["copy_gbps"] * 1e9))
         ref = torch.zeros(cols, cols, device=device)
-        methods(device)["sparsegpt"](ref, X, alpha, 0.0)
-        base = None
-        for name, fn in methods(device).items():
+        methods(device, dtype)["sparsegpt"](ref, X, alpha, 0.0)
+        scale = ref.abs().max()
+        base = {}
+        dname = str(dtype).replace("torch.", "")
+        for name, fn in methods(device, dtype).items():
             H = torch.zeros(cols, cols, device=device)
+            picks = auto_picks(H, X) if name == "auto" else None
             _, err = try_run(lambda: fn(H, X, alpha, 0.0))
             if err:
-                rows.append(dict(cols=cols, tokens=k, method=name, error=err))
+                rows.append(dict(cols=cols, tokens=k, dtype=dname, method=name, picks=picks, error=err))
                 continue
-            acc = ((H - ref).abs().max() / ref.abs().max()).item()
-            t = bench(lambda: fn(H, X, alpha, beta), device, warmup=1 if gpu else 1, iters=5 if gpu else 3,
+            acc = ((H - ref).abs().max() / scale).item()
+            asym = ((H - H.T).abs().max() / scale).item()
+            t = bench(lambda: fn(H, X, alpha, beta), device, warmup=1, iters=5 if gpu else 3,
                       max_seconds=6.0 if gpu else 3.0)
-            if name == "sparsegpt":
-                base = t
-            rows.append(dict(cols=cols, tokens=k, method=name, ms=t * 1e3,
-                             calib_s=t * total_tokens / k, tflops=flops_gemm / t / 1e12,
-                             floor_ms=floor * 1e3, pct_floor=100 * floor / t,
-                             vs_sparsegpt=(base / t) if base else None, rel_diff=acc))
+            if name in ("library", "sparsegpt"):
+                base[name] = t
+            rows.append(dict(cols=cols, tokens=k, dtype=dname, method=name, picks=picks, ms=t * 1e3,
+                             tflops=flops_gemm / t / 1e12, floor_ms=floor * 1e3, pct_floor=100 * floor / t,
+                             vs_library=base["library"] / t if "library" in base else None,
+                             vs_sparsegpt=base["sparsegpt"] / t if "sparsegpt" in base else None,
+                             rel_diff=acc, asym=asym))
         del X, ref
         if gpu:
             torch.cuda.empty_cache()
@@ -84,14 +111,20 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
     return rows, peaks
 
 
+COLUMNS = ["cols", "tokens", "dtype", "method", "picks", "ms", "tflops", "floor_ms", "pct_floor", "vs_library",
+           "vs_sparsegpt", "rel_diff", "asym", "error"]
+
+
 def main():
-    bench_main("bench_hessian", run,
-               ["cols", "tokens", "method", "ms", "calib_s", "tflops", "floor_ms", "pct_floor", "vs_sparsegpt",
-                "rel_diff", "error"],
-               ["ms: median per call; calib_s: one layer's full calibration set (128 x 2048 tokens on a GPU) at "
-                "that rate; tflops: 2 k cols^2 / time",
-                "rel_diff: max |H - H_sparsegpt| / max |H_sparsegpt| after one call from H = 0",
-                "vs_sparsegpt: time of SparseGPT's fp32 addmm / time (goal for cuda: >= 1.8)"],
+    bench_main("bench_hessian", run, COLUMNS,
+               ["ms: median per call; tflops: 2 k cols^2 / time; floor_ms: k cols (cols + 1) flops at the measured "
+                "peak for X's dtype, or the bytes at the copy bandwidth; pct_floor = floor / time in %",
+                "vs_library: time of the bare library call / time (issue 12's goal for a kernel: >= 1.5); "
+                "vs_sparsegpt: time of SparseGPT's fp32 addmm / time",
+                "auto: backend='auto' (picks: what it ran); torch: the library call plus the mirror that makes H "
+                "exactly symmetric",
+                "rel_diff: max |H - H_sparsegpt| / max |H_sparsegpt| after one call from H = 0; asym: max |H - H^T| "
+                "/ max |H_sparsegpt| after it"],
                __doc__.splitlines()[0])
 
 

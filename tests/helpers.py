@@ -92,3 +92,33 @@ def kernel_block(B: int, g: torch.Generator, dtype=torch.float32) -> tuple[torch
     U_B, _ = spd_block(B, g)
     U_B = U_B.to(dtype).contiguous()
     return (U_B.double().T @ U_B.double()).to(dtype).contiguous(), U_B
+
+
+def sym_hessian(cols: int, g: torch.Generator) -> torch.Tensor:
+    """An exactly symmetric fp32 H (a Hessian under accumulation)."""
+    A = torch.randn(cols, 2 * cols + 1, generator=g)
+    return (A @ A.T / (2 * cols + 1)).contiguous()
+
+
+def activations(k: int, cols: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """(k, cols) activations with uneven input scales, in ``dtype``."""
+    scale = 0.2 + torch.rand(cols, generator=g)
+    return (torch.randn(k, cols, generator=g) * scale).to(dtype)
+
+
+def check_hessian_update(H_out: torch.Tensor, H_in: torch.Tensor, X: torch.Tensor, alpha: float, beta: float,
+                         seed: int) -> None:
+    """``H_out`` (one ``H <- beta H + alpha X^T X`` from ``H_in``) against float64: its error at most 2x the error of
+    plain fp32 torch (the up-cast X^T X), plus the rounding a plain fp32 sum of k terms may make (4 sqrt(k) ulps of
+    |H|: cuBLAS's fp32 GEMM on an H200 was up to 100x more accurate than that, so 2x its error alone failed a correct
+    tensor-core kernel at k=300, with errors of 6 ulps), and exactly symmetric."""
+    from pyprune import reference
+    H_out, H_in, X = H_out.cpu(), H_in.cpu(), X.cpu()
+    exact = reference.hessian_update(H_in.double(), X.double(), alpha, beta)
+    plain = reference.hessian_update(H_in.float(), X, alpha, beta)  # fp32 X^T X of the up-cast X
+    err_k = (H_out.double() - exact).norm().item()
+    err_t = (plain.double() - exact).norm().item()
+    tiny = 4 * torch.finfo(torch.float32).eps * max(1, X.shape[0]) ** 0.5 * exact.norm().item() + 1e-30
+    assert torch.isfinite(H_out).all(), f"seed {seed}"
+    assert err_k <= 2 * err_t + tiny, f"seed {seed}: error {err_k:.3e} vs torch fp32 {err_t:.3e}"
+    assert torch.equal(H_out, H_out.T), f"seed {seed}: result not exactly symmetric"

@@ -1,5 +1,6 @@
-"""Backend choice for the ops: the compiled extension (C++ on CPU tensors, CUDA on CUDA tensors), Triton, or the
-plain-torch reference. Nothing here holds state beyond caching what is importable."""
+"""Backend choice for the ops: the compiled extension (C++ on CPU tensors, CUDA on CUDA tensors), Triton, or plain
+torch (the reference, or for the Hessian the library GEMM). Nothing here holds state beyond caching what is
+importable."""
 from __future__ import annotations
 
 import functools
@@ -48,14 +49,14 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = True, float64: bool = False,
-            prefer_triton: bool = False) -> str:
+            auto_cuda: str | None = None) -> str:
     """Turn ``backend`` into one of "torch" | "native" | "triton" for ``op`` on ``device``, or raise a clear error.
 
-    The kernels compute in float32: float64 problems (``float64=True``) go to the torch reference under "auto" and
-    are refused by an explicit kernel backend. "auto" takes the compiled extension, except on CUDA tensors where the
-    caller says the Triton kernel is the faster one (``prefer_triton``, from measurements on an H200). A backend that
-    is unknown, or unavailable for these tensors, is a ValueError naming the option (the same type for every
-    backend)."""
+    The kernels compute in float32: float64 problems (``float64=True``) go to the torch path under "auto" and are
+    refused by an explicit kernel backend. "auto" takes the compiled extension, except on CUDA tensors where the
+    caller names the backend its measurements on an H200 found fastest (``auto_cuda``: "torch", i.e. plain torch
+    library calls, or "triton"). A backend that is unknown, or unavailable for these tensors, is a ValueError naming
+    the option (the same type for every backend)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if float64:
@@ -63,8 +64,12 @@ def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = Tr
             raise TypeError(f"backend={backend!r} computes {op} in float32; float64 inputs need backend='torch' "
                             "(or 'auto')")
         return "torch"
+    if auto_cuda not in (None, "torch", "triton"):
+        raise ValueError(f"auto_cuda must be None, 'torch' or 'triton', got {auto_cuda!r}")
     if backend == "auto":
-        if prefer_triton and triton_op and device.type == "cuda" and triton_usable(device):
+        if device.type == "cuda" and auto_cuda == "torch":
+            return "torch"
+        if device.type == "cuda" and auto_cuda == "triton" and triton_op and triton_usable(device):
             return "triton"
         if native_has(op, device):
             return "native"

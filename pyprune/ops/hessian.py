@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
 from ._backend import resolve
 from ._checks import (SYMMETRY_RTOL, check_count, check_matrix, check_same_device, check_tensor_device,
                       symmetry_error, symmetry_stats)
@@ -23,24 +22,76 @@ def _check_update_args(H: torch.Tensor, X: torch.Tensor) -> None:
     check_same_device(H=H, X=X)
 
 
+# The backend "auto" takes, from measurements (k = 32768 bf16 tokens per call):
+# - CUDA tensors: the library call (backend "torch", ``_library_update_``). On an H200 (benchmarks/results/gpu/
+#   bench_hessian.md) torch.addmm(H, X.T, X, out_dtype=float32) took 84.4 ms at 28672 columns against 89.1 ms for the
+#   Triton kernel and 155 ms for the CUDA (WMMA) kernel; 6.0 / 7.6 / 12.9 ms at 8192 columns. Both kernels compute
+#   only the upper triangle, half the library's flops, and still lose, so they stay as explicit backends
+#   (backend="triton" / "cuda") for benchmarks/bench_hessian.py, which times all of them against the library call.
+# - CPU tensors: the C++ op, which is itself the library GEMM (one addmm_ on X up-cast to fp32) plus a blocked
+#   mirror of the upper triangle in C++. Measured here, 1 thread, 2048 bf16 tokens, median of 25 calls (9 at 2048
+#   columns), bare addmm_ / C++ op / backend "torch": 512 columns 16.5 / 17.0 / 16.6 ms, 1024: 67.0 / 69.7 / 72.7 ms,
+#   2048: 258 / 285 / 273 ms (the torch mirror alone: 0.4 / 2.0 / 7.7 ms). The machine was shared (load 3.3 on 2
+#   cores, about +-10%): the three are the same GEMM and no difference is resolved, so the CPU keeps the C++ op.
+AUTO_CUDA = "torch"
+# Tile of the torch mirror (``_mirror_upper_``): cache-sized on the CPU; on a GPU few, large launches.
+_MIRROR_TILE = {"cpu": 128}
+_MIRROR_TILE_DEFAULT = 4096
+
+
+def hessian_backend(H: torch.Tensor, X: torch.Tensor, backend: str = "auto") -> str:
+    """What ``hessian_update_(H, X, ..., backend=backend)`` runs: "torch" (the library call), "native" or
+    "triton"."""
+    return resolve(backend, "hessian_update", H.device, float64=H.dtype == torch.float64, auto_cuda=AUTO_CUDA)
+
+
+def _mirror_upper_(H: torch.Tensor) -> None:
+    """Copy H's upper triangle onto its lower one in place, tile by tile (no n x n temporary): H becomes exactly
+    symmetric, the contract of every backend. A GEMM computes the two mirror entries of X^T X separately: with MKL here
+    (512 columns, 2048 tokens) 78% of the pairs differed, by up to 2.2e-8 of max |H|."""
+    n = H.shape[0]
+    T = _MIRROR_TILE.get(H.device.type, _MIRROR_TILE_DEFAULT)
+    for i0 in range(0, n, T):
+        i1 = min(n, i0 + T)
+        for j0 in range(0, i0, T):
+            H[i0:i1, j0:j0 + T].copy_(H[j0:j0 + T, i0:i1].T)
+        d = H[i0:i1, i0:i1]
+        lower = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=H.device).tril_(-1)
+        d.copy_(torch.where(lower, d.T, d))
+
+
+def _library_update_(H: torch.Tensor, X: torch.Tensor, alpha: float, beta: float) -> None:
+    """Backend "torch": ``H <- beta H + alpha X^T X`` by one library GEMM in place, then ``_mirror_upper_``.
+
+    16-bit X with an fp32 H on CUDA: ``torch.addmm(..., out_dtype=float32)`` (cuBLAS reads X in its own dtype: exact
+    products, fp32 sums and output, no up-cast copy of X). Elsewhere X is converted to H's dtype first (torch 2.13's
+    CPU build has no out_dtype addmm). ``beta = 0`` does not read H (BLAS semantics), and only H's upper triangle
+    reaches the result. TF32 is never used here (``allow_tf32`` is a permission the kernels may take)."""
+    if H.device.type == "cuda" and H.dtype == torch.float32 and X.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(H, X.T, X, beta=beta, alpha=alpha, out_dtype=torch.float32, out=H)
+    else:
+        Xc = X.to(H.dtype)
+        H.addmm_(Xc.T, Xc, beta=beta, alpha=alpha)
+    _mirror_upper_(H)
+
+
 def hessian_update_(H: torch.Tensor, X: torch.Tensor, alpha: float, beta: float, *, allow_tf32: bool = False,
                     backend: str = "auto") -> torch.Tensor:
     """In place ``H <- beta * H + alpha * X^T X``; ``H`` is (cols, cols) float32/float64, ``X`` is (k, cols).
 
-    H must be symmetric: the compiled and Triton kernels read only its upper triangle (``beta = 0`` reads nothing).
-    No value checks here (NaN in X gives NaN in H); ``accumulate_hessian`` checks before it writes."""
+    H must be symmetric: every backend reads only its upper triangle (``beta = 0`` reads nothing) and leaves H
+    exactly symmetric. Backends: "torch" is the library GEMM (``_library_update_``, what "auto" takes on CUDA
+    tensors), "cpp"/"cuda" the compiled ops, "triton" the Triton kernel. No value checks here (NaN in X gives NaN in
+    H); ``accumulate_hessian`` checks before it writes."""
     _check_update_args(H, X)
-    # bf16/fp16 X on an H200 (benchmarks/results/gpu/bench_hessian.md): the Triton kernel ran 1.7-1.8x faster than
-    # the CUDA (WMMA) kernel and within 6% of cuBLAS's full bf16 product, so "auto" takes it there
-    which = resolve(backend, "hessian_update", H.device, float64=H.dtype == torch.float64,
-                    prefer_triton=X.dtype in (torch.float16, torch.bfloat16))
+    which = hessian_backend(H, X, backend)
     if which == "native":
         torch.ops.pyprune.hessian_update(H, X.contiguous(), float(alpha), float(beta), bool(allow_tf32))
     elif which == "triton":
         from ..triton_kernels.hessian import hessian_update_triton
         hessian_update_triton(H, X.contiguous(), float(alpha), float(beta), allow_tf32=bool(allow_tf32))
     else:
-        H.copy_(reference.hessian_update(H, X, alpha, beta))
+        _library_update_(H, X, float(alpha), float(beta))
     return H
 
 

@@ -108,17 +108,26 @@ def test_masked_solve_not_positive_definite_status():
 
 
 def test_auto_backend_choice():
-    """"auto": the compiled op on CPU tensors; on CUDA tensors the Triton Hessian kernel for 16-bit activations (the
-    faster one on an H200), the compiled kernel otherwise; float64 always goes to the torch reference."""
+    """"auto": the compiled op on CPU tensors; on CUDA tensors what the op names from its H200 measurements (the
+    Hessian: the library GEMM, backend "torch", for every X dtype), the compiled kernel otherwise; float64 always
+    goes to torch."""
     from pyprune.ops._backend import resolve, triton_usable
+    from pyprune.ops.hessian import hessian_backend
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve("auto", "hessian_update", cpu, prefer_triton=True) == "native"
+    assert resolve("auto", "hessian_update", cpu, auto_cuda="torch") == "native"
     assert resolve("auto", "masked_solve", cpu) == "native"
-    assert resolve("auto", "hessian_update", cpu, float64=True) == "torch"
+    assert resolve("auto", "hessian_update", cpu, float64=True, auto_cuda="torch") == "torch"
+    assert resolve("auto", "hessian_update", cuda, auto_cuda="torch") == "torch"  # no device needed to decide
     if triton_usable(cuda):
-        assert resolve("auto", "hessian_update", cuda, prefer_triton=True) == "triton"
+        assert resolve("auto", "nm_select", cuda, auto_cuda="triton") == "triton"
     if native_has("masked_solve", cuda):
         assert resolve("auto", "masked_solve", cuda) == "native"
+    H = torch.zeros(4, 4)
+    assert hessian_backend(H, torch.zeros(2, 4)) == "native"
+    assert hessian_backend(H.double(), torch.zeros(2, 4)) == "torch"
+    assert hessian_backend(H, torch.zeros(2, 4), "torch") == "torch"
+    with pytest.raises(ValueError, match="auto_cuda"):
+        resolve("auto", "hessian_update", cpu, auto_cuda="cuda")
 
 
 def test_masked_solve_wrapper_uses_cpp(rng):

@@ -11,38 +11,15 @@ pytest.importorskip("triton")
 from pyprune import reference  # noqa: E402
 from pyprune.triton_kernels._common import is_interpreted  # noqa: E402
 from pyprune.triton_kernels.hessian import _hessian_kernel, hessian_update_triton  # noqa: E402
+from tests.helpers import activations, check_hessian_update, sym_hessian  # noqa: E402
 
-EPS32 = torch.finfo(torch.float32).eps
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+_sym_H, _X, _check = sym_hessian, activations, check_hessian_update
 
 
 def _need(device):
     if device == "cpu" and not is_interpreted(_hessian_kernel):
         pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)")
-
-
-def _sym_H(cols, rng):
-    A = torch.randn(cols, 2 * cols + 1, generator=rng)
-    return (A @ A.T / (2 * cols + 1)).contiguous()
-
-
-def _X(k, cols, dtype, rng):
-    scale = 0.2 + torch.rand(cols, generator=rng)  # uneven input scales, like activations
-    return (torch.randn(k, cols, generator=rng) * scale).to(dtype)
-
-
-def _check(H_out, H_in, X, alpha, beta, seed):
-    """Kernel error vs float64 <= 2x the error of plain fp32 torch, plus the rounding a plain fp32 sum of k terms may
-    make (4 sqrt(k) ulps of |H|: cuBLAS's fp32 GEMM on an H200 was up to 100x more accurate than that, so 2x its
-    error alone failed a correct tensor-core kernel at k=300, with errors of 6 ulps), and exact symmetry."""
-    exact = reference.hessian_update(H_in.double(), X.double(), alpha, beta)
-    plain = reference.hessian_update(H_in, X, alpha, beta)  # fp32 X^T X of the up-cast X: the kernel's precision
-    err_k = (H_out.double() - exact).norm().item()
-    err_t = (plain.double() - exact).norm().item()
-    tiny = 4 * EPS32 * max(1, X.shape[0]) ** 0.5 * exact.norm().item() + 1e-30
-    assert torch.isfinite(H_out).all(), f"seed {seed}"
-    assert err_k <= 2 * err_t + tiny, f"seed {seed}: kernel error {err_k:.3e} vs torch fp32 {err_t:.3e}"
-    assert torch.equal(H_out, H_out.T), f"seed {seed}: result not exactly symmetric"
 
 
 @pytest.mark.parametrize("device", DEVICES)
