@@ -114,17 +114,19 @@ def load(name):
     p = out / f"{name}.json"
     return json.loads(p.read_text())["rows"] if p.exists() else []
 for r in load("bench_hessian"):
-    if r.get("method") in ("cuda", "triton", "torch_bf16", "cublas_fp32out") and "ms" in r:
-        lines.append(f"| hessian | cols={r['cols']} k={r['tokens']} | {r['method']} | {r['ms']:.3g} ms | "
-                     f"x SparseGPT | {r['vs_sparsegpt']:.3g} | >= 1.8 |")
+    if r.get("method") in ("library", "torch", "cuda", "triton", "auto") and "ms" in r:
+        who = r["method"] + (f" ({r['picks']})" if r.get("picks") else "")
+        lines.append(f"| hessian | cols={r['cols']} k={r['tokens']} {r.get('dtype', '')} | {who} | {r['ms']:.3g} ms "
+                     f"({r['pct_floor']:.3g}% of floor) | x library | {r['vs_library']:.3g} | >= 1.5 |")
 for r in load("bench_masked_solve"):
     if r.get("backend") in ("cuda", "triton") and "ms" in r:
         lines.append(f"| masked_solve | rows={r['rows']} B={r['B']} {r['mask']} | {r['backend']} | {r['ms']:.3g} ms "
                      f"| x torch | {r['vs_torch'] or 0:.3g} | >= 5 |")
 for r in load("bench_nm_select"):
-    if r.get("backend") in ("cuda", "triton") and "us" in r:
+    if r.get("backend") in ("cuda", "triton", "triton_kernel") and "us" in r:
         lines.append(f"| nm_select | rows={r['rows']} B={r['B']} {r['nm']} {r['mode']} | {r['backend']} | "
-                     f"{r['us']:.3g} us | % of copy bw | {r['pct_floor']:.3g} | >= 70 |")
+                     f"{r['us']:.3g} us | % of copy bw (of bound: {r.get('pct_bound', 0):.3g}) | "
+                     f"{r['pct_floor']:.3g} | >= 50 at B=4096 |")
 for r in load("bench_prune_layer"):
     if "s" in r:
         lines.append(f"| prune_layer | {r['rows']}x{r['cols']} {r['sparsity']} {r['method']} | {r['backend']} | "

@@ -2,23 +2,38 @@
 
 Design
 ------
-exact=True: the group loss of subset S is ``1/2 w_S^T (G[S, S])^{-1} w_S`` with ``G[S, S]`` from the group's diagonal
-``m x m`` block. ``(G[S, S])^{-1}`` is the same for every row, so the host computes it once per (group, subset) with
-torch (float64 inverse, tiny) and folds it into pair coefficients: with the ``m (m + 1) / 2`` pairs ``c <= d`` of a
-group, ``cost[r, s] = sum_pair P[g, pair, s] * w[r, c] * w[r, d]`` -- a ``(rows x pairs) @ (pairs x subsets)`` product
-per group. The kernel is then a bandwidth-bound pass over ``(rows x groups)``:
+One kernel for both rules. A program owns a tile of ``BLOCK_R`` rows x ``BLOCK_G`` groups (grid
+``(cdiv(rows, BLOCK_R), cdiv(groups, BLOCK_G))``) and reads it as one ``(BLOCK_R, BLOCK_G * m)`` block contiguous
+along the rows, so lanes run along a row's groups with vectorised loads. The earlier kernel gave a program
+``BLOCK_R`` rows of one group: every lane of a warp read m values of a different row, the rows B * 4 bytes apart, and
+it reached 0.1-8% of copy bandwidth on an H200 (benchmarks/results/gpu/bench_nm_select.md).
 
-* grid ``(cdiv(rows, BLOCK_R), groups)``; a program gathers the pair products ``w_c w_d`` of its BLOCK_R rows
-  (fp32, 16-bit W up-cast right after loading), loops over subset chunks of BLOCK_S with
-  ``tl.dot(prod, P_chunk, input_precision="ieee")``, keeps the running minimum (``tl.argmin`` = first minimum inside a
-  chunk, strict ``<`` across chunks: the first minimum in itertools.combinations order wins), and writes the chosen
-  subset's bit pattern as the mask.
-* Table sizes: 2:4 -> 6 subsets x 10 pairs, 4:8 -> 70 x 36, 8:16 -> 12870 x 136 per group (the largest case holds
-  ~7 MB of fp32 coefficients per group; fine, but 8:16 is compute-heavy: ~1.7 M FMAs per row and group).
+* Loads (m a power of two): the block is reshaped to ``(BLOCK_R, BLOCK_G, m)`` and its last axis halved with
+  ``tl.split`` log2(m) times into the m columns ``w_0 .. w_{m-1}``, each ``(BLOCK_R, BLOCK_G)`` fp32 in registers
+  (16-bit W is up-cast right after loading, as the interpreter needs). Compiled for sm_90 (no GPU here), Triton 3.6
+  and 3.7 both give 128-bit loads and a compute layout with lanes along the groups; loading each column separately
+  (every m-th element) instead left Triton 3.6 free to put the lanes along the rows, the old kernel's pattern, as it
+  still does for the rare m that is not a power of two (m loads, every m-th element).
+* Store: the chosen bit pattern per (row, group) expanded to ``(BLOCK_R, BLOCK_G, m)`` uint8 and stored as one block
+  contiguous along the rows.
 
-exact=False: the n smallest saliencies ``w_j^2 / G_jj`` per group (ties: lowest column index). Same grid; each program
-computes, for every column j of the group, its rank ``#{i : s_i < s_j or (s_i == s_j and i < j)}`` with an
-``(BLOCK_R, MP, MP)`` comparison and prunes rank < n (exact tie semantics, no sort).
+exact=True: the cost of subset S is ``1/2 w_S^T G[S,S]^{-1} w_S = 1/2 ||X_S w_S||^2`` with ``X_S = L^{-1}``,
+``G[S,S] = L L^T`` (the CUDA kernel's form: a sum of squares). ``X_S`` is the same for every row, so the host builds
+it once per call in float64 (batched torch) and stores it as float32 ``TAB[s, q, g]``: q = 0 a penalty (0, or +inf
+where ``G[S,S]`` is not numerically positive definite), then the n rows of ``X_S`` scattered into the group's m
+columns (zeros at the other columns); groups fastest, so a program's BLOCK_G coefficients are one contiguous load
+shared by its BLOCK_R rows. The kernel loops over the subsets at run time and needs no member indices: row i of the
+product is ``sum_j X[i, j] w_j`` over the columns j <= m - n + i (right of that X's row i is always zero), so a subset
+costs ``n (m + 1) - n (n - 1) / 2`` multiply-adds per (row, group): 6 x 9 = 54 for 2:4 and 70 x 30 = 2100 for 4:8 (the
+earlier kernel's padded 64 x 96 pair-by-subset product: 6144 for 4:8). The factor 1/2 is left out (it does not move
+the argmin). Enumerating the subsets at compile time instead (members as constants, 980 for 4:8) took 5 minutes in
+Triton 3.7's coalescing pass for the 800 loads of the unrolled 4:8 kernel: not usable.
+
+The minimum is kept with a strict ``<`` in subset order (itertools.combinations): the first minimum wins, as the
+reference's argmin.
+
+exact=False: the n smallest saliencies ``w_j^2 / G_jj`` per group (ties: lowest column index): column j is pruned
+when its rank ``#{i : s_i < s_j or (s_i == s_j and i < j)}`` is below n (m^2 compile-time comparisons, no sort).
 """
 from __future__ import annotations
 
@@ -37,134 +52,157 @@ MAX_M = 16
 
 
 @triton.jit
-def _nm_exact_kernel(W, P, PC, PD, BITS, OUT, rows, stride_w, stride_o, n_sub, n_pairs, m,
-                     BLOCK_R: tl.constexpr, NPP: tl.constexpr, BLOCK_S: tl.constexpr, MP: tl.constexpr):
-    pid_r = tl.program_id(0)
-    g = tl.program_id(1)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+def _nm_select_kernel(W, TAB, BITS, G, OUT, rows, groups, n_sub, stride_w, stride_o, stride_gd,
+                      N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, LOG_MP: tl.constexpr,
+                      EXACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     rv = r < rows
-    q = tl.arange(0, NPP)
-    qv = q < n_pairs
-    c = tl.load(PC + q, mask=qv, other=0)
-    d = tl.load(PD + q, mask=qv, other=0)
-    base = W + r[:, None].to(tl.int64) * stride_w + g * m
-    lmask = rv[:, None] & qv[None, :]
-    wc = tl.load(base + c[None, :], mask=lmask, other=0.0).to(tl.float32)
-    wd = tl.load(base + d[None, :], mask=lmask, other=0.0).to(tl.float32)
-    prod = wc * wd  # (BLOCK_R, NPP): w_c w_d for every pair c <= d of the group
-    best = tl.full((BLOCK_R,), float("inf"), dtype=tl.float32)
-    best_i = tl.zeros((BLOCK_R,), dtype=tl.int32)
-    s_off = tl.arange(0, BLOCK_S)
-    pbase = P + g.to(tl.int64) * n_pairs * n_sub
-    for s0 in tl.range(0, n_sub, BLOCK_S):
-        s = s0 + s_off
-        sv = s < n_sub
-        coef = tl.load(pbase + q[:, None] * n_sub + s[None, :], mask=qv[:, None] & sv[None, :], other=0.0)
-        cost = tl.dot(prod, coef, input_precision="ieee")  # (BLOCK_R, BLOCK_S)
-        cost = tl.where(sv[None, :], cost, float("inf"))
-        cmin = tl.min(cost, axis=1)
-        carg = tl.argmin(cost, axis=1).to(tl.int32)
-        upd = cmin < best
-        best = tl.where(upd, cmin, best)
-        best_i = tl.where(upd, s0 + carg, best_i)
-    bits = tl.load(BITS + best_i, mask=rv, other=0)
-    jj = tl.arange(0, MP)
-    sel = ((bits[:, None] >> jj[None, :]) & 1) != 0
-    tl.store(OUT + r[:, None].to(tl.int64) * stride_o + g * m + jj[None, :], sel.to(tl.uint8),
-             mask=rv[:, None] & (jj[None, :] < m))
+    gv = g < groups
+    valid = rv[:, None] & gv[None, :]
+    # the tile's columns w_0 .. w_{m-1}, each (BLOCK_R, BLOCK_G) in fp32
+    ws = ()
+    if M == MP:
+        # one load contiguous along the row (lanes along it, vectorised), split in registers: reshape to
+        # (.., m) and halve the last axis LOG_MP times; part p then holds column bit_reverse(p)
+        c = tl.program_id(1) * (BLOCK_G * M) + tl.arange(0, BLOCK_G * M)
+        t = tl.load(W + r[:, None].to(tl.int64) * stride_w + c[None, :], mask=rv[:, None] & (c < groups * M)[None, :],
+                    other=0.0).to(tl.float32)
+        parts = (tl.reshape(t, (BLOCK_R, BLOCK_G, M)),)
+        for level in tl.static_range(LOG_MP):
+            halves = ()
+            for h in tl.static_range(1 << level):
+                a, b = tl.split(tl.reshape(parts[h], (BLOCK_R, BLOCK_G, M // (2 << level), 2)))
+                halves = halves + (a, b)
+            parts = halves
+        for j in tl.static_range(M):  # part index = j's LOG_MP bits reversed (m <= 16), inline to stay constexpr
+            ws = ws + (tl.reshape(parts[(((j & 1) << 3) + ((j & 2) << 1) + ((j & 4) >> 1) + ((j & 8) >> 3))
+                                        >> (4 - LOG_MP)], (BLOCK_R, BLOCK_G)),)
+    else:
+        # m not a power of two: m loads, column j of every group (every m-th element of the row segment)
+        base = W + r[:, None].to(tl.int64) * stride_w + (g * M)[None, :]
+        for j in tl.static_range(M):
+            ws = ws + (tl.load(base + j, mask=valid, other=0.0).to(tl.float32),)
 
+    if EXACT:
+        Q: tl.constexpr = 1 + N * M  # table entries per (subset, group): the penalty, then X_S's n rows of m
+        zero = tl.zeros((BLOCK_R, BLOCK_G), dtype=tl.float32)
+        best = zero + float("inf")
+        bits = tl.zeros((BLOCK_R, BLOCK_G), dtype=tl.int32) + ((1 << N) - 1)  # all +inf: the first subset
+        for s in tl.range(0, n_sub, num_stages=1):  # no prefetch: the coefficients are cache hits
+            tab = TAB + s * Q * groups + g
+            cost = zero + tl.load(tab, mask=gv, other=0.0)[None, :]
+            for i in tl.static_range(N):
+                # row i of X_S is zero right of the subset's i-th member, which is at most column m - n + i
+                y = zero
+                for j in tl.static_range(M - N + i + 1):
+                    y += tl.load(tab + (1 + i * M + j) * groups, mask=gv, other=0.0)[None, :] * ws[j]
+                cost += y * y
+            upd = cost < best  # strict: the first minimum in subset order wins
+            best = tl.where(upd, cost, best)
+            bits = tl.where(upd, tl.load(BITS + s), bits)
+    else:
+        ss = ()
+        for j in tl.static_range(M):
+            dg = tl.load(G + (g * M + j).to(tl.int64) * stride_gd, mask=gv, other=1.0)
+            ss = ss + (ws[j] * ws[j] / dg[None, :],)
+        bits = tl.zeros((BLOCK_R, BLOCK_G), dtype=tl.int32)
+        for j in tl.static_range(M):
+            rank = tl.zeros((BLOCK_R, BLOCK_G), dtype=tl.int32)
+            for i in tl.static_range(M):
+                if i < j:
+                    rank += (ss[i] <= ss[j]).to(tl.int32)
+                if i > j:
+                    rank += (ss[i] < ss[j]).to(tl.int32)
+            bits = bits | ((rank < N).to(tl.int32) << j)
 
-@triton.jit
-def _nm_saliency_kernel(W, G, OUT, rows, B, stride_w, stride_o, n, m,
-                        BLOCK_R: tl.constexpr, MP: tl.constexpr):
-    pid_r = tl.program_id(0)
-    g = tl.program_id(1)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rv = r < rows
     jj = tl.arange(0, MP)
-    jv = jj < m
-    col = g * m + jj
-    w = tl.load(W + r[:, None].to(tl.int64) * stride_w + col[None, :], mask=rv[:, None] & jv[None, :],
-                other=0.0).to(tl.float32)
-    dg = tl.load(G + col.to(tl.int64) * (B + 1), mask=jv, other=1.0)
-    s = tl.where(jv[None, :], w * w / dg[None, :], float("inf"))
-    si = s[:, None, :]  # candidate i on axis 2
-    sj = s[:, :, None]  # column j on axis 1
-    ii = jj[None, None, :]
-    ij = jj[None, :, None]
-    before = ((si < sj) | ((si == sj) & (ii < ij))) & (ii < m)
-    rank = tl.sum(before.to(tl.int32), axis=2)
-    sel = (rank < n) & jv[None, :]
-    tl.store(OUT + r[:, None].to(tl.int64) * stride_o + col[None, :], sel.to(tl.uint8),
-             mask=rv[:, None] & jv[None, :])
+    sel = ((bits[:, :, None] >> jj[None, None, :]) & 1).to(tl.uint8)  # (BLOCK_R, BLOCK_G, MP)
+    if M == MP:  # one store contiguous along the row
+        c = tl.program_id(1) * (BLOCK_G * M) + tl.arange(0, BLOCK_G * M)
+        tl.store(OUT + r[:, None].to(tl.int64) * stride_o + c[None, :], tl.reshape(sel, (BLOCK_R, BLOCK_G * M)),
+                 mask=rv[:, None] & (c < groups * M)[None, :])
+    else:
+        optr = OUT + r[:, None, None].to(tl.int64) * stride_o + (g * M)[None, :, None] + jj[None, None, :]
+        tl.store(optr, sel, mask=valid[:, :, None] & (jj < M)[None, None, :])
 
 
 @functools.lru_cache(maxsize=None)
-def _host_tables(n: int, m: int):
-    """Subsets (itertools order), pair list c <= d, subset -> pair map, subset bit patterns (CPU tensors)."""
+def _host_subsets(n: int, m: int):
+    """Subsets in itertools.combinations order (long, for the table) and their bit patterns (int32)."""
     subsets = list(itertools.combinations(range(m), n))
-    pairs = [(c, d) for c in range(m) for d in range(c, m)]
-    pid = {p: i for i, p in enumerate(pairs)}
-    pairmap = torch.tensor([[pid[(min(a, b), max(a, b))] for a in S for b in S] for S in subsets], dtype=torch.long)
-    bits = torch.tensor([sum(1 << j for j in S) for S in subsets], dtype=torch.int32)
-    pc = torch.tensor([p[0] for p in pairs], dtype=torch.int32)
-    pd = torch.tensor([p[1] for p in pairs], dtype=torch.int32)
     sub = torch.tensor(subsets, dtype=torch.long)
-    return sub, pairmap, bits, pc, pd
+    bits = torch.tensor([sum(1 << j for j in S) for S in subsets], dtype=torch.int32)
+    return sub, bits
 
 
-_device_tables_cache: dict = {}
+_device_subsets_cache: dict = {}
 
 
-def _tables(n: int, m: int, device: torch.device):
+def _subsets(n: int, m: int, device: torch.device):
     key = (n, m, str(device))
-    if key not in _device_tables_cache:
-        _device_tables_cache[key] = tuple(t.to(device) for t in _host_tables(n, m))
-    return _device_tables_cache[key]
+    if key not in _device_subsets_cache:
+        _device_subsets_cache[key] = tuple(t.to(device) for t in _host_subsets(n, m))
+    return _device_subsets_cache[key]
 
 
-def _pair_coefficients(G: torch.Tensor, n: int, m: int, sub: torch.Tensor, pairmap: torch.Tensor) -> torch.Tensor:
-    """P[g, pair, s]: cost[r, s] = sum_pair P * w_c w_d = 1/2 w_S^T G[S,S]^{-1} w_S (group g's diagonal block)."""
+def exact_table(G: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """TAB (C(m, n), 1 + n m, groups) float32: per subset S and group, the penalty (0, or +inf where G[S, S] is not
+    positive definite) then X_S = chol(G[S, S])^{-1} (n x n, lower) scattered into the group's m columns, by rows;
+    computed in float64."""
     B = G.shape[0]
     groups = B // m
+    sub = _subsets(n, m, G.device)[0]
     n_sub = sub.shape[0]
-    n_pairs = m * (m + 1) // 2
     idx = torch.arange(B, device=G.device).view(groups, m)
     Gb = G.to(torch.float64)[idx[:, :, None], idx[:, None, :]]  # (groups, m, m)
     Gs = Gb[:, sub[:, :, None], sub[:, None, :]]  # (groups, S, n, n)
-    Q = torch.linalg.inv(Gs)
-    half = (0.5 * Q).reshape(groups, n_sub, n * n).to(torch.float32)
-    P = torch.zeros(groups, n_sub, n_pairs, dtype=torch.float32, device=G.device)
-    P.scatter_add_(2, pairmap.unsqueeze(0).expand(groups, n_sub, n * n), half)
-    return P.transpose(1, 2).contiguous()  # (groups, n_pairs, S)
+    L, info = torch.linalg.cholesky_ex(Gs)
+    ok = info == 0
+    eye = torch.eye(n, dtype=torch.float64, device=G.device)
+    X = torch.linalg.solve_triangular(torch.where(ok[..., None, None], L, eye), eye, upper=False)
+    Xm = torch.zeros(groups, n_sub, n, m, dtype=torch.float64, device=G.device)
+    Xm.scatter_(3, sub[None, :, None, :].expand(groups, n_sub, n, n), X * ok[..., None, None])
+    pen = torch.where(ok, 0.0, float("inf")).to(torch.float64)
+    tab = torch.cat([pen[..., None], Xm.reshape(groups, n_sub, n * m)], dim=-1)  # (groups, S, 1 + n m)
+    return tab.permute(1, 2, 0).to(torch.float32).contiguous()
 
 
-def _nm_select_impl(W1: torch.Tensor, G: torch.Tensor, n: int, m: int, exact: bool) -> torch.Tensor:
+def launch_config(rows: int, groups: int, m: int, exact: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_G, num_warps). Saliency: row segments of 128 values, 32 rows. Exact: segments of 64 values and
+    64 rows, so that a thread holds more rows than groups and reuses each loaded coefficient over them (the
+    compiler put 8 lanes along the groups and 4 along the rows for both, Triton 3.6 and 3.7). Chosen from compile-only
+    checks (registers: 63-117 for 2:4 and 4:8, no spills); not yet timed on a GPU: benchmarks/bench_nm_select.py
+    --sweep times other tiles."""
+    per_row = 64 if exact else 128
+    block_g = min(next_pow2(groups), max(1, per_row // next_pow2(m)))
+    block_r = min(next_pow2(rows), 64 if exact else 32)
+    return block_r, block_g, 4
+
+
+def _nm_select_impl(W1: torch.Tensor, G: torch.Tensor, n: int, m: int, exact: bool, *,
+                    tab: torch.Tensor | None = None, block_r: int | None = None, block_g: int | None = None,
+                    num_warps: int | None = None) -> torch.Tensor:
+    """The launch. ``tab``: a precomputed ``exact_table(G, n, m)`` (benchmarks time the kernel alone with it);
+    ``block_r`` / ``block_g`` / ``num_warps``: override ``launch_config`` (tests and tuning)."""
     rows, B = W1.shape
-    out = torch.zeros(rows, B, dtype=torch.bool, device=W1.device)
+    out = torch.empty(rows, B, dtype=torch.bool, device=W1.device)  # every entry is written
     if rows == 0 or B == 0:
         return out
     groups = B // m
     o8 = out.view(torch.uint8)
-    MP = next_pow2(m)
+    br, bg, nw = launch_config(rows, groups, m, exact)
+    block_r, block_g, num_warps = block_r or br, block_g or bg, num_warps or nw
+    bits = _subsets(n, m, W1.device)[1]
     if not exact:
-        BLOCK_R = 32
-        _nm_saliency_kernel[(triton.cdiv(rows, BLOCK_R), groups)](
-            W1, G, o8, rows, B, W1.stride(0), o8.stride(0), n, m, BLOCK_R=BLOCK_R, MP=MP, num_warps=4)
-        return out
-    sub, pairmap, bits, pc, pd = _tables(n, m, W1.device)
-    P = _pair_coefficients(G, n, m, sub, pairmap)
-    n_sub = sub.shape[0]
-    n_pairs = m * (m + 1) // 2
-    NPP = next_pow2(n_pairs, 16)
-    # tile sizes picked so that ptxas (sm_90, compile-only) reports no spills: the (BLOCK_R x NPP) pair products and
-    # the (NPP x BLOCK_S) coefficient chunk both live in registers for the fp32 FMA dot
-    BLOCK_R = 64 if NPP <= 32 else 32
-    BLOCK_S = min(next_pow2(n_sub, 16), 16 if NPP >= 256 else 32)
-    _nm_exact_kernel[(triton.cdiv(rows, BLOCK_R), groups)](
-        W1, P, pc, pd, bits, o8, rows, W1.stride(0), o8.stride(0), n_sub, n_pairs, m,
-        BLOCK_R=BLOCK_R, NPP=NPP, BLOCK_S=BLOCK_S, MP=MP, num_warps=8 if NPP >= 256 else 4,
-        num_stages=3 if NPP <= 64 else 2)
+        tab = G  # not read
+    elif tab is None:
+        tab = exact_table(G, n, m)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(groups, block_g))
+    _nm_select_kernel[grid](
+        W1, tab, bits, G, o8, rows, groups, bits.shape[0], W1.stride(0), o8.stride(0), G.stride(0) + 1,
+        N=n, M=m, MP=next_pow2(m), LOG_MP=next_pow2(m).bit_length() - 1, EXACT=bool(exact), BLOCK_R=block_r,
+        BLOCK_G=block_g, num_warps=num_warps)
     return out
 
 
@@ -178,14 +216,7 @@ def _nm_select_fake(W1, G, n, m, exact):
     return W1.new_empty(W1.shape, dtype=torch.bool)
 
 
-def nm_select_triton(W1: torch.Tensor, G: torch.Tensor, n: int, m: int, *, exact: bool = True) -> torch.Tensor:
-    """Bool mask (rows, B), True = prune, exactly ``n`` per group of ``m`` consecutive columns of every row.
-
-    W1: (rows, B) float32/float16/bfloat16 with unit column stride; G: (B, B) float32 contiguous (only its diagonal
-    m x m blocks are used). exact=True: best subset by ``1/2 w_S^T G[S,S]^{-1} w_S`` (first minimum in
-    itertools.combinations order); exact=False: the n smallest ``w_j^2 / G_jj`` (ties: lowest column index).
-    """
-    op = "nm_select_triton"
+def check_args(op: str, W1: torch.Tensor, G: torch.Tensor, n: int, m: int) -> None:
     check_2d(op, "W1", W1, dtypes=FLOAT_DTYPES, contiguous=False)
     B = W1.shape[1]
     check_2d(op, "G", G, dtypes=(torch.float32,), shape=(B, B))
@@ -198,5 +229,16 @@ def nm_select_triton(W1: torch.Tensor, G: torch.Tensor, n: int, m: int, *, exact
         raise ValueError(f"{op}: M={m} is too large for best-subset enumeration (at most {MAX_M})")
     if B % m:
         raise ValueError(f"{op}: the block has {B} columns, not a multiple of M={m}")
-    check_device(_nm_exact_kernel, op, W1=W1, G=G)
+    check_device(_nm_select_kernel, op, W1=W1, G=G)
+
+
+def nm_select_triton(W1: torch.Tensor, G: torch.Tensor, n: int, m: int, *, exact: bool = True) -> torch.Tensor:
+    """Bool mask (rows, B), True = prune, exactly ``n`` per group of ``m`` consecutive columns of every row.
+
+    W1: (rows, B) float32/float16/bfloat16 with unit column stride; G: (B, B) float32 contiguous (only its diagonal
+    m x m blocks are used). exact=True: best subset by ``1/2 w_S^T G[S,S]^{-1} w_S`` (first minimum in
+    itertools.combinations order; a subset whose G[S, S] is not positive definite is never preferred);
+    exact=False: the n smallest ``w_j^2 / G_jj`` (ties: lowest column index).
+    """
+    check_args("nm_select_triton", W1, G, n, m)
     return torch.ops.pyprune_triton.nm_select(W1, G, int(n), int(m), bool(exact))
