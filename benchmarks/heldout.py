@@ -108,24 +108,16 @@ def reorder(calib: torch.Tensor, order: int) -> torch.Tensor:
 
 def book_text(path: str) -> str:
     """A Gutenberg book without its licence header (from the '*** START OF' line on, when there is one)."""
-    from pyprune.data import load_text
-    text = load_text(path)
-    at = text.find("*** START OF")
-    if at >= 0:
-        text = text[text.find("\n", at) + 1:]
-    return text
+    from pyprune.data import load_text, strip_gutenberg_header
+    return strip_gutenberg_header(load_text(path))
 
 
 def calibration(sources: dict, c: dict, seed: int, seqlen: int) -> torch.Tensor:
     """The calibration windows of a configuration: ``nsamples`` windows of WikiText-2 validation, or with ``mix``
     half of them from the calibration book (the same seed draws both halves)."""
-    from pyprune.data import calibration_samples
-    n = c["nsamples"]
-    if not c["mix"]:
-        return calibration_samples(sources["wikitext2"], n, seqlen, seed=seed)
-    a = calibration_samples(sources["wikitext2"], n - n // 2, seqlen, seed=seed)
-    b = calibration_samples(sources["book"], n // 2, seqlen, seed=seed)
-    return torch.cat([a, b])
+    from pyprune.data import mixed_calibration_samples
+    streams = [sources["wikitext2"]] + ([sources["book"]] if c["mix"] else [])
+    return mixed_calibration_samples(streams, c["nsamples"], seqlen, seed=seed)
 
 
 def load_cache(path: str) -> dict:

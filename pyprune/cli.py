@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="joint", choices=METHODS)
     p.add_argument("--sparsity", default="0.5", type=_sparsity, help="fraction (0.5) or N:M (2:4, 4:8)")
     p.add_argument("--calib-text", default="wikitext2",
-                   help="calibration text file ('wikitext2' = the shared WikiText-2 validation split)")
+                   help="calibration text: a file, 'wikitext2' (the shared WikiText-2 validation split), 'gutenberg' "
+                   "(a shared public-domain novel), or several of these comma-separated, the samples split evenly "
+                   "between them")
     p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration window")
     p.add_argument("--block-size", type=_positive_int, default=128, help="columns per joint solve block")
@@ -204,7 +206,7 @@ def _prune_config(args):
 
 
 def cmd_prune(args) -> int:
-    from .data import calibration_samples, load_text, tokenize
+    from .data import load_text, mixed_calibration_samples, tokenize
     from .models.driver import resolve_device
     from .models.io import check_nm_shapes, check_supported, load_tokenizer, prepare_output_dir, resolve_model
     from .models.outdir import check_output_vs_input
@@ -224,11 +226,13 @@ def cmd_prune(args) -> int:
     # distributed: every rank of this node holds the model unless it streams
     stream = should_stream(source, args.stream, copies=_local_world_size() if distributed else 1)
     prepare_output_dir(out, overwrite=args.overwrite, input_path=str(source), resume=stream and not args.no_resume)
-    text = load_text(args.calib_text, split="calib")
+    sources = [args.calib_text] if os.path.isfile(args.calib_text) else [s for s in args.calib_text.split(",") if s]
+    texts = [load_text(s, split="calib") for s in sources]
     _quiet_transformers()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
-    samples = calibration_samples(tokenize(tokenizer, text), args.nsamples, args.seqlen, seed=args.seed)
+    samples = mixed_calibration_samples([tokenize(tokenizer, t) for t in texts], args.nsamples, args.seqlen,
+                                        seed=args.seed)
     t_tok = time.perf_counter() - t0
     if not distributed:
         return _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, stream)
