@@ -59,9 +59,12 @@ heldout = load_heldout()
 
 
 def parse_key(key: str) -> tuple[str, str]:
-    """``llmc-<method>/<sparsity>`` -> (method, canonical sparsity); SystemExit on anything else."""
+    """``llmc-<method>/<sparsity>[/mix]`` -> (method, canonical sparsity); SystemExit on anything else. ``mix``:
+    heldout.py's mixed calibration (half WikiText-2, half the calibration book); see ``is_mix``."""
     from pyprune.config import Sparsity
     parts = key.split("/")
+    if parts[-1] == "mix":
+        parts = parts[:-1]
     if len(parts) != 2 or not parts[0].startswith(PREFIX) or parts[0][len(PREFIX):] not in METHODS:
         raise SystemExit(f"configuration key {key!r}: expected llmc-<{'|'.join(METHODS)}>/<sparsity>, e.g. "
                          "llmc-sparsegpt/2:4")
@@ -252,12 +255,13 @@ def run_all(args, todo: list[tuple[str, int]]) -> dict:
             ckey, seed = run
             k = heldout.run_key(ckey, seed)
             method, sparsity = parse_key(ckey)
-            c = dict(method=PREFIX + method, sparsity=sparsity, mask=None, nsamples=args.nsamples, mix=False,
+            mix = ckey.endswith("/mix")
+            c = dict(method=PREFIX + method, sparsity=sparsity, mask=None, nsamples=args.nsamples, mix=mix,
                      damp=heldout.DEFAULT_DAMP if method == "sparsegpt" else None)
             calib = heldout.calibration(sources, c, seed, args.seqlen)
-            calib_path = os.path.join(args.work, f"calib-n{args.nsamples}-l{args.seqlen}-seed{seed}.pt")
+            calib_path = os.path.join(args.work, f"calib-n{args.nsamples}-l{args.seqlen}-seed{seed}{'-mix' if mix else ''}.pt")
             torch.save(calib, calib_path)
-            tag = f"{method}-{sparsity.replace(':', 'of')}-seed{seed}"
+            tag = f"{method}-{sparsity.replace(':', 'of')}-seed{seed}{'-mix' if mix else ''}"
             meta, error, weights, log_path = run_worker(args, method, sparsity, model_dir, calib_path, tag)
             entry = dict(c, config=ckey, seed=seed, order=0, seqlen=args.seqlen, log=log_path)
             if error is not None:
@@ -395,7 +399,7 @@ def main(argv=None) -> int:
     ckeys = []
     for k in (k for k in args.configs.split(",") if k):
         method, sparsity = parse_key(k)
-        ckeys.append(f"{PREFIX}{method}/{sparsity}")
+        ckeys.append(f"{PREFIX}{method}/{sparsity}" + ("/mix" if k.endswith("/mix") else ""))
     seeds = [int(s) for s in args.seeds.split(",") if s]
     os.makedirs(args.out, exist_ok=True)
     if args.report_only:

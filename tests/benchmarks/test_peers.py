@@ -14,6 +14,7 @@ def peers():
 def test_keys(peers):
     assert peers.parse_key("llmc-sparsegpt/2:4") == ("sparsegpt", "2:4")
     assert peers.parse_key("llmc-wanda/0.50") == ("wanda", "0.5")
+    assert peers.parse_key("llmc-wanda/0.5/mix") == ("wanda", "0.5")
     for bad in ("sparsegpt/0.5", "llmc-joint/0.5", "llmc-wanda", "llmc-wanda/0.5/seed0", "llmc-wanda/x"):
         with pytest.raises(SystemExit):
             peers.parse_key(bad)
