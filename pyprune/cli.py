@@ -97,10 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'builtin'")
     p.add_argument("--method", default="joint", choices=METHODS)
     p.add_argument("--sparsity", default="0.5", type=_sparsity, help="fraction (0.5) or N:M (2:4, 4:8)")
-    p.add_argument("--calib-text", default="wikitext2",
-                   help="calibration text: a file, 'wikitext2' (the shared WikiText-2 validation split), 'gutenberg' "
-                   "(a shared public-domain novel), or several of these comma-separated, the samples split evenly "
-                   "between them")
+    _add_calib_text(p)
     p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration window")
     p.add_argument("--block-size", type=_positive_int, default=128, help="columns per joint solve block")
@@ -171,16 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "wall times.")
     d.add_argument("--method", default="joint", choices=METHODS)
     d.add_argument("--sparsity", default="0.5", type=_sparsity)
-    d.add_argument("--nsamples", type=_positive_int, default=32, help="calibration windows (wikitext2 valid)")
+    _add_calib_text(d)
+    d.add_argument("--nsamples", type=_positive_int, default=32, help="calibration windows")
     d.add_argument("--seqlen", type=_positive_int, default=512)
     d.add_argument("--eval-nsamples", type=_positive_int, default=20, help="evaluation windows (wikitext2 test)")
     d.add_argument("--block-size", type=_positive_int, default=128)
+    d.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions")
     d.add_argument("--device", default="auto")
     _add_threads(d)
     d.add_argument("--output", "-o", default=None, metavar="DIR", help="also save the pruned model here")
     d.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     d.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
+
+
+# Calibration default: see README "Held-out text" (benchmarks/results/heldout.md).
+DEFAULT_CALIB_TEXT = "wikitext2"
+
+
+def _add_calib_text(p) -> None:
+    p.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT,
+                   help="calibration text: a file, 'wikitext2' (the shared WikiText-2 validation split), 'gutenberg' "
+                   "(a shared public-domain novel), or several of these comma-separated, the samples split evenly "
+                   "between them")
 
 
 def _quiet_transformers():
@@ -206,7 +216,7 @@ def _prune_config(args):
 
 
 def cmd_prune(args) -> int:
-    from .data import load_text, mixed_calibration_samples, tokenize
+    from .data import calibration_texts, calibration_windows
     from .models.driver import resolve_device
     from .models.io import check_nm_shapes, check_supported, load_tokenizer, prepare_output_dir, resolve_model
     from .models.outdir import check_output_vs_input
@@ -226,13 +236,11 @@ def cmd_prune(args) -> int:
     # distributed: every rank of this node holds the model unless it streams
     stream = should_stream(source, args.stream, copies=_local_world_size() if distributed else 1)
     prepare_output_dir(out, overwrite=args.overwrite, input_path=str(source), resume=stream and not args.no_resume)
-    sources = [args.calib_text] if os.path.isfile(args.calib_text) else [s for s in args.calib_text.split(",") if s]
-    texts = [load_text(s, split="calib") for s in sources]
+    texts = calibration_texts(args.calib_text)  # a missing text fails before the model loads
     _quiet_transformers()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
-    samples = mixed_calibration_samples([tokenize(tokenizer, t) for t in texts], args.nsamples, args.seqlen,
-                                        seed=args.seed)
+    samples = calibration_windows(tokenizer, texts, args.nsamples, args.seqlen, seed=args.seed)
     t_tok = time.perf_counter() - t0
     if not distributed:
         return _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, stream)
@@ -344,12 +352,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .data import calibration_samples, eval_windows, load_text, shared_file, tokenize
+    from .data import calibration_texts, calibration_windows, eval_windows, load_text, shared_file, tokenize
     from .evaluate import perplexity
     from .models.driver import prune_model, resolve_device
     from .models.io import load_model, load_tokenizer, resolve_model, save_model
     config = _prune_config(args)
-    calib_path = shared_file("data", "wikitext2", "valid.txt")
+    texts = calibration_texts(args.calib_text)
     eval_path = shared_file("data", "wikitext2", "test.txt")
     device = resolve_device(args.device)
     progress = not args.quiet
@@ -360,7 +368,7 @@ def cmd_demo(args) -> int:
     tokenizer = load_tokenizer(source)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    samples = calibration_samples(tokenize(tokenizer, load_text(calib_path)), args.nsamples, args.seqlen)
+    samples = calibration_windows(tokenizer, texts, args.nsamples, args.seqlen, seed=args.seed)
     windows = eval_windows(tokenize(tokenizer, load_text(eval_path)), args.seqlen, args.eval_nsamples)
     t_tok = time.perf_counter() - t0
     dense = perplexity(model, windows, device=device, progress=progress)
@@ -372,7 +380,7 @@ def cmd_demo(args) -> int:
     rows = [
         ("model", f"SmolLM2-135M-Instruct (built-in GGUF), {len(report.layers)} linear layers"),
         ("method", f"{config.method}, sparsity {sp}, block size {config.block_size}, device {device}"),
-        ("calibration", f"{args.nsamples} x {args.seqlen} tokens of wikitext2/valid.txt"),
+        ("calibration", f"{args.nsamples} x {args.seqlen} tokens of {args.calib_text}"),
         ("evaluation", f"{windows.shape[0]} x {windows.shape[1]} tokens of wikitext2/test.txt"),
         ("dense perplexity", f"{dense['perplexity']:.3f}"),
         ("pruned perplexity", f"{pruned['perplexity']:.3f}"),

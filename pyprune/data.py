@@ -164,6 +164,21 @@ def mixed_calibration_samples(streams: list[torch.Tensor], nsamples: int, seqlen
     return torch.cat([calibration_samples(t, c, seqlen, seed=seed) for t, c in zip(streams, counts)])
 
 
+def calibration_texts(spec: str) -> list[str]:
+    """The texts of a calibration spec, read with ``split="calib"``: one file, or comma-separated files / named sets
+    (``wikitext2,gutenberg``). Fails on the first missing or unreadable one, naming it."""
+    sources = [spec] if os.path.isfile(spec) else [s.strip() for s in spec.split(",") if s.strip()]
+    if not sources:
+        raise ValueError(f"no calibration text in {spec!r}")
+    return [load_text(s, split="calib") for s in sources]
+
+
+def calibration_windows(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Calibration windows from several texts: each tokenized, the samples split evenly between them
+    (``mixed_calibration_samples``)."""
+    return mixed_calibration_samples([tokenize(tokenizer, t) for t in texts], nsamples, seqlen, seed=seed)
+
+
 def eval_windows(tokens: torch.Tensor, seqlen: int, nsamples: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows of ``seqlen`` tokens from the start of the text, (k, seqlen). With
     ``nsamples`` None, every full window; otherwise exactly ``nsamples`` of them (or an error)."""
