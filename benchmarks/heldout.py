@@ -120,6 +120,32 @@ def calibration(sources: dict, c: dict, seed: int, seqlen: int) -> torch.Tensor:
     return mixed_calibration_samples(streams, c["nsamples"], seqlen, seed=seed)
 
 
+def texts(tok, seqlen: int, eval_windows: int) -> tuple[dict, dict]:
+    """(calibration token streams {"wikitext2", "book"}, evaluation windows per TEXTS name)."""
+    from pyprune.data import eval_windows as windows_of, load_text, shared_file, tokenize
+    sources = {"wikitext2": tokenize(tok, load_text(shared_file(*CALIB))),
+               "book": tokenize(tok, book_text(shared_file(*MIX_BOOK)))}
+    windows = {}
+    for name, (parts, _) in TEXTS.items():
+        path = shared_file(*parts)
+        text = book_text(path) if parts[1] == "gutenberg" else load_text(path)
+        windows[name] = windows_of(tokenize(tok, text), seqlen, eval_windows)
+    return sources, windows
+
+
+def score(model, windows: dict, entry: dict, args) -> None:
+    """Perplexity and per-window NLL of every text into ``entry``, with the weights cast to ``args.eval_dtype``."""
+    from pyprune.evaluate import perplexity
+    t_eval = time.perf_counter()
+    model.to(getattr(torch, args.eval_dtype))
+    for name, w in windows.items():
+        r = perplexity(model, w, device=args.device)
+        entry[f"ppl_{name}"] = r["perplexity"]
+        entry[f"window_nll_{name}"] = r["window_nll"]
+    entry["eval_dtype"] = args.eval_dtype
+    entry["eval_seconds"] = time.perf_counter() - t_eval
+
+
 def load_cache(path: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
@@ -128,8 +154,6 @@ def load_cache(path: str) -> dict:
 
 
 def run_all(args, todo: list[tuple[str, int, int]]) -> dict:
-    from pyprune.data import eval_windows, load_text, shared_file, tokenize
-    from pyprune.evaluate import perplexity
     from pyprune.models.driver import prune_model
     from pyprune.models.io import load_model, load_tokenizer
     from pyprune.report import atomic_write_text
@@ -146,14 +170,7 @@ def run_all(args, todo: list[tuple[str, int, int]]) -> dict:
     model = load_model(args.model)
     tok = load_tokenizer(args.model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    sources = {"wikitext2": tokenize(tok, load_text(shared_file(*CALIB))),
-               "book": tokenize(tok, book_text(shared_file(*MIX_BOOK)))}
-    windows = {}
-    for name, (parts, _) in TEXTS.items():
-        path = shared_file(*parts)
-        text = book_text(path) if parts[1] == "gutenberg" else load_text(path)
-        windows[name] = eval_windows(tokenize(tok, text), args.seqlen, args.eval_windows)
-    eval_dtype = getattr(torch, args.eval_dtype)
+    sources, windows = texts(tok, args.seqlen, args.eval_windows)
     for i, run in enumerate(todo):
         t0 = time.perf_counter()
         model.to(torch.float32)
@@ -170,14 +187,7 @@ def run_all(args, todo: list[tuple[str, int, int]]) -> dict:
             entry = dict(c, config=ckey, seed=seed, order=order, settings=cfg.settings(),
                          sparsity_achieved=report.sparsity, total_loss=report.total_loss,
                          prune_seconds=report.times["total"])
-        t_eval = time.perf_counter()
-        model.to(eval_dtype)
-        for name, w in windows.items():
-            r = perplexity(model, w, device=args.device)
-            entry[f"ppl_{name}"] = r["perplexity"]
-            entry[f"window_nll_{name}"] = r["window_nll"]
-        entry["eval_dtype"] = args.eval_dtype
-        entry["eval_seconds"] = time.perf_counter() - t_eval
+        score(model, windows, entry, args)
         entry["seconds"] = time.perf_counter() - t0
         cache = {**load_cache(cache_path), k: entry}
         atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")

@@ -217,8 +217,6 @@ def block_linear_weights(model) -> set:
 def run_all(args, todo: list[tuple[str, int]]) -> dict:
     from safetensors.torch import load_file
 
-    from pyprune.data import eval_windows, load_text, shared_file, tokenize
-    from pyprune.evaluate import perplexity
     from pyprune.models.io import load_model, load_tokenizer
     from pyprune.report import atomic_write_text
 
@@ -237,14 +235,8 @@ def run_all(args, todo: list[tuple[str, int]]) -> dict:
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     names = block_linear_weights(model)
     model_dir = export_model(model, tok, args.model, args.work) if todo else None
-    sources = {"wikitext2": tokenize(tok, load_text(shared_file(*heldout.CALIB)))}
-    windows = {}
-    for name, (parts, _) in heldout.TEXTS.items():
-        path = shared_file(*parts)
-        text = heldout.book_text(path) if parts[1] == "gutenberg" else load_text(path)
-        windows[name] = eval_windows(tokenize(tok, text), args.seqlen, args.eval_windows)
+    sources, windows = heldout.texts(tok, args.seqlen, args.eval_windows)
     print(f"set-up {time.perf_counter() - t0:.0f} s (model, export, tokenised texts)", flush=True)
-    eval_dtype = getattr(torch, args.eval_dtype)
     for i, run in enumerate(runs):
         t0 = time.perf_counter()
         model.to(torch.float32)
@@ -293,15 +285,8 @@ def run_all(args, todo: list[tuple[str, int]]) -> dict:
                          rss_before_prune=meta["rss_before_bytes"], load_peak_rss=meta["load_peak_rss_bytes"],
                          peak_rss_with_save=meta["peak_rss_with_save_bytes"],
                          worker_seconds=meta["worker_seconds"], load_seconds=meta["load_seconds"])
-        t_eval = time.perf_counter()
-        model.to(eval_dtype)
-        for name, w in windows.items():
-            r = perplexity(model, w, device=args.device)
-            entry[f"ppl_{name}"] = r["perplexity"]
-            entry[f"window_nll_{name}"] = r["window_nll"]
-        entry["eval_dtype"] = args.eval_dtype
+        heldout.score(model, windows, entry, args)
         entry["eval_windows"] = args.eval_windows
-        entry["eval_seconds"] = time.perf_counter() - t_eval
         entry["seconds"] = time.perf_counter() - t0
         cache = {**heldout.load_cache(cache_path), k: entry}
         atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
