@@ -272,8 +272,9 @@ def paired(cache: dict, a: str, b: str) -> dict:
 
 
 def comparisons(summary: dict) -> list[tuple[str, str]]:
-    """(a, b): every joint configuration against Wanda and SparseGPT at its sparsity (with the same calibration), and
-    every configuration with a lever (damp, n, mix) against the same method without it."""
+    """(a, b): every joint configuration against Wanda and SparseGPT at its sparsity (with the same calibration), every
+    llm-compressor run against pyprune's, and every configuration with a calibration lever (n, mix) against the same
+    configuration without it."""
     pairs = []
     for a in summary:
         parts = a.split("/")
@@ -288,8 +289,8 @@ def comparisons(summary: dict) -> list[tuple[str, str]]:
                 b = f"{m}/{parts[1]}{suffix}"
                 if b in summary:
                     pairs.append((a, b))
-        if parts[0] != "joint" and extra:
-            b = "/".join(parts[:2])
+        if extra:  # the calibration lever: the same configuration on the default calibration
+            b = "/".join(p for p in parts if p not in extra)
             if b in summary:
                 pairs.append((a, b))
     return pairs
