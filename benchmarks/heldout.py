@@ -371,6 +371,51 @@ def write_report(cache: dict, args) -> str:
     return text
 
 
+PLOTTED = ("wanda", "sparsegpt", "joint/{sp}/{mask}", "llmc-wanda", "llmc-sparsegpt")
+
+
+def plot(cache: dict, out: str) -> str | None:
+    """heldout.png: per sparsity, perplexity relative to Wanda on the same calibration (mean over seeds, min-max bars)
+    of SparseGPT, joint (default mask) and llm-compressor's runs, per text, on WikiText-2 alone and on the mix."""
+    summary = summarise(cache)
+    sps = sorted({sparsity_of(k) for k in summary})
+    panels = [(sp, cal) for sp in sps for cal in ("", "/mix") if f"wanda/{sp}{cal}" in summary]
+    if not panels:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    names = list(TEXTS)
+    for ax, (sp, cal) in zip(axes[0], panels):
+        base = summary[f"wanda/{sp}{cal}"]
+        mask = "exact" if ":" in sp else "sparsegpt"
+        shown = [(lab, f"{m}/{sp}{cal}" if "{" not in m else m.format(sp=sp, mask=mask) + cal)
+                 for lab, m in (("SparseGPT", "sparsegpt"), ("joint", "joint/{sp}/{mask}"),
+                                ("llmc SparseGPT", "llmc-sparsegpt"), ("llmc Wanda", "llmc-wanda"))]
+        shown = [(lab, k) for lab, k in shown if k in summary]
+        width = 0.8 / max(len(shown), 1)
+        for j, (lab, k) in enumerate(shown):
+            mean = [summary[k][n][0] / base[n][0] for n in names]
+            lo = [m - summary[k][n][1] / base[n][0] for m, n in zip(mean, names)]
+            hi = [summary[k][n][2] / base[n][0] - m for m, n in zip(mean, names)]
+            ax.bar([i + (j - (len(shown) - 1) / 2) * width for i in range(len(names))], mean, width,
+                   yerr=[lo, hi], capsize=2, label=f"{lab} ({len(summary[k]['seeds'])} seeds)")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(names)), [TEXTS[n][1].replace(" (raw)", "") for n in names], fontsize=8)
+        ax.set_ylim(0.7, 1.25)
+        ax.set_title(f"{sp}, calibration: {'WikiText-2 + novel' if cal else 'WikiText-2'}", fontsize=9)
+        ax.set_ylabel("perplexity / Wanda's (lower is better)", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: perplexity relative to Wanda on the same calibration (mean over seeds, min-max)",
+                 fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out, "heldout.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="wanda/0.5,sparsegpt/0.5,joint/0.5,joint/0.5/wanda",
@@ -397,6 +442,7 @@ def main(argv=None) -> int:
     todo = plan(ckeys, [int(s) for s in args.seeds.split(",")], floor)
     cache = load_cache(os.path.join(args.out, "heldout_runs.json")) if args.report_only else run_all(args, todo)
     print(write_report(cache, args))
+    plot(cache, args.out)
     return 0
 
 
