@@ -65,6 +65,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from heldout import reorder  # noqa: E402 - the noise floor's reordering is heldout.py's (one implementation)
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "joint")
 SPARSITIES = ("0.5", "2:4")
@@ -352,14 +355,6 @@ def plan(seeds: list[int]) -> list[tuple[str, str, int | None, int]]:
         if i == 0:
             runs += [("joint", sp, seed, 1) for sp in SPARSITIES]
     return runs
-
-
-def reorder(calib: torch.Tensor, order: int) -> torch.Tensor:
-    """The same samples in another order (order 0: unchanged)."""
-    if not order:
-        return calib
-    perm = torch.randperm(calib.shape[0], generator=torch.Generator().manual_seed(1000 + order))
-    return calib[perm]
 
 
 def score_windows(model, windows: torch.Tensor, batch_size: int) -> dict:
