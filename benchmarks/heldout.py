@@ -39,8 +39,6 @@ TEXTS = {  # name -> (shared path parts, label)
     "pride": (("data", "gutenberg", "pg1342.txt"), "Pride and Prejudice"),
     "moby": (("data", "gutenberg", "2701-0.txt"), "Moby Dick"),
 }
-CALIB = ("data", "wikitext2", "valid.txt")
-MIX_BOOK = ("data", "gutenberg", "98-0.txt")  # A Tale of Two Cities: calibration only, never scored
 DEFAULT_DAMP = 0.01
 
 
@@ -123,8 +121,10 @@ def calibration(sources: dict, c: dict, seed: int, seqlen: int) -> torch.Tensor:
 def texts(tok, seqlen: int, eval_windows: int) -> tuple[dict, dict]:
     """(calibration token streams {"wikitext2", "book"}, evaluation windows per TEXTS name)."""
     from pyprune.data import eval_windows as windows_of, load_text, shared_file, tokenize
-    sources = {"wikitext2": tokenize(tok, load_text(shared_file(*CALIB))),
-               "book": tokenize(tok, book_text(shared_file(*MIX_BOOK)))}
+    # the calibration splits of pyprune.data's named texts: WikiText-2 validation and A Tale of Two Cities (never
+    # scored here)
+    sources = {"wikitext2": tokenize(tok, load_text("wikitext2", split="calib")),
+               "book": tokenize(tok, load_text("gutenberg", split="calib"))}
     windows = {}
     for name, (parts, _) in TEXTS.items():
         path = shared_file(*parts)

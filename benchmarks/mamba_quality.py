@@ -67,7 +67,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from heldout import reorder  # noqa: E402 - the noise floor's reordering is heldout.py's (one implementation)
+from heldout import book_text, reorder  # noqa: E402 - heldout.py's book text and reordering (one implementation)
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "joint")
 SPARSITIES = ("0.5", "2:4")
@@ -200,17 +200,6 @@ def check_training_scan(seed: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------- tokens
-def book_text(path: str) -> str:
-    """A Gutenberg book without its licence header (from the '*** START OF' line on, when there is one); as
-    ``benchmarks/heldout.py`` cuts it."""
-    from pyprune.data import load_text
-    text = load_text(path)
-    at = text.find("*** START OF")
-    if at >= 0:
-        text = text[text.find("\n", at) + 1:]
-    return text
-
-
 def remap(ids: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
     """Tokenizer ids -> the model's ids: ``vocab[k - 1]`` (sorted) becomes k; ids not in ``vocab`` become 0."""
     pos = torch.searchsorted(vocab, ids).clamp_max(vocab.numel() - 1)

@@ -20,12 +20,6 @@ def test_remap_unknown_ids_to_zero(mq):
     assert mq.remap(ids, vocab).tolist() == [2, 1, 3, 0, 0, 0, 0]
 
 
-def test_book_header_is_cut(mq, tmp_path):
-    p = tmp_path / "book.txt"
-    p.write_text("licence\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nChapter 1\n")
-    assert mq.book_text(str(p)) == "Chapter 1\n"
-
-
 def test_plan(mq):
     runs = mq.plan([0, 1, 2])
     assert len(runs) == len(set(runs)) == 2 + 3 * 6 + 2
