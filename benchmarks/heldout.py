@@ -8,9 +8,10 @@ text, the mean perplexity over seeds with its min-max and standard deviation, pa
 rounding-only noise floor: the same seed with the calibration samples in another order (the same windows, so the same
 Hessians up to float rounding).
 
-A configuration is a key, ``method/sparsity[/mask][/damp<x>][/n<samples>][/mix]``:
+A configuration is a key, ``method/sparsity[/mask][/damp<x>][/swap<k>][/n<samples>][/mix]``:
 - ``mask`` (joint only): ``sparsegpt``, ``exact``, ``wanda``, ... (ALGORITHM.md section 4); default: joint's default;
 - ``damp<x>``: relative damping (default 0.01);
+- ``swap<k>`` (joint only): at most k pruned/kept exchanges per row of a block (``PruneConfig.swaps``; default 0);
 - ``n<k>``: calibration samples (default ``--nsamples``);
 - ``mix``: half of the samples from WikiText-2 validation, half from A Tale of Two Cities (a book that is not scored).
 
@@ -43,16 +44,19 @@ DEFAULT_DAMP = 0.01
 
 
 def parse_key(key: str, nsamples: int) -> dict:
-    """A configuration key -> {method, sparsity, mask, damp, nsamples, mix}; raises SystemExit naming a bad part."""
+    """A configuration key -> {method, sparsity, mask, damp, swaps, nsamples, mix}; raises SystemExit naming a bad
+    part."""
     parts = key.split("/")
     if len(parts) < 2:
-        raise SystemExit(f"configuration key {key!r}: expected method/sparsity[/mask][/damp<x>][/n<k>][/mix]")
-    c = dict(method=parts[0], sparsity=parts[1], mask=None, damp=DEFAULT_DAMP, nsamples=nsamples, mix=False)
+        raise SystemExit(f"configuration key {key!r}: expected method/sparsity[/mask][/damp<x>][/swap<k>][/n<k>][/mix]")
+    c = dict(method=parts[0], sparsity=parts[1], mask=None, damp=DEFAULT_DAMP, swaps=0, nsamples=nsamples, mix=False)
     for p in parts[2:]:
         if p == "mix":
             c["mix"] = True
         elif p.startswith("damp"):
             c["damp"] = float(p[4:])
+        elif p.startswith("swap") and p[4:].isdigit():
+            c["swaps"] = int(p[4:])
         elif p.startswith("n") and p[1:].isdigit():
             c["nsamples"] = int(p[1:])
         elif c["mask"] is None and c["method"] == "joint":
@@ -65,7 +69,8 @@ def parse_key(key: str, nsamples: int) -> dict:
 
 def config_of(c: dict):
     from pyprune import PruneConfig
-    return PruneConfig(method=c["method"], sparsity=c["sparsity"], mask=c.get("mask"), damp=c.get("damp", DEFAULT_DAMP))
+    return PruneConfig(method=c["method"], sparsity=c["sparsity"], mask=c.get("mask"), damp=c.get("damp", DEFAULT_DAMP),
+                       swaps=c.get("swaps", 0))
 
 
 def config_key(c: dict, nsamples: int) -> str:
@@ -76,6 +81,8 @@ def config_key(c: dict, nsamples: int) -> str:
         parts.append(cfg.mask)
     if cfg.damp != DEFAULT_DAMP:
         parts.append(f"damp{cfg.damp:g}")
+    if cfg.swaps:
+        parts.append(f"swap{cfg.swaps}")
     if c.get("nsamples", nsamples) != nsamples:
         parts.append(f"n{c['nsamples']}")
     if c.get("mix"):
@@ -339,7 +346,8 @@ def write_report(cache: dict, args) -> str:
         f"calibration text; weights cast to {'/'.join(sorted(ew))} for the evaluation (pruning runs in float32). "
         "B = 128, damping 0.01 unless the key says otherwise; `joint/<s>/<mask>` names joint's mask "
         "(`sparsegpt`: SparseGPT's saliency per row, the 50% default; `exact`: the best subset per group, the N:M "
-        f"default; `wanda`: Wanda's mask). SparseGPT and Wanda are pyprune's; `llmc-*` rows are llm-compressor 0.14's (benchmarks/peers.py, same calibration token ids, same evaluation). Hardware: {hw}.",
+        f"default; `wanda`: Wanda's mask); `swap<k>`: at most k exchanges of a pruned and a kept weight per row of a "
+        "block, each lowering the row's exact block loss. SparseGPT and Wanda are pyprune's; `llmc-*` rows are llm-compressor 0.14's (benchmarks/peers.py, same calibration token ids, same evaluation). Hardware: {hw}.",
         "",
         "## Perplexity: mean over seeds (min-max) and standard deviation",
         "",

@@ -84,6 +84,9 @@ class PruneConfig:
                  per-row mask raised the joint method's layer loss but lowered its perplexity: on the book in all
                  six runs, on WikiText-2 in five of six (benchmarks/results/accuracy.md), as Wanda's per-output
                  comparison group does.
+    swaps:       joint method only: after a block's mask is chosen, at most this many exchanges of a pruned and a kept
+                 weight per row of the block (N:M: inside a group), each the one that lowers the row's exact block
+                 loss the most (pyprune/algorithms/swap.py); 0 (default) leaves the mask as chosen.
     backend:     kernel backend for the ops: "auto" | "torch" | "cpp" | "cuda" | "triton".
     """
 
@@ -94,6 +97,7 @@ class PruneConfig:
     mask: str | None = None
     mask_scope: str | None = None
     backend: str = "auto"
+    swaps: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
@@ -128,21 +132,30 @@ class PruneConfig:
         if self.sparsity.structured and self.block_size % self.sparsity.m:
             raise ValueError(f"block_size={self.block_size} must be a multiple of M={self.sparsity.m} for "
                              f"{self.sparsity} sparsity")
+        if isinstance(self.swaps, bool) or not isinstance(self.swaps, int) or self.swaps < 0:
+            raise ValueError(f"swaps must be an integer >= 0, got {self.swaps!r}")
+        if self.swaps and self.method != "joint":
+            raise ValueError(f"swaps={self.swaps} refines the joint method's mask only; {self.method} chooses its "
+                             "pruned weights its own way (leave swaps at 0)")
         if self.backend not in ("auto", "torch", "cpp", "cuda", "triton"):
             raise ValueError(f"unknown backend {self.backend!r}; choose auto, torch, cpp, cuda or triton")
 
     def replace(self, **changes) -> "PruneConfig":
         """A copy with ``changes``. A new method or sparsity re-derives the defaults of ``mask`` and ``mask_scope``
-        (the new method may not use them) unless they are given too."""
+        (the new method may not use them) unless they are given too; a method other than joint drops ``swaps``."""
         if "method" in changes or "sparsity" in changes:
             changes.setdefault("mask", None)
             changes.setdefault("mask_scope", None)
+        if changes.get("method", self.method) != "joint":
+            changes.setdefault("swaps", 0)
         return dataclasses.replace(self, **changes)
 
     def settings(self) -> dict:
         """The settings this configuration really uses (for reports): options the method ignores are left out."""
         out = {"method": self.method, "sparsity": str(self.sparsity), "block_size": self.block_size,
                "damp": self.damp, "mask": self.mask, "mask_scope": self.mask_scope, "backend": self.backend}
+        if self.swaps:
+            out["swaps"] = self.swaps
         if self.method in ("wanda", "magnitude"):
             del out["block_size"]  # a per-row or per-group rule: no column blocks
         return {k: v for k, v in out.items() if v is not None}

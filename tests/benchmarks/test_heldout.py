@@ -15,14 +15,15 @@ def ho():
 
 def test_keys_round_trip(ho):
     for key in ("wanda/0.5", "sparsegpt/2:4", "joint/0.5/sparsegpt", "joint/2:4/exact", "joint/0.5/wanda/damp0.1",
-                "joint/0.5/wanda/n64/mix", "wanda/0.5/mix"):
+                "joint/0.5/wanda/n64/mix", "wanda/0.5/mix", "joint/2:4/exact/swap8/mix"):
         assert ho.config_key(ho.parse_key(key, 16), 16) == key
     # joint's default mask is spelled out; the default calibration size is left out
     assert ho.config_key(ho.parse_key("joint/0.5/n16", 16), 16) == "joint/0.5/sparsegpt"
     assert ho.config_key(ho.parse_key("joint/2:4", 16), 16) == "joint/2:4/exact"
     c = ho.parse_key("joint/0.5/wanda/damp1/n32/mix", 16)
     assert (c["mask"], c["damp"], c["nsamples"], c["mix"]) == ("wanda", 1.0, 32, True)
-    for bad in ("wanda", "wanda/0.5/wanda", "joint/0.5/nomask", "joint/0.5/wanda/bogus"):
+    assert ho.parse_key("joint/0.5/swap4", 16)["swaps"] == 4
+    for bad in ("wanda", "wanda/0.5/wanda", "joint/0.5/nomask", "joint/0.5/wanda/bogus", "sparsegpt/0.5/swap4"):
         with pytest.raises((SystemExit, ValueError)):
             ho.parse_key(bad, 16)
 

@@ -45,7 +45,7 @@ def test_prune_then_eval_json(workspace, tmp_path, capsys):
     out = str(tmp_path / "pruned")
     rc = main(["prune", workspace["model"], "--method", "joint", "--sparsity", "2:4", "--calib-text",
                workspace["text"], "--nsamples", "4", "--seqlen", "64", "--block-size", "32", "--device", "cpu",
-               "--output", out, "--quiet", "--json"])
+               "--swaps", "4", "--output", out, "--quiet", "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "achieved sparsity 0.5000" in captured.out
@@ -53,6 +53,7 @@ def test_prune_then_eval_json(workspace, tmp_path, capsys):
     assert summary["sparsity"] == 0.5 and summary["layers"] == 14
     report = json.load(open(os.path.join(out, "pyprune_report.json")))
     assert report["settings"]["method"] == "joint" and report["settings"]["sparsity"] == "2:4"
+    assert report["settings"]["swaps"] == 4
     assert len(report["layers"]) == 14 and all(r["loss"] >= 0 for r in report["layers"])
 
     from transformers import AutoModelForCausalLM
@@ -81,6 +82,7 @@ def test_prune_streaming_cli(workspace, tmp_path, capsys):
     ("short_text", "fewer than"),
     ("missing_text", "not found"),
     ("block_size", "multiple of M=8"),
+    ("swaps", "refines the joint method's mask only"),
     ("busy_output", "not empty"),
     ("bad_blocks", "out of range"),
 ])
@@ -99,6 +101,8 @@ def test_prune_bad_input(case, pattern, workspace, tmp_path, capsys):
         text = str(tmp_path / "missing.txt")
     elif case == "block_size":
         extra = ["--sparsity", "4:8", "--block-size", "12"]
+    elif case == "swaps":
+        extra = ["--method", "sparsegpt", "--swaps", "4"]
     elif case == "busy_output":
         os.makedirs(out)
         open(os.path.join(out, "precious.txt"), "w").write("keep me")
