@@ -27,7 +27,9 @@ saw the unknown id as a target, so it only learned to make it improbable). The r
 text and scoring, the mean perplexity over seeds (min-max); the paired ratios joint / Wanda and joint / SparseGPT
 (same calibration windows; mean and min-max over seeds, and a 95% range over the evaluation windows pooled over
 seeds); the noise floor; and a verdict per sparsity, text and scoring (seed ranges apart or overlapping; paired
-ratios beyond the noise floor or not). Writes ``mamba_quality.md`` and ``mamba_quality.json`` (to ``--out``: default
+ratios beyond the noise floor or not). Calibration (``--calib``): ``mix`` (default, as pyprune's default calibration:
+half the windows from valid.txt, half from A Tale of Two Cities, remapped the same way) or ``valid`` (valid.txt only).
+Writes ``mamba_quality_mix.md``/``.json`` (``--calib valid``: ``mamba_quality.md``/``.json``) (to ``--out``: default
 ``$OUT`` if set, else ``benchmarks/results``) and prints the table.
 
     python benchmarks/mamba_quality.py                 # train (or reuse the cached model), prune, evaluate
@@ -207,8 +209,10 @@ def remap(ids: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
 
 
 def load_tokens(tokenizer_spec: str = "builtin"):
-    """(train ids, {text name: ids}, vocab, valid.txt's sha256) in the remapped space: ``vocab[k - 1]`` is the SmolLM2
-    id of token k (k >= 1); 0 is the unknown token. Texts: ``TEXTS`` (books without their licence header)."""
+    """(train ids, {text name: ids}, vocab, valid.txt's sha256, calibration book ids) in the remapped space:
+    ``vocab[k - 1]`` is the SmolLM2 id of token k (k >= 1); 0 is the unknown token. Texts: ``TEXTS`` (books without
+    their licence header); the calibration book: pyprune's ``gutenberg`` calibration text (A Tale of Two Cities, not
+    scored)."""
     from pyprune.data import load_text, shared_file, tokenize
     from pyprune.models.io import load_tokenizer
     tok = load_tokenizer(tokenizer_spec)
@@ -221,7 +225,8 @@ def load_tokens(tokenizer_spec: str = "builtin"):
     for name, (parts, _) in TEXTS.items():
         path = shared_file(*parts)
         texts[name] = remap(tokenize(tok, book_text(path) if parts[1] == "gutenberg" else load_text(path)), vocab)
-    return remap(train, vocab), texts, vocab, valid_sha
+    book = remap(tokenize(tok, load_text("gutenberg", split="calib")), vocab)
+    return remap(train, vocab), texts, vocab, valid_sha, book
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -399,16 +404,29 @@ def check_eval(model, windows: dict, batch_size: int, k: int = 8) -> float:
     return worst
 
 
-def run_grid(args, model, train_ids, windows: dict, seeds: list[int]) -> list[dict]:
+def calibration(args, train_ids: torch.Tensor, book_ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """The calibration windows of one seed: ``--calib valid``: random windows of valid.txt (the training text);
+    ``mix``: half of them from valid.txt, half from the calibration book (``mixed_calibration_samples``, as pyprune's
+    default ``--calib-text wikitext2,gutenberg``)."""
+    from pyprune.data import mixed_calibration_samples
+    streams = [train_ids] if args.calib == "valid" else [train_ids, book_ids]
+    return mixed_calibration_samples(streams, args.nsamples, args.seqlen, seed=seed)
+
+
+def output_stem(calib: str) -> str:
+    """mamba_quality (calibration on valid.txt, the first report) or mamba_quality_<calib>."""
+    return "mamba_quality" if calib == "valid" else f"mamba_quality_{calib}"
+
+
+def run_grid(args, model, train_ids, book_ids, windows: dict, seeds: list[int]) -> list[dict]:
     from tqdm.auto import tqdm
 
     from pyprune import PruneConfig
-    from pyprune.data import calibration_samples
     from pyprune.models.driver import prune_model
     rows = [{"method": "dense", "sparsity": "0", "seed": None, "order": 0, **evaluate_all(model, windows,
              args.eval_batch), "sparsity_achieved": zero_fraction(model), "total_loss": None,
              "prune_seconds": None}]
-    calib = {s: calibration_samples(train_ids, args.nsamples, args.seqlen, seed=s) for s in seeds}
+    calib = {s: calibration(args, train_ids, book_ids, s) for s in seeds}
     bar = tqdm(plan(seeds), desc="prune+eval", unit="run", dynamic_ncols=True)
     for method, sp, seed, order in bar:
         bar.set_postfix_str(f"{method} {sp} seed {seed}" + (f" order {order}" if order else ""))
@@ -576,8 +594,10 @@ def markdown(result: dict) -> str:
         f"({t['tokens_seen'] / 1e6:.2f}M tokens), lr {t['lr']}, {t['train_seconds']:.0f} s on {t['threads']} CPU "
         f"thread(s){' (cached)' if t['cached'] else ''}; loss {t['first_loss_mean10']:.2f} (first 10 steps) -> "
         f"{t['final_loss_mean10']:.2f} (last 10).",
-        f"Pruning: {d['calib_samples']} x {d['calib_seqlen']} calibration tokens at random positions of valid.txt, "
-        f"one draw per calibration seed ({', '.join(map(str, result['seeds']))}; magnitude reads no calibration data "
+        f"Pruning: {d['calib_samples']} x {d['calib_seqlen']} calibration tokens at random positions of "
+        + ("valid.txt, " if d.get("calib", "valid") == "valid" else "valid.txt (half) and A Tale of Two Cities "
+           f"(half; {d['calib_book_unknown_fraction']:.1%} of its tokens unknown; not scored), ")
+        + f"one draw per calibration seed ({', '.join(map(str, result['seeds']))}; magnitude reads no calibration data "
         f"and runs once), block size {result['settings']['block_size']}, default masks. Evaluation: the first "
         + ", ".join(f"{d['texts'][n]['eval_windows']} x {d['eval_seqlen']} tokens of {TEXTS[n][1]}" for n in names)
         + " (the books after their Gutenberg licence header; text unlike the calibration text).",
@@ -681,6 +701,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated calibration seeds (default: %(default)s)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    p.add_argument("--calib", default="mix", choices=("mix", "valid"),
+                   help="calibration text: mix (default; half valid.txt, half A Tale of Two Cities, as pyprune's "
+                   "default) or valid (valid.txt only, the training text). Writes mamba_quality_mix.* or "
+                   "mamba_quality.*")
     p.add_argument("--seqlen", type=int, default=256, help="calibration and evaluation window length")
     p.add_argument("--eval-windows", type=int, default=256, help="windows of the WikiText-2 test text")
     p.add_argument("--book-windows", type=int, default=64, help="windows of each Gutenberg book")
@@ -695,12 +719,13 @@ def main(argv=None) -> int:
     from pyprune.data import eval_windows
     from pyprune.report import atomic_write_text
     if args.report_only:
-        with open(os.path.join(args.out, "mamba_quality.json")) as f:
+        with open(os.path.join(args.out, output_stem(args.calib) + ".json")) as f:
             result = json.load(f)
         result.update(report(result["rows"]))
         text = markdown(result)
-        atomic_write_text(os.path.join(args.out, "mamba_quality.md"), text)
-        atomic_write_text(os.path.join(args.out, "mamba_quality.json"), json.dumps(finite(result), indent=1) + "\n")
+        atomic_write_text(os.path.join(args.out, output_stem(args.calib) + ".md"), text)
+        atomic_write_text(os.path.join(args.out, output_stem(args.calib) + ".json"),
+                          json.dumps(finite(result), indent=1) + "\n")
         print(text)
         return 0
 
@@ -708,14 +733,14 @@ def main(argv=None) -> int:
     scan_check = check_training_scan()
     if max(scan_check.values()) > 1e-4:
         raise RuntimeError(f"the training scan disagrees with transformers' scan: {scan_check}")
-    train_ids, texts, vocab, valid_sha = load_tokens()
+    train_ids, texts, vocab, valid_sha, book_ids = load_tokens()
     model, meta, settings = load_or_train(args, train_ids, vocab, valid_sha)
     windows = {n: eval_windows(ids, args.seqlen, args.eval_windows if n == "wikitext2" else args.book_windows)
                for n, ids in texts.items()}
     eval_check = check_eval(model, windows, args.eval_batch)
     if eval_check > 1e-5:
         raise RuntimeError(f"the benchmark's scoring disagrees with pyprune.evaluate.perplexity: {eval_check}")
-    rows = run_grid(args, model, train_ids, windows, seeds)
+    rows = run_grid(args, model, train_ids, book_ids, windows, seeds)
 
     n_params = sum(p.numel() for p in model.parameters())
     n_pruned = sum(mod.weight.numel() for name, mod in model.named_modules() if name.rsplit(".", 1)[-1] in MODULE_KINDS)
@@ -728,6 +753,7 @@ def main(argv=None) -> int:
                                        for i in range(0, len(meta["losses"]), 10)],
                      "scan_check": scan_check},
         "data": {"train_tokens": int(train_ids.numel()), "calib_samples": args.nsamples, "calib_seqlen": args.seqlen,
+                 "calib": args.calib, "calib_book_unknown_fraction": float((book_ids == 0).float().mean()),
                  "eval_seqlen": args.seqlen,
                  "texts": {n: {"label": TEXTS[n][1], "path": "/".join(TEXTS[n][0]), "tokens": int(ids.numel()),
                                "unknown_fraction": float((ids == 0).float().mean()),
@@ -741,8 +767,9 @@ def main(argv=None) -> int:
         "host": platform.machine(), "torch": torch.__version__,
     }
     text = markdown(result)
-    atomic_write_text(os.path.join(args.out, "mamba_quality.md"), text)
-    atomic_write_text(os.path.join(args.out, "mamba_quality.json"), json.dumps(finite(result), indent=1) + "\n")
+    stem = os.path.join(args.out, output_stem(args.calib))
+    atomic_write_text(stem + ".md", text)
+    atomic_write_text(stem + ".json", json.dumps(finite(result), indent=1) + "\n")
     print(text)
     return 0
 

@@ -124,12 +124,27 @@ def test_markdown_and_json(mq):
     assert ("| known | 2:4 | Moby Dick | wanda | 0.9000 (0.9000-0.9000) | apart, lower | lower (f = 0.0500%) "
             "| **win** |") in text
     assert "12.0 nats per unknown target" in text
+    assert "calibration tokens at random positions of valid.txt, one draw" in text
+    mixed = {**result, "data": {**result["data"], "calib": "mix", "calib_book_unknown_fraction": 0.25}}
+    assert "valid.txt (half) and A Tale of Two Cities (half; 25.0% of its tokens unknown" in mq.markdown(mixed)
     dumped = json.dumps(mq.finite(result), allow_nan=False)   # NaN layer losses become null
     back = json.loads(dumped)
     assert back["summary"]["magnitude/0.5"]["total_loss"] is None
     # --report-only rebuilds everything from the JSON's rows
     again = {**back, **mq.report(back["rows"])}
     assert again["verdicts"] == back["verdicts"] and mq.markdown(again) == text
+
+
+def test_calibration_mix_and_stems(mq):
+    import argparse
+    train, book = torch.arange(1000), torch.arange(5000, 6000)
+    args = argparse.Namespace(calib="mix", nsamples=5, seqlen=16)
+    mixed = mq.calibration(args, train, book, seed=3)
+    assert mixed.shape == (5, 16) and bool((mixed[:3] < 1000).all()) and bool((mixed[3:] >= 5000).all())
+    from pyprune.data import calibration_samples
+    assert torch.equal(mq.calibration(argparse.Namespace(calib="valid", nsamples=5, seqlen=16), train, book, 3),
+                       calibration_samples(train, 5, 16, seed=3))   # the first report's windows, unchanged
+    assert mq.output_stem("valid") == "mamba_quality" and mq.output_stem("mix") == "mamba_quality_mix"
 
 
 def test_score_windows_known_targets(mq):
