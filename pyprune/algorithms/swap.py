@@ -46,46 +46,62 @@ def swap_refine(W1: torch.Tensor, G: torch.Tensor, M1: torch.Tensor, rounds: int
 
 
 def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, rounds: int, m: int) -> torch.Tensor:
+    """One batch of rows with ``c`` pruned weights each. State per row: the positions ``iM`` (pruned) and ``iK`` (kept),
+    ``Ainv = G[M, M]^{-1}``, ``GMK = G[M, K]`` and ``U = Ainv @ GMK``; an exchange updates all of them in
+    O(c * (B - c)) per row (rank-one and single row / column changes) instead of re-solving in O(c^2 * (B - c)). Rows
+    leave the batch when their best exchange no longer lowers their loss."""
     n, B = w.shape
-    # positions: iM the row's pruned columns, iK its kept ones (an exchange swaps one entry of each in place)
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # pruned first, each side in column order
     iM, iK = order[:, :c].contiguous(), order[:, c:].contiguous()
+    out_iM = iM.clone()
     Ainv = torch.cholesky_inverse(torch.linalg.cholesky(G[iM[:, :, None], iM[:, None, :]]))  # (n, c, c)
-    live = torch.arange(n, device=w.device)  # rows whose last exchange lowered their loss
+    GMK = G[iM[:, :, None], iK[:, None, :]]                                                   # (n, c, B - c)
+    U = Ainv @ GMK
+    rows, wl = torch.arange(n, device=w.device), w
     tol = REL_TOL if w.dtype == torch.float64 else REL_TOL_LOW
     inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
     g_diag = torch.diagonal(G)
     for _ in range(rounds):
-        jM, jK, Ai, wl = iM[live], iK[live], Ainv[live], w[live]
-        GMK = G[jM[:, :, None], jK[:, None, :]]                    # (l, c, B - c)
-        wM, wK = wl.gather(1, jM), wl.gather(1, jK)
-        lam = (Ai @ wM[:, :, None])[:, :, 0]
-        U = Ai @ GMK
+        wM, wK = wl.gather(1, iM), wl.gather(1, iK)
+        lam = (Ainv @ wM[:, :, None])[:, :, 0]
         loss = 0.5 * (lam * wM).sum(1)
-        s = (g_diag[jK] - (GMK * U).sum(1)).clamp_min(torch.finfo(w.dtype).tiny)  # (l, B - c)
+        s = (g_diag[iK] - (GMK * U).sum(1)).clamp_min(torch.finfo(w.dtype).tiny)  # (l, B - c): adding k
         r = wK - (GMK * lam[:, :, None]).sum(1)
         t = r / s
-        num = lam[:, :, None] - U * t[:, None, :]                  # (l, c, B - c)
-        den = torch.diagonal(Ai, dim1=1, dim2=2)[:, :, None] + U * U / s[:, None, :]
-        delta = (0.5 * r * t)[:, None, :] - 0.5 * num * num / den
+        num = lam[:, :, None] - U * t[:, None, :]                                  # (l, c, B - c)
+        den = torch.diagonal(Ainv, dim1=1, dim2=2)[:, :, None] + U * U / s[:, None, :]
+        delta = (0.5 * r * t)[:, None, :] - 0.5 * num * num / den                 # L(M + k - j) - L(M)
         if m:
-            delta = torch.where((jM // m)[:, :, None] == (jK // m)[:, None, :], delta, inf)
-        best, flat = delta.reshape(live.numel(), -1).min(1)
+            delta = torch.where((iM // m)[:, :, None] == (iK // m)[:, None, :], delta, inf)
+        best, flat = delta.reshape(rows.numel(), -1).min(1)
         take = best < -tol * loss.abs()
         if not bool(take.any()):
             break
-        live, p, q = live[take], (flat // (B - c))[take], (flat % (B - c))[take]
-        j, k = iM[live, p], iK[live, q]
-        iM[live, p], iK[live, q] = k, j
-        # Ainv of the new set: remove position p (rank-1 downdate), then border it with k at the same position
-        Ai = Ainv[live]
-        a = Ai.gather(2, p[:, None, None].expand(-1, c, 1))[:, :, 0]  # column p
-        app = a.gather(1, p[:, None])
-        D = Ai - a[:, :, None] * a[:, None, :] / app[:, :, None]
-        b = G[iM[live], k[:, None]]                                # (l, c): G[new set, k]
+        if not bool(take.all()):  # rows without an improving exchange are done: drop them from the batch
+            rows, wl, iM, iK, Ainv, GMK, U, flat = (x[take] for x in (rows, wl, iM, iK, Ainv, GMK, U, flat))
+        ar = torch.arange(rows.numel(), device=w.device)
+        p, q = flat // (B - c), flat % (B - c)
+        j, k = iM[ar, p], iK[ar, q]
+        iM[ar, p], iK[ar, q] = k, j
+        out_iM[rows] = iM
+        # G[M, K] after the exchange: row p becomes G[k, K'], column q becomes G[M', j]; U follows in three steps
+        a = Ainv[ar, :, p]                                                         # (l, c): Ainv's column p
+        app = a[ar, p]
+        new_row, new_col = G[k[:, None], iK], G[iM, j[:, None]]
+        d_row = new_row - GMK[ar, p, :]
+        d_col = new_col - GMK[ar, :, q]
+        d_col[ar, p] = 0.0                                                         # (p, q) is in the row change
+        GMK[ar, p, :] = new_row
+        GMK[ar, :, q] = new_col
+        U += a[:, :, None] * d_row[:, None, :]                                     # Ainv @ G[M', K'] ...
+        U[ar, :, q] += (Ainv @ d_col[:, :, None])[:, :, 0]
+        U -= a[:, :, None] * (U[ar, p, :] / app[:, None])[:, None, :]              # ... then D @ G[M', K']
+        # Ainv of the new set: remove position p (D, a rank-one downdate), then border it with k at position p
+        D = Ainv - a[:, :, None] * a[:, None, :] / app[:, None, None]
+        b = G[iM, k[:, None]]                                                      # (l, c): G[M', k]
         u = (D @ b[:, :, None])[:, :, 0]
         sk = g_diag[k] - (u * b).sum(1)
-        v = u.scatter(1, p[:, None], -1.0)                         # u - e_p (u_p = 0: D's row p is zero)
-        Ainv[live] = D + v[:, :, None] * v[:, None, :] / sk[:, None, None]
-    out = torch.zeros_like(mask)
-    return out.scatter_(1, iM, True)
+        v = u.scatter(1, p[:, None], -1.0)                                         # u - e_p (u_p = 0)
+        Ainv = D + v[:, :, None] * v[:, None, :] / sk[:, None, None]
+        U += v[:, :, None] * (((v[:, :, None] * GMK).sum(1)) / sk[:, None])[:, None, :]
+    return torch.zeros_like(mask).scatter_(1, out_iM, True)
