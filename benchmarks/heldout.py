@@ -280,7 +280,8 @@ def paired(cache: dict, a: str, b: str) -> dict:
 
 def comparisons(summary: dict) -> list[tuple[str, str]]:
     """(a, b): every joint configuration against Wanda and SparseGPT at its sparsity (with the same calibration), every
-    llm-compressor run against pyprune's, and every configuration with a calibration lever (n, mix) against the same
+    llm-compressor run against pyprune's, every configuration with a calibration lever (n, mix) against the same
+    configuration without it, and every joint configuration with an update lever (swap, damp) against the same
     configuration without it."""
     pairs = []
     for a in summary:
@@ -298,6 +299,11 @@ def comparisons(summary: dict) -> list[tuple[str, str]]:
                     pairs.append((a, b))
         if extra:  # the calibration lever: the same configuration on the default calibration
             b = "/".join(p for p in parts if p not in extra)
+            if b in summary:
+                pairs.append((a, b))
+        levers = [p for p in parts[2:] if p.startswith(("swap", "damp"))]
+        if parts[0] == "joint" and levers:
+            b = "/".join(p for p in parts if p not in levers)
             if b in summary:
                 pairs.append((a, b))
     return pairs

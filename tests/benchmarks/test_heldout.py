@@ -89,3 +89,14 @@ def test_report_from_a_synthetic_cache(ho, tmp_path):
     assert f"| {b} | 0,1 | 15.50 (15.00-16.00) 0.71" in text
     assert f"| `{b}` / `{a}` | 0.756 (0.750-0.762)" in text
     assert (tmp_path / "heldout.md").exists()
+
+
+def test_comparisons_pair_levers_with_their_baselines(ho):
+    keys = ["wanda/2:4/mix", "sparsegpt/2:4/mix", "joint/2:4/exact/mix", "joint/2:4/exact/swap16/mix",
+            "llmc-sparsegpt/2:4/mix", "joint/2:4/exact", "joint/0.5/wanda/damp1"]
+    pairs = ho.comparisons({k: {} for k in keys})
+    assert ("joint/2:4/exact/swap16/mix", "joint/2:4/exact/mix") in pairs       # the update lever
+    assert ("joint/2:4/exact/swap16/mix", "sparsegpt/2:4/mix") in pairs
+    assert ("joint/2:4/exact/mix", "joint/2:4/exact") in pairs                  # the calibration lever
+    assert ("llmc-sparsegpt/2:4/mix", "sparsegpt/2:4/mix") in pairs
+    assert not any(a == "joint/0.5/wanda/damp1" for a, _ in pairs)             # no baseline in the summary
