@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-scope", default=None, choices=MASK_SCOPES,
                    help="unstructured masks: the fraction per row or per rows x B block (default: row for joint, "
                    "block for sparsegpt)")
-    p.add_argument("--swaps", type=int, default=0,
+    p.add_argument("--swaps", type=int, default=None,
                    help="joint only: at most this many pruned/kept exchanges per row of a block, each lowering the "
-                   "row's exact block loss (default: 0, the mask as chosen)")
+                   "row's exact block loss (default: 16 for N:M, 0 for unstructured)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "cuda", "triton"])
     p.add_argument("--modules", nargs="+", default=None, metavar="PATTERN",
                    help="prune only these modules (fnmatch on names relative to a block, e.g. 'mlp.*')")
@@ -220,7 +220,7 @@ def _prune_config(args):
     return PruneConfig(method=args.method, sparsity=args.sparsity, block_size=args.block_size,
                        damp=getattr(args, "damp", 0.01), mask=getattr(args, "mask", None),
                        mask_scope=getattr(args, "mask_scope", None), backend=getattr(args, "backend", "auto"),
-                       swaps=getattr(args, "swaps", 0))
+                       swaps=getattr(args, "swaps", None))
 
 
 def cmd_prune(args) -> int:

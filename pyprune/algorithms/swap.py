@@ -45,6 +45,15 @@ def swap_refine(W1: torch.Tensor, G: torch.Tensor, M1: torch.Tensor, rounds: int
     return out
 
 
+def _exchange_delta(lam, U, t, r, s, ainv_diag):
+    """L(M + k - j) - L(M) for the pairs U spans: lam (.., c), U (.., c, K), t = r / s, r, s (.., 1, K) or (.., K)
+    broadcast over the pruned axis, ainv_diag (.., c, 1)."""
+    if t.dim() == U.dim() - 1:
+        t, r, s = t.unsqueeze(-2), r.unsqueeze(-2), s.unsqueeze(-2)
+    num = lam.unsqueeze(-1) - U * t
+    return 0.5 * r * t - 0.5 * num * num / (ainv_diag + U * U / s)
+
+
 def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, rounds: int, m: int) -> torch.Tensor:
     """One batch of rows with ``c`` pruned weights each. State per row: the positions ``iM`` (pruned) and ``iK`` (kept),
     ``Ainv = G[M, M]^{-1}``, ``GMK = G[M, K]`` and ``U = Ainv @ GMK``; an exchange updates all of them in
@@ -61,6 +70,11 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
     tol = REL_TOL if w.dtype == torch.float64 else REL_TOL_LOW
     inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
     g_diag = torch.diagonal(G)
+    pairs, n_nm = None, 0
+    if m and B % m == 0 and c % (B // m) == 0:
+        n_nm = c // (B // m)
+        if 0 < n_nm < m and bool((mask.view(n, B // m, m).sum(-1) == n_nm).all()):
+            pairs = "groups"  # every group holds n_nm pruned weights: the sorted positions are grouped
     for _ in range(rounds):
         wM, wK = wl.gather(1, iM), wl.gather(1, iK)
         lam = (Ainv @ wM[:, :, None])[:, :, 0]
@@ -68,12 +82,21 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
         s = (g_diag[iK] - (GMK * U).sum(1)).clamp_min(torch.finfo(w.dtype).tiny)  # (l, B - c): adding k
         r = wK - (GMK * lam[:, :, None]).sum(1)
         t = r / s
-        num = lam[:, :, None] - U * t[:, None, :]                                  # (l, c, B - c)
-        den = torch.diagonal(Ainv, dim1=1, dim2=2)[:, :, None] + U * U / s[:, None, :]
-        delta = (0.5 * r * t)[:, None, :] - 0.5 * num * num / den                 # L(M + k - j) - L(M)
-        if m:
-            delta = torch.where((iM // m)[:, :, None] == (iK // m)[:, None, :], delta, inf)
-        best, flat = delta.reshape(rows.numel(), -1).min(1)
+        if pairs is None:  # every pruned / kept pair of the row
+            delta = _exchange_delta(lam, U, t, r, s, torch.diagonal(Ainv, dim1=1, dim2=2)[:, :, None])
+            if m:
+                delta = torch.where((iM // m)[:, :, None] == (iK // m)[:, None, :], delta, inf)
+            best, flat = delta.reshape(rows.numel(), -1).min(1)
+        else:  # N:M: position p of iM pairs with the kept positions of its group only (positions keep their group)
+            g = (B - c) // (m - n_nm)
+            Up = torch.diagonal(U.view(-1, g, n_nm, g, m - n_nm), dim1=1, dim2=3)  # (l, n, m - n, g)
+            Up = Up.permute(0, 3, 1, 2)                                            # (l, g, n, m - n)
+            tg, rg, sg = (x.view(-1, g, 1, m - n_nm) for x in (t, r, s))
+            ainv = torch.diagonal(Ainv, dim1=1, dim2=2).view(-1, g, n_nm, 1)
+            delta = _exchange_delta(lam.view(-1, g, n_nm), Up, tg, rg, sg, ainv)   # (l, g, n, m - n)
+            best, f = delta.reshape(rows.numel(), -1).min(1)
+            gi, rest = f // (n_nm * (m - n_nm)), f % (n_nm * (m - n_nm))
+            flat = (gi * n_nm + rest // (m - n_nm)) * (B - c) + gi * (m - n_nm) + rest % (m - n_nm)
         take = best < -tol * loss.abs()
         if not bool(take.any()):
             break

@@ -94,7 +94,7 @@ def test_swap_rounds_bound_the_exchanges(rng):
 def test_joint_with_swaps_lowers_the_layer_loss(sparsity, dtype, rng):
     W, H = random_layer(24, 64, rng, dead=2)
     W, H = W.to(dtype), H.to(dtype)
-    base = PruneConfig(sparsity=sparsity, block_size=32)
+    base = PruneConfig(sparsity=sparsity, block_size=32, swaps=0)
     plain = prune_layer(W, H, base)
     swapped = prune_layer(W, H, base.replace(swaps=16))
     assert torch.equal(swapped.mask.sum(1), plain.mask.sum(1))
@@ -113,5 +113,28 @@ def test_swaps_option_is_checked():
         PruneConfig(swaps=-1)
     with pytest.raises(ValueError, match="swaps.*joint"):
         PruneConfig(method="sparsegpt", swaps=4)
-    assert "swaps" not in PruneConfig().settings()
+    assert "swaps" not in PruneConfig().settings() and PruneConfig().swaps == 0
     assert PruneConfig(swaps=8).settings()["swaps"] == 8
+    from pyprune.config import DEFAULT_NM_SWAPS
+    assert PruneConfig(sparsity="2:4").swaps == DEFAULT_NM_SWAPS  # the N:M default
+    assert PruneConfig(sparsity="2:4", swaps=0).swaps == 0
+    assert PruneConfig(method="sparsegpt", sparsity="2:4").swaps == 0
+    # a new method or sparsity re-derives the default
+    assert PruneConfig(sparsity="2:4").replace(method="magnitude").swaps == 0
+    assert PruneConfig(sparsity="2:4", swaps=3).replace(sparsity=0.5).swaps == 0
+    assert PruneConfig(sparsity=0.5).replace(sparsity="4:8").swaps == DEFAULT_NM_SWAPS
+
+
+def test_swap_inside_uneven_groups_matches_brute_force(rng):
+    """m given but groups holding different counts (not an N:M start): the general path, exchanges inside groups."""
+    rows, B, m = 5, 16, 4
+    _, G = spd_block(B, rng)
+    W1 = torch.randn(rows, B, generator=rng, dtype=torch.float64)
+    M1 = torch.rand(rows, B, generator=rng) < 0.5
+    M1[:, 0], M1[:, 1] = True, False  # at least one uneven group per row
+    M1[:, 2], M1[:, 3] = True, True
+    out = swap_refine(W1, G, M1, rounds=B, m=m)
+    for i in range(rows):
+        want = brute_refine(W1[i], G, torch.nonzero(M1[i]).flatten().tolist(), B, m)
+        assert torch.nonzero(out[i]).flatten().tolist() == want, f"row {i}"
+    assert torch.equal(out.reshape(rows, -1, m).sum(-1), M1.reshape(rows, -1, m).sum(-1))
