@@ -11,7 +11,8 @@ Hessians up to float rounding).
 A configuration is a key, ``method/sparsity[/mask][/damp<x>][/swap<k>][/n<samples>][/mix]``:
 - ``mask`` (joint only): ``sparsegpt``, ``exact``, ``wanda``, ... (ALGORITHM.md section 4); default: joint's default;
 - ``damp<x>``: relative damping (default 0.01);
-- ``swap<k>`` (joint only): at most k pruned/kept exchanges per row of a block (``PruneConfig.swaps``; default 0);
+- ``swap<k>`` (joint only): at most k pruned/kept exchanges per row of a block (``PruneConfig.swaps``); no ``swap``
+  part means none, whatever pyprune's default (keys name settings, not defaults);
 - ``n<k>``: calibration samples (default ``--nsamples``);
 - ``mix``: half of the samples from WikiText-2 validation, half from A Tale of Two Cities (a book that is not scored).
 
@@ -353,7 +354,9 @@ def write_report(cache: dict, args) -> str:
         "B = 128, damping 0.01 unless the key says otherwise; `joint/<s>/<mask>` names joint's mask "
         "(`sparsegpt`: SparseGPT's saliency per row, the 50% default; `exact`: the best subset per group, the N:M "
         f"default; `wanda`: Wanda's mask); `swap<k>`: at most k exchanges of a pruned and a kept weight per row of a "
-        "block, each lowering the row's exact block loss. SparseGPT and Wanda are pyprune's; `llmc-*` rows are llm-compressor 0.14's (benchmarks/peers.py, same calibration token ids, same evaluation). Hardware: {hw}.",
+        "block, each lowering the row's exact block loss (no `swap` in the key: none, whatever pyprune's default). "
+        "SparseGPT and Wanda are pyprune's; `llmc-*` rows are llm-compressor 0.14's (benchmarks/peers.py, same "
+        f"calibration token ids, same evaluation). Hardware: {hw}.",
         "",
         "## Perplexity: mean over seeds (min-max) and standard deviation",
         "",
