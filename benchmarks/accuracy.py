@@ -104,8 +104,10 @@ def nsamples_of(entry: dict) -> int | None:
 
 def config_of(run: dict):
     from pyprune import PruneConfig
+    # swaps: this grid's keys predate exchanges (PruneConfig.swaps), so its runs keep none whatever the default
     return PruneConfig(method=run["method"], sparsity=run["sparsity"], block_size=run["block_size"],
-                       mask=run.get("mask"), mask_scope=run.get("mask_scope"), damp=run.get("damp", 0.01))
+                       mask=run.get("mask"), mask_scope=run.get("mask_scope"), damp=run.get("damp", 0.01),
+                       swaps=run.get("swaps", 0))
 
 
 def load_cache(path: str) -> dict:

@@ -23,6 +23,8 @@ def test_keys_are_unique_and_stable(acc):
     # the main comparison runs each method with its default mask scope: per row for joint, per block for SparseGPT
     assert acc.main_key("joint", "0.5") == "joint/0.5/B128/sparsegpt/row"
     assert acc.main_key("sparsegpt", "0.5") == "sparsegpt/0.5/B128"
+    # the keys carry no exchanges: a re-run of a cached N:M joint run computes what the key named then
+    assert acc.config_of(dict(method="joint", sparsity="2:4", block_size=128)).swaps == 0
     assert acc.main_key("joint", "4:8", 128) == "joint/4:8/B128/exact/block/n128"
     # methods that never look at calibration data have one key for every calibration size
     assert acc.key(dict(method="magnitude", sparsity="0.5", block_size=128, nsamples=128)) == "magnitude/0.5/B128"
