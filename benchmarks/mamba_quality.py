@@ -418,6 +418,16 @@ def output_stem(calib: str) -> str:
     return "mamba_quality" if calib == "valid" else f"mamba_quality_{calib}"
 
 
+def write_outputs(out: str, calib: str, result: dict) -> str:
+    """Write ``<stem>.md`` and ``<stem>.json`` (atomically) to ``out``; the markdown."""
+    from pyprune.report import atomic_write_text
+    text = markdown(result)
+    stem = os.path.join(out, output_stem(calib))
+    atomic_write_text(stem + ".md", text)
+    atomic_write_text(stem + ".json", json.dumps(finite(result), indent=1) + "\n")
+    return text
+
+
 def run_grid(args, model, train_ids, book_ids, windows: dict, seeds: list[int]) -> list[dict]:
     from tqdm.auto import tqdm
 
@@ -687,7 +697,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--retrain", action="store_true", help="train even if a cached model exists")
     p.add_argument("--report-only", action="store_true",
-                   help="rebuild the summary, paired ratios, verdicts and markdown from <out>/mamba_quality.json")
+                   help="rebuild the summary, paired ratios, verdicts and markdown from <out>/mamba_quality_<calib>.json "
+                   "(--calib valid: mamba_quality.json)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--state", type=int, default=16)
@@ -717,16 +728,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     from pyprune.data import eval_windows
-    from pyprune.report import atomic_write_text
     if args.report_only:
         with open(os.path.join(args.out, output_stem(args.calib) + ".json")) as f:
             result = json.load(f)
         result.update(report(result["rows"]))
-        text = markdown(result)
-        atomic_write_text(os.path.join(args.out, output_stem(args.calib) + ".md"), text)
-        atomic_write_text(os.path.join(args.out, output_stem(args.calib) + ".json"),
-                          json.dumps(finite(result), indent=1) + "\n")
-        print(text)
+        print(write_outputs(args.out, args.calib, result))
         return 0
 
     t_start = time.perf_counter()
@@ -766,11 +772,7 @@ def main(argv=None) -> int:
         "rows": rows, "seconds": time.perf_counter() - t_start, "threads": args.threads,
         "host": platform.machine(), "torch": torch.__version__,
     }
-    text = markdown(result)
-    stem = os.path.join(args.out, output_stem(args.calib))
-    atomic_write_text(stem + ".md", text)
-    atomic_write_text(stem + ".json", json.dumps(finite(result), indent=1) + "\n")
-    print(text)
+    print(write_outputs(args.out, args.calib, result))
     return 0
 
 

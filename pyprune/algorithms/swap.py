@@ -70,11 +70,9 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
     tol = REL_TOL if w.dtype == torch.float64 else REL_TOL_LOW
     inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
     g_diag = torch.diagonal(G)
-    pairs, n_nm = None, 0
-    if m and B % m == 0 and c % (B // m) == 0:
-        n_nm = c // (B // m)
-        if 0 < n_nm < m and bool((mask.view(n, B // m, m).sum(-1) == n_nm).all()):
-            pairs = "groups"  # every group holds n_nm pruned weights: the sorted positions are grouped
+    # N:M start (every group holds n_nm pruned weights): the sorted positions come group by group
+    n_nm = c // (B // m) if m and B % m == 0 and c % (B // m) == 0 else 0
+    grouped = 0 < n_nm < m and bool((mask.view(n, B // m, m).sum(-1) == n_nm).all())
     for _ in range(rounds):
         wM, wK = wl.gather(1, iM), wl.gather(1, iK)
         lam = (Ainv @ wM[:, :, None])[:, :, 0]
@@ -82,7 +80,7 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
         s = (g_diag[iK] - (GMK * U).sum(1)).clamp_min(torch.finfo(w.dtype).tiny)  # (l, B - c): adding k
         r = wK - (GMK * lam[:, :, None]).sum(1)
         t = r / s
-        if pairs is None:  # every pruned / kept pair of the row
+        if not grouped:  # every pruned / kept pair of the row (inside a group when m is given)
             delta = _exchange_delta(lam, U, t, r, s, torch.diagonal(Ainv, dim1=1, dim2=2)[:, :, None])
             if m:
                 delta = torch.where((iM // m)[:, :, None] == (iK // m)[:, None, :], delta, inf)
