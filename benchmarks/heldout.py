@@ -91,16 +91,29 @@ def config_key(c: dict, nsamples: int) -> str:
     return "/".join(parts)
 
 
-def run_key(ckey: str, seed: int, order: int = 0) -> str:
-    return f"{ckey}/seed{seed}" + (f"/order{order}" if order else "")
+FLOOR_KINDS = {  # noise-floor run kind (run key suffix) -> what changes against the plain run
+    "order1": "the same samples in another order",
+    "torch": "the torch backend instead of the default (C++ on the CPU)",
+}
 
 
-def plan(ckeys: list[str], seeds: list[int], floor: list[str]) -> list[tuple[str, int, int]]:
-    """(config key, seed, order) in run order: every configuration at the first seed, the noise floor (``floor``
-    configurations at the first seed with the samples reordered), then every configuration at each further seed."""
-    runs = [(k, seeds[0], 0) for k in ckeys]
-    runs += [(k, seeds[0], 1) for k in floor]
-    runs += [(k, s, 0) for s in seeds[1:] for k in ckeys]
+def run_key(ckey: str, seed: int, floor: str = "") -> str:
+    """``<config>/seed<s>``, then ``/<floor kind>`` for a noise-floor run."""
+    return f"{ckey}/seed{seed}" + (f"/{floor}" if floor else "")
+
+
+def is_floor(e: dict) -> bool:
+    """A noise-floor run (reordered samples: ``order``; another backend: ``floor``), not a configuration's run."""
+    return bool(e.get("order") or e.get("floor"))
+
+
+def plan(ckeys: list[str], seeds: list[int], floor: list[str], kinds=("order1",)) -> list[tuple[str, int, str]]:
+    """(config key, seed, floor kind) in run order: every configuration at the first seed, the noise floor (``floor``
+    configurations at the first seed, once per kind of ``FLOOR_KINDS`` in ``kinds``), then every configuration at each
+    further seed."""
+    runs = [(k, seeds[0], "") for k in ckeys]
+    runs += [(k, seeds[0], kind) for k in floor for kind in kinds]
+    runs += [(k, s, "") for s in seeds[1:] for k in ckeys]
     return runs
 
 
@@ -186,13 +199,16 @@ def run_all(args, todo: list[tuple[str, int, int]]) -> dict:
         if run is None:
             k, entry = "dense", dict(method="dense")
         else:
-            ckey, seed, order = run
-            k = run_key(ckey, seed, order)
+            ckey, seed, kind = run
+            k = run_key(ckey, seed, kind)
             c = parse_key(ckey, args.nsamples)
             cfg = config_of(c)
+            order = 1 if kind == "order1" else 0
+            if kind == "torch":
+                cfg = cfg.replace(backend="torch")
             calib = reorder(calibration(sources, c, seed, args.seqlen), order)
             report = prune_model(model, calib, cfg, device=args.device)
-            entry = dict(c, config=ckey, seed=seed, order=order, settings=cfg.settings(),
+            entry = dict(c, config=ckey, seed=seed, order=order, floor=kind or None, settings=cfg.settings(),
                          sparsity_achieved=report.sparsity, total_loss=report.total_loss,
                          prune_seconds=report.times["total"])
         score(model, windows, entry, args)
@@ -208,7 +224,7 @@ def summarise(cache: dict) -> dict:
     """config key -> {"seeds": [...], text: (mean, min, max, sd or None)} over the order-0 runs."""
     by = {}
     for e in cache.values():
-        if e.get("method") == "dense" or e.get("order") or "error" in e:
+        if e.get("method") == "dense" or is_floor(e) or "error" in e:
             continue
         by.setdefault(e["config"], []).append(e)
     out = {}
@@ -222,17 +238,18 @@ def summarise(cache: dict) -> dict:
     return out
 
 
-def noise_floor(cache: dict) -> list[tuple[str, int, str, float]]:
-    """(config, seed, text, relative change) of every reordered run against its order-0 run."""
+def noise_floor(cache: dict) -> list[tuple[str, int, str, str, float]]:
+    """(config, seed, floor kind, text, relative change) of every noise-floor run against its plain run."""
     out = []
     for e in cache.values():
-        if not e.get("order"):
+        if not is_floor(e) or "error" in e:
             continue
         base = cache.get(run_key(e["config"], e["seed"]))
         if base is None:
             continue
+        kind = e.get("floor") or "order1"                      # runs cached before backend floors: reordered
         for name in TEXTS:
-            out.append((e["config"], e["seed"], name, e[f"ppl_{name}"] / base[f"ppl_{name}"] - 1.0))
+            out.append((e["config"], e["seed"], kind, name, e[f"ppl_{name}"] / base[f"ppl_{name}"] - 1.0))
     return out
 
 
@@ -266,7 +283,7 @@ def paired(cache: dict, a: str, b: str) -> dict:
     for name in TEXTS:
         r, d = [], []
         for e in cache.values():
-            if e.get("config") == a and not e.get("order"):
+            if e.get("config") == a and not is_floor(e):
                 f = cache.get(run_key(b, e["seed"]))
                 if f is not None:
                     r.append(e[f"ppl_{name}"] / f[f"ppl_{name}"])
@@ -325,15 +342,16 @@ def write_report(cache: dict, args) -> str:
         d = cache["dense"]
         rows.append("| dense | - | " + " | ".join(f"{d[f'ppl_{n}']:.2f}" for n in names) + " | - |")
     for k, s in sorted(summary.items(), key=lambda kv: (sparsity_of(kv[0]), kv[0])):
-        secs = [e["prune_seconds"] for e in cache.values() if e.get("config") == k and not e.get("order")
+        secs = [e["prune_seconds"] for e in cache.values() if e.get("config") == k and not is_floor(e)
                 and "error" not in e]
         cells = [f"{s[n][0]:.2f} ({s[n][1]:.2f}-{s[n][2]:.2f})" + (f" {s[n][3]:.2f}" if s[n][3] is not None else "")
                  for n in names]
         rows.append(f"| {k} | {','.join(map(str, s['seeds']))} | " + " | ".join(cells)
                     + f" | {statistics.fmean(secs):.0f} |")
     floor = noise_floor(cache)
-    floor_rows = ["| config | seed | text | perplexity change from reordering the samples |", "|---|---|---|---|"]
-    floor_rows += [f"| {c} | {s} | {TEXTS[n][1]} | {100 * d:+.2f}% |" for c, s, n, d in floor]
+    floor_rows = ["| config | seed | run | text | perplexity change |", "|---|---|---|---|---|"]
+    floor_rows += [f"| {c} | {s} | {FLOOR_KINDS[kind]} | {TEXTS[n][1]} | {100 * d:+.2f}% |"
+                   for c, s, kind, n, d in floor]
     worst = max((abs(d) for *_, d in floor), default=float("nan"))
     pair_rows = []
     for a, b in comparisons(summary):
@@ -378,8 +396,9 @@ def write_report(cache: dict, args) -> str:
         "",
         "## Rounding-only noise floor",
         "",
-        "The same calibration windows in another order: the Hessians are equal up to float32 summation order, so "
-        "any change is rounding, amplified through the blocks by the mask choice. " + (
+        "The same calibration windows in another order, or the same run with another kernel backend: the Hessians "
+        "and solves are equal up to float32 rounding, so any change is rounding, amplified through the blocks by the "
+        "mask choice. " + (
             f"Largest change: {100 * worst:.1f}%." if floor else "Not measured yet (no reordered run finished)."),
         "",
         *floor_rows,
@@ -440,6 +459,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated calibration seeds (default: %(default)s)")
     p.add_argument("--floor", default="joint/0.5", help="configuration keys that get a reordered-samples run at the "
                    "first seed: the noise floor (default: %(default)s; empty for none)")
+    p.add_argument("--floor-kinds", default="order1", help="comma-separated kinds of noise-floor run for each --floor "
+                   "key: " + "; ".join(f"{k}: {v}" for k, v in FLOOR_KINDS.items()) + " (default: %(default)s)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration samples (default: %(default)s)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
@@ -456,7 +477,11 @@ def main(argv=None) -> int:
     canon = lambda k: config_key(parse_key(k, args.nsamples), args.nsamples)  # noqa: E731
     ckeys = [canon(k) for k in args.configs.split(",") if k]
     floor = [canon(k) for k in args.floor.split(",") if k]
-    todo = plan(ckeys, [int(s) for s in args.seeds.split(",")], floor)
+    kinds = [k for k in args.floor_kinds.split(",") if k]
+    bad = [k for k in kinds if k not in FLOOR_KINDS]
+    if bad:
+        p.error(f"--floor-kinds: unknown kind(s) {', '.join(bad)}; choose from {', '.join(FLOOR_KINDS)}")
+    todo = plan(ckeys, [int(s) for s in args.seeds.split(",")], floor, kinds)
     cache = load_cache(os.path.join(args.out, "heldout_runs.json")) if args.report_only else run_all(args, todo)
     print(write_report(cache, args))
     plot(cache, args.out)

@@ -81,6 +81,10 @@ TEXTS = {  # name -> (shared path parts, label): the test split of the training 
     "pride": (("data", "gutenberg", "pg1342.txt"), "Pride and Prejudice"),
     "moby": (("data", "gutenberg", "2701-0.txt"), "Moby Dick"),
 }
+TRAIN_TEXTS = {  # --train-text -> the shared files the model is trained on, in order
+    "valid": (("data", "wikitext2", "valid.txt"),),
+    "books": (("data", "wikitext2", "valid.txt"), ("data", "gutenberg", "11-0.txt"), ("data", "gutenberg", "pg161.txt")),
+}
 SCORINGS = {  # how the targets of a text are scored -> label
     "all": "every target",
     "known": "known targets only (targets that are not the unknown id)",
@@ -208,25 +212,30 @@ def remap(ids: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
     return torch.where(vocab[pos] == ids, pos + 1, torch.zeros_like(ids))
 
 
-def load_tokens(tokenizer_spec: str = "builtin"):
-    """(train ids, {text name: ids}, vocab, valid.txt's sha256, calibration book ids) in the remapped space:
-    ``vocab[k - 1]`` is the SmolLM2 id of token k (k >= 1); 0 is the unknown token. Texts: ``TEXTS`` (books without
-    their licence header); the calibration book: pyprune's ``gutenberg`` calibration text (A Tale of Two Cities, not
-    scored)."""
+def load_tokens(train_text: str = "valid", tokenizer_spec: str = "builtin"):
+    """(train ids, {text name: ids}, vocab, the training files' sha256, calibration book ids) in the remapped space:
+    ``vocab[k - 1]`` is the SmolLM2 id of token k (k >= 1); 0 is the unknown token. Training text (``TRAIN_TEXTS``):
+    ``valid`` (valid.txt) or ``books`` (valid.txt, then Alice in Wonderland and Sense and Sensibility: books that
+    are neither scored nor calibration text). Texts: ``TEXTS`` (books without their licence header); the calibration
+    book: pyprune's ``gutenberg`` calibration text (A Tale of Two Cities, not scored)."""
     from pyprune.data import load_text, shared_file, tokenize
     from pyprune.models.io import load_tokenizer
     tok = load_tokenizer(tokenizer_spec)
-    valid_path = shared_file("data", "wikitext2", "valid.txt")
-    with open(valid_path, "rb") as f:
-        valid_sha = hashlib.sha256(f.read()).hexdigest()
-    train = tokenize(tok, load_text(valid_path))
+    sha = hashlib.sha256()
+    parts = []
+    for path_parts in TRAIN_TEXTS[train_text]:
+        path = shared_file(*path_parts)
+        with open(path, "rb") as f:
+            sha.update(f.read())
+        parts.append(tokenize(tok, book_text(path) if path_parts[1] == "gutenberg" else load_text(path)))
+    train = torch.cat(parts)
     vocab = torch.unique(train)                                       # sorted SmolLM2 ids seen in training
     texts = {}
     for name, (parts, _) in TEXTS.items():
         path = shared_file(*parts)
         texts[name] = remap(tokenize(tok, book_text(path) if parts[1] == "gutenberg" else load_text(path)), vocab)
     book = remap(tokenize(tok, load_text("gutenberg", split="calib")), vocab)
-    return remap(train, vocab), texts, vocab, valid_sha, book
+    return remap(train, vocab), texts, vocab, sha.hexdigest(), book
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -238,7 +247,8 @@ def model_config(args, vocab_size: int):
 
 
 def train_settings(args, vocab_size: int, valid_sha: str) -> dict:
-    return {"hidden": args.hidden, "layers": args.layers, "state": args.state, "expand": args.expand,
+    extra = {} if args.train_text == "valid" else {"train_text": args.train_text}   # valid: the first reports' key
+    return {**extra, "hidden": args.hidden, "layers": args.layers, "state": args.state, "expand": args.expand,
             "vocab_size": vocab_size, "tokenizer": "smollm2-builtin-remapped", "train_text_sha256": valid_sha,
             "steps": args.steps, "batch": args.batch, "seqlen": args.train_seqlen, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup": args.warmup, "seed": args.seed}
@@ -413,16 +423,18 @@ def calibration(args, train_ids: torch.Tensor, book_ids: torch.Tensor, seed: int
     return mixed_calibration_samples(streams, args.nsamples, args.seqlen, seed=seed)
 
 
-def output_stem(calib: str) -> str:
-    """mamba_quality (calibration on valid.txt, the first report) or mamba_quality_<calib>."""
-    return "mamba_quality" if calib == "valid" else f"mamba_quality_{calib}"
+def output_stem(calib: str, train_text: str = "valid") -> str:
+    """mamba_quality (trained and calibrated on valid.txt, the first report), mamba_quality_<calib> (trained on
+    valid.txt), then ``_train<train_text>`` for another training text."""
+    stem = "mamba_quality" if calib == "valid" else f"mamba_quality_{calib}"
+    return stem if train_text == "valid" else f"{stem}_train{train_text}"
 
 
-def write_outputs(out: str, calib: str, result: dict) -> str:
+def write_outputs(out: str, calib: str, train_text: str, result: dict) -> str:
     """Write ``<stem>.md`` and ``<stem>.json`` (atomically) to ``out``; the markdown."""
     from pyprune.report import atomic_write_text
     text = markdown(result)
-    stem = os.path.join(out, output_stem(calib))
+    stem = os.path.join(out, output_stem(calib, train_text))
     atomic_write_text(stem + ".md", text)
     atomic_write_text(stem + ".json", json.dumps(finite(result), indent=1) + "\n")
     return text
@@ -591,16 +603,19 @@ def markdown(result: dict) -> str:
                         f"{math.log(dense['ppl'][score_key(n, 'known')]):.2f} per known one, the unknown targets "
                         f"{fmt(100 * unk_share(n) if unk_share(n) is not None else None, '.0f')}% of the "
                         "every-target NLL" for n in names)
+    books = d.get("train_text", "valid") == "books"
+    train_label = ("valid.txt, Alice in Wonderland and Sense and Sensibility (books neither scored nor calibration "
+                   "text)" if books else "valid.txt")
     lines = [
         "# Pruning quality on a small Mamba (trained here), over calibration seeds and on held-out text",
         "",
         f"Model: transformers `MambaForCausalLM`, hidden {m['hidden']}, {m['layers']} layers, state {m['state']}, "
         f"expand {m['expand']}, {m['parameters'] / 1e6:.2f}M parameters ({m['pruned_parameters'] / 1e6:.2f}M in the "
         f"pruned in_proj / x_proj / dt_proj / out_proj; embedding tied to the LM head, dense).",
-        f"Tokens: SmolLM2 tokenizer remapped to the {m['vocab_size'] - 1} ids seen in wikitext2/valid.txt plus one "
+        f"Tokens: SmolLM2 tokenizer remapped to the {m['vocab_size'] - 1} ids seen in the training text plus one "
         f"unknown id; every scored text is remapped the same way. Unknown-token fraction: {unk}. Perplexities are in "
         "this token space and compare only with each other (and only within one text).",
-        f"Training: {t['steps']} AdamW steps x {t['batch']} x {t['seqlen']} random windows of valid.txt "
+        f"Training: {t['steps']} AdamW steps x {t['batch']} x {t['seqlen']} random windows of {train_label} "
         f"({t['tokens_seen'] / 1e6:.2f}M tokens), lr {t['lr']}, {t['train_seconds']:.0f} s on {t['threads']} CPU "
         f"thread(s){' (cached)' if t['cached'] else ''}; loss {t['first_loss_mean10']:.2f} (first 10 steps) -> "
         f"{t['final_loss_mean10']:.2f} (last 10).",
@@ -615,9 +630,10 @@ def markdown(result: dict) -> str:
         "Two scorings. *Every target*: the usual perplexity over every predicted token. *Known targets*: the same "
         "forward passes, the NLL averaged over the targets that are not the unknown id (unknown ids stay in the "
         "input). The unknown id never occurs in the training text, so training only pushes its probability down. "
-        f"Dense model: {unk_nll}. Where a text has many unknown tokens (the books: WikiText-2's tokenized format has "
-        "no bare line breaks, no punctuation glued to a word and no curly quotes, so those tokens of the "
-        "hard-wrapped books are unknown), the every-target perplexity depends heavily on how a pruned model happens "
+        f"Dense model: {unk_nll}. Where a text has many unknown tokens"
+        + ("" if books else " (the books: WikiText-2's tokenized format has no bare line breaks, no punctuation glued "
+           "to a word and no curly quotes, so those tokens of the hard-wrapped books are unknown)")
+        + ", the every-target perplexity depends heavily on how a pruned model happens "
         "to move that one logit, not only on how well it predicts the text; the known-target perplexity is the "
         "quality measure there.",
     ]
@@ -716,6 +732,11 @@ def main(argv=None) -> int:
                    help="calibration text: mix (default; half valid.txt, half A Tale of Two Cities, as pyprune's "
                    "default) or valid (valid.txt only, the training text). Writes mamba_quality_mix.* or "
                    "mamba_quality.*")
+    p.add_argument("--train-text", default="valid", choices=tuple(TRAIN_TEXTS),
+                   help="what the model is trained on: valid (default; valid.txt only, so a quarter of the books' "
+                   "tokens are unknown and the model never saw book prose) or books (valid.txt plus Alice in "
+                   "Wonderland and Sense and Sensibility, neither scored nor calibration text). books appends "
+                   "_trainbooks to the output names")
     p.add_argument("--seqlen", type=int, default=256, help="calibration and evaluation window length")
     p.add_argument("--eval-windows", type=int, default=256, help="windows of the WikiText-2 test text")
     p.add_argument("--book-windows", type=int, default=64, help="windows of each Gutenberg book")
@@ -729,17 +750,17 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     from pyprune.data import eval_windows
     if args.report_only:
-        with open(os.path.join(args.out, output_stem(args.calib) + ".json")) as f:
+        with open(os.path.join(args.out, output_stem(args.calib, args.train_text) + ".json")) as f:
             result = json.load(f)
         result.update(report(result["rows"]))
-        print(write_outputs(args.out, args.calib, result))
+        print(write_outputs(args.out, args.calib, args.train_text, result))
         return 0
 
     t_start = time.perf_counter()
     scan_check = check_training_scan()
     if max(scan_check.values()) > 1e-4:
         raise RuntimeError(f"the training scan disagrees with transformers' scan: {scan_check}")
-    train_ids, texts, vocab, valid_sha, book_ids = load_tokens()
+    train_ids, texts, vocab, valid_sha, book_ids = load_tokens(args.train_text)
     model, meta, settings = load_or_train(args, train_ids, vocab, valid_sha)
     windows = {n: eval_windows(ids, args.seqlen, args.eval_windows if n == "wikitext2" else args.book_windows)
                for n, ids in texts.items()}
@@ -758,7 +779,9 @@ def main(argv=None) -> int:
                      "loss_every_10": [round(sum(meta["losses"][i:i + 10]) / len(meta["losses"][i:i + 10]), 4)
                                        for i in range(0, len(meta["losses"]), 10)],
                      "scan_check": scan_check},
-        "data": {"train_tokens": int(train_ids.numel()), "calib_samples": args.nsamples, "calib_seqlen": args.seqlen,
+        "data": {"train_text": args.train_text,
+                 "train_files": ["/".join(parts) for parts in TRAIN_TEXTS[args.train_text]],
+                 "train_tokens": int(train_ids.numel()), "calib_samples": args.nsamples, "calib_seqlen": args.seqlen,
                  "calib": args.calib, "calib_book_unknown_fraction": float((book_ids == 0).float().mean()),
                  "eval_seqlen": args.seqlen,
                  "texts": {n: {"label": TEXTS[n][1], "path": "/".join(TEXTS[n][0]), "tokens": int(ids.numel()),
@@ -772,7 +795,7 @@ def main(argv=None) -> int:
         "rows": rows, "seconds": time.perf_counter() - t_start, "threads": args.threads,
         "host": platform.machine(), "torch": torch.__version__,
     }
-    print(write_outputs(args.out, args.calib, result))
+    print(write_outputs(args.out, args.calib, args.train_text, result))
     return 0
 
 

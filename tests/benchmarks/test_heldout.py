@@ -34,6 +34,9 @@ def test_plan(ho):
     assert [ho.run_key(*r) for r in runs] == [
         "wanda/0.5/seed0", "joint/0.5/wanda/seed0", "joint/0.5/wanda/seed0/order1",
         "wanda/0.5/seed1", "joint/0.5/wanda/seed1", "wanda/0.5/seed2", "joint/0.5/wanda/seed2"]
+    runs = ho.plan(keys, [0], ["wanda/0.5"], ("order1", "torch"))
+    assert [ho.run_key(*r) for r in runs] == [
+        "wanda/0.5/seed0", "joint/0.5/wanda/seed0", "wanda/0.5/seed0/order1", "wanda/0.5/seed0/torch"]
 
 
 def test_reorder_keeps_the_samples(ho):
@@ -72,12 +75,16 @@ def test_report_from_a_synthetic_cache(ho, tmp_path):
     for ckey, base in ((a, 20.0), (b, 15.0)):
         for s in (0, 1):
             cache[ho.run_key(ckey, s)] = entry(ckey, s, 0, base)
-    cache[ho.run_key(b, 0, 1)] = entry(b, 0, 1, 15.0)
+    cache[ho.run_key(b, 0, "order1")] = entry(b, 0, 1, 15.0)              # cached before backend floors: no "floor"
+    cache[ho.run_key(b, 0, "torch")] = dict(entry(b, 0, 0, 15.0), floor="torch")
+    cache[ho.run_key(b, 0, "torch")]["ppl_moby"] = 15.3
     summary = ho.summarise(cache)
     assert summary[b]["wikitext2"][:3] == (15.5, 15.0, 16.0)
     assert summary[b]["wikitext2"][3] == pytest.approx(math.sqrt(0.5))
     floor = ho.noise_floor(cache)
-    assert len(floor) == len(ho.TEXTS) and floor[0][3] == pytest.approx(0.1 / 15.0)
+    assert len(floor) == 2 * len(ho.TEXTS) and floor[0][2] == "order1" and floor[0][4] == pytest.approx(0.1 / 15.0)
+    assert {(f[2], f[3]): f[4] for f in floor}[("torch", "moby")] == pytest.approx(0.3 / 15.0)
+    assert {(f[2], f[3]): f[4] for f in floor}[("torch", "pride")] == 0.0
     assert all(f"lowest mean `{b}`; ranges apart from `{a}`" in v for v in ho.verdicts(summary))
     assert ho.comparisons(summary) == [(b, a)]
     ratios, win = ho.paired(cache, b, a)["pride"]
@@ -89,6 +96,7 @@ def test_report_from_a_synthetic_cache(ho, tmp_path):
     assert f"| {b} | 0,1 | 15.50 (15.00-16.00) 0.71" in text
     assert f"| `{b}` / `{a}` | 0.756 (0.750-0.762)" in text
     assert (tmp_path / "heldout.md").exists() and "{hw}" not in text
+    assert "Largest change: 2.0%" in text and f"| {b} | 0 | {ho.FLOOR_KINDS['torch']} | Moby Dick | +2.00% |" in text
 
 
 def test_comparisons_pair_levers_with_their_baselines(ho):

@@ -1,5 +1,6 @@
 """The Mamba benchmark's bookkeeping (benchmarks/mamba_quality.py): the token remapping, the run order, the
 reordered calibration, and the seed summary / paired ratios / noise floor / verdicts on synthetic rows (no model)."""
+import argparse
 import json
 import math
 
@@ -136,7 +137,6 @@ def test_markdown_and_json(mq):
 
 
 def test_calibration_mix_and_stems(mq):
-    import argparse
     train, book = torch.arange(1000), torch.arange(5000, 6000)
     args = argparse.Namespace(calib="mix", nsamples=5, seqlen=16)
     mixed = mq.calibration(args, train, book, seed=3)
@@ -145,6 +145,17 @@ def test_calibration_mix_and_stems(mq):
     assert torch.equal(mq.calibration(argparse.Namespace(calib="valid", nsamples=5, seqlen=16), train, book, 3),
                        calibration_samples(train, 5, 16, seed=3))   # the first report's windows, unchanged
     assert mq.output_stem("valid") == "mamba_quality" and mq.output_stem("mix") == "mamba_quality_mix"
+    assert mq.output_stem("mix", "books") == "mamba_quality_mix_trainbooks"
+
+
+def test_train_settings_key(mq):
+    """valid.txt training keeps the first reports' settings (so their cached model is found again); another
+    training text is part of the key."""
+    ns = dict(hidden=8, layers=1, state=4, expand=2, steps=3, batch=2, train_seqlen=16, lr=1e-3, weight_decay=0.1,
+              warmup=1, seed=0)
+    valid = mq.train_settings(argparse.Namespace(**ns, train_text="valid"), 10, "abc")
+    books = mq.train_settings(argparse.Namespace(**ns, train_text="books"), 10, "abc")
+    assert "train_text" not in valid and books == {**valid, "train_text": "books"}
 
 
 def test_score_windows_known_targets(mq):
