@@ -1,5 +1,6 @@
 """Benchmark of one whole layer: ``prune_layer`` with the joint method (each kernel backend) against SparseGPT, at
-Llama-2-70B layer shapes on a GPU (small shapes on the CPU).
+Llama-2-70B layer shapes on a GPU (small shapes on the CPU); at 2:4 also joint without its default exchanges
+(``swaps=0``), so the exchanges' cost is a ratio in the same process.
 
 What a user pruning a 70B model waits for is this per-layer time (times 560 linears) and this peak memory. Per
 shape and sparsity (50% unstructured, 2:4): SparseGPT (its own column loop, torch), and joint at B=128 with
@@ -51,13 +52,14 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
     native = "cuda" if gpu else "cpp"
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False
-        kernels = ["joint/" + native, "joint/triton"]
+        kernels = ["joint/" + native, "joint/" + native + "/swaps0", "joint/triton"]
         # 70B q/o_proj with the torch reference as well; 70B down_proj (the widest input) with the kernels only
         plan = [((2048, 2048), ["sparsegpt/torch", "joint/torch"] + kernels)] if quick else [
             ((8192, 8192), ["sparsegpt/torch", "joint/torch"] + kernels),
             ((8192, 28672), ["sparsegpt/torch"] + kernels)]
     else:
-        plan = [((128, 256) if quick else (512, 1024), ["sparsegpt/torch", "joint/torch", "joint/" + native])]
+        plan = [((128, 256) if quick else (512, 1024), ["sparsegpt/torch", "joint/torch", "joint/" + native,
+                                                         "joint/" + native + "/swaps0"])]
     peaks = measure_peaks(device, quick)
     gen = torch.Generator().manual_seed(0)
     rows_out = []
@@ -66,9 +68,12 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
         for sp in ("0.5", "2:4"):
             base_t = base_loss = None
             for variant in variants:
-                method, backend = variant.split("/")
-                cfg = PruneConfig(method=method, sparsity=sp, block_size=128, backend=backend)
-                tag = dict(rows=rows, cols=cols, sparsity=sp, method=method, backend=backend)
+                method, backend, *extra = variant.split("/")
+                swaps = int(extra[0][5:]) if extra else None          # "swaps<k>"; none: the config's default
+                cfg = PruneConfig(method=method, sparsity=sp, block_size=128, backend=backend, swaps=swaps)
+                if extra and cfg.swaps == PruneConfig(method=method, sparsity=sp, backend=backend).swaps:
+                    continue                                          # the default already: nothing to compare
+                tag = dict(rows=rows, cols=cols, sparsity=sp, method=method, backend=backend, swaps=cfg.swaps)
                 w = min(cols, 1024)  # warm-up on a corner: compiles kernels, creates handles
                 _, err = try_run(lambda: prune_layer(W[: min(rows, 256), :w], H[:w, :w].contiguous(), cfg))
                 if err:
@@ -96,9 +101,11 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
 
 def main():
     bench_main("bench_prune_layer", run,
-               ["rows", "cols", "sparsity", "method", "backend", "s", "vs_sparsegpt", "loss",
+               ["rows", "cols", "sparsity", "method", "backend", "swaps", "s", "vs_sparsegpt", "loss",
                 "loss_vs_sparsegpt", "sparsity_got", "peak_gib", "error"],
                ["s: one prune_layer call (bf16 weight, fp32 H, B=128), after a warm-up on a corner",
+                "swaps: exchanges per row of a block (PruneConfig.swaps; joint N:M defaults to 16, the swaps0 row "
+                "shows their cost)",
                 "vs_sparsegpt: SparseGPT's time / this time, same process; loss_vs_sparsegpt: layer loss ratio on "
                 "the same H (below 1: the joint update loses less)",
                 "peak_gib: peak device memory allocated during the call above what was allocated before (W and H)"],

@@ -55,74 +55,96 @@ def _exchange_delta(lam, U, t, r, s, ainv_diag):
 
 
 def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, rounds: int, m: int) -> torch.Tensor:
-    """One batch of rows with ``c`` pruned weights each. State per row: the positions ``iM`` (pruned) and ``iK`` (kept),
-    ``Ainv = G[M, M]^{-1}``, ``GMK = G[M, K]`` and ``U = Ainv @ GMK``; an exchange updates all of them in
-    O(c * (B - c)) per row (rank-one and single row / column changes) instead of re-solving in O(c^2 * (B - c)). Rows
-    leave the batch when their best exchange no longer lowers their loss."""
+    """One batch of rows with ``c`` pruned weights each. State per row: the positions ``iM`` (pruned) and ``iK``
+    (kept), ``Ainv = G[M, M]^{-1}``, the Schur complements ``s`` and ``U = Ainv @ G[M, K]`` (N:M from a grouped start:
+    only the entries of ``U`` whose pruned and kept positions share a group, the only ones an exchange is scored with).
+    After the exchange of pruned ``j`` (position p) and kept ``k`` (position q), with ``a = Ainv[:, p]``, the
+    new set's ``u = D G[M', k]`` (``D = Ainv - a a^T / a_p``, ``Ainv`` without p), ``s_k = G_kk - u . G[M', k]`` and
+    ``v = u - e_p``:
+
+        Ainv' = D + v v^T / s_k
+        U'    = U - a U[p, :] / a_p + v (v^T G[M', K']) / s_k,   column q: e_p - a / a_p + v (v^T G[M', j]) / s_k
+        s'    = s + U[p, :]^2 / a_p - (v^T G[M', K'])^2 / s_k,  at q: 1 / a_p - (v^T G[M', j])^2 / s_k
+
+    (``D`` has a zero row and column p, so a change of row p of ``G[M, K]`` does not reach it; ``Ainv G[M, j] =
+    e_p``). ``U[p, :]`` and ``v^T G[M', K']`` are rows of a product with the whole ``G`` (one small GEMM per round),
+    so ``G[M, K]`` is never stored: a round costs a few passes over ``Ainv`` plus O(B) per row, and O(c (B - c)) per
+    row only where every pair is scored (no N:M groups). Rows leave the batch when their best exchange no longer lowers
+    their loss."""
     n, B = w.shape
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # pruned first, each side in column order
     iM, iK = order[:, :c].contiguous(), order[:, c:].contiguous()
+    K = B - c
     out_iM = iM.clone()
     Ainv = torch.cholesky_inverse(torch.linalg.cholesky(G[iM[:, :, None], iM[:, None, :]]))  # (n, c, c)
-    GMK = G[iM[:, :, None], iK[:, None, :]]                                                   # (n, c, B - c)
+    GMK = G[iM[:, :, None], iK[:, None, :]]                                                   # (n, c, K)
     U = Ainv @ GMK
+    g_diag = torch.diagonal(G)
+    s = g_diag[iK] - (GMK * U).sum(1)                                                         # (n, K): adding k
+    del GMK
     rows, wl = torch.arange(n, device=w.device), w
     tol = REL_TOL if w.dtype == torch.float64 else REL_TOL_LOW
     inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
-    g_diag = torch.diagonal(G)
-    # N:M start (every group holds n_nm pruned weights): the sorted positions come group by group
+    tiny = torch.finfo(w.dtype).tiny
+    # N:M start (every group holds n_nm pruned weights): the sorted positions come group by group, and exchanges keep
+    # every position in its group, so pruned position g * n_nm + x and kept position g * (m - n_nm) + y share group g
     n_nm = c // (B // m) if m and B % m == 0 and c % (B // m) == 0 else 0
     grouped = 0 < n_nm < m and bool((mask.view(n, B // m, m).sum(-1) == n_nm).all())
-    for _ in range(rounds):
+    if grouped:
+        g = K // (m - n_nm)
+        U = torch.diagonal(U.view(n, g, n_nm, g, m - n_nm), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+    for _ in range(rounds):                                                        # U: (l, g, n_nm, m - n_nm)
+        l = rows.numel()
         wM, wK = wl.gather(1, iM), wl.gather(1, iK)
         lam = (Ainv @ wM[:, :, None])[:, :, 0]
         loss = 0.5 * (lam * wM).sum(1)
-        s = (g_diag[iK] - (GMK * U).sum(1)).clamp_min(torch.finfo(w.dtype).tiny)  # (l, B - c): adding k
-        r = wK - (GMK * lam[:, :, None]).sum(1)
-        t = r / s
+        r = wK - (torch.zeros_like(wl).scatter_(1, iM, lam) @ G).gather(1, iK)   # w_k - G[k, M] lam
+        sc = s.clamp_min(tiny)
+        t = r / sc
         if not grouped:  # every pruned / kept pair of the row (inside a group when m is given)
-            delta = _exchange_delta(lam, U, t, r, s, torch.diagonal(Ainv, dim1=1, dim2=2)[:, :, None])
+            delta = _exchange_delta(lam, U, t, r, sc, torch.diagonal(Ainv, dim1=1, dim2=2)[:, :, None])
             if m:
                 delta = torch.where((iM // m)[:, :, None] == (iK // m)[:, None, :], delta, inf)
-            best, flat = delta.reshape(rows.numel(), -1).min(1)
-        else:  # N:M: position p of iM pairs with the kept positions of its group only (positions keep their group)
-            g = (B - c) // (m - n_nm)
-            Up = torch.diagonal(U.view(-1, g, n_nm, g, m - n_nm), dim1=1, dim2=3)  # (l, n, m - n, g)
-            Up = Up.permute(0, 3, 1, 2)                                            # (l, g, n, m - n)
-            tg, rg, sg = (x.view(-1, g, 1, m - n_nm) for x in (t, r, s))
+            best, flat = delta.reshape(l, -1).min(1)
+        else:  # N:M: position p of iM pairs with the kept positions of its group only
+            tg, rg, sg = (x.view(-1, g, 1, m - n_nm) for x in (t, r, sc))
             ainv = torch.diagonal(Ainv, dim1=1, dim2=2).view(-1, g, n_nm, 1)
-            delta = _exchange_delta(lam.view(-1, g, n_nm), Up, tg, rg, sg, ainv)   # (l, g, n, m - n)
-            best, f = delta.reshape(rows.numel(), -1).min(1)
+            delta = _exchange_delta(lam.view(-1, g, n_nm), U, tg, rg, sg, ainv)    # (l, g, n, m - n)
+            best, f = delta.reshape(l, -1).min(1)
             gi, rest = f // (n_nm * (m - n_nm)), f % (n_nm * (m - n_nm))
-            flat = (gi * n_nm + rest // (m - n_nm)) * (B - c) + gi * (m - n_nm) + rest % (m - n_nm)
+            flat = (gi * n_nm + rest // (m - n_nm)) * K + gi * (m - n_nm) + rest % (m - n_nm)
         take = best < -tol * loss.abs()
         if not bool(take.any()):
             break
         if not bool(take.all()):  # rows without an improving exchange are done: drop them from the batch
-            rows, wl, iM, iK, Ainv, GMK, U, flat = (x[take] for x in (rows, wl, iM, iK, Ainv, GMK, U, flat))
-        ar = torch.arange(rows.numel(), device=w.device)
-        p, q = flat // (B - c), flat % (B - c)
+            rows, wl, iM, iK, Ainv, U, s, flat = (x[take] for x in (rows, wl, iM, iK, Ainv, U, s, flat))
+            l = rows.numel()
+        ar = torch.arange(l, device=w.device)
+        p, q = flat // K, flat % K
+        a = Ainv[ar, p, :]                                   # (l, c): Ainv's row p (= its column p; a row is contiguous)
+        app = a[ar, p]
+        Urow = (torch.zeros_like(wl).scatter_(1, iM, a) @ G).gather(1, iK)         # U[p, :] = a^T G[M, K]
         j, k = iM[ar, p], iK[ar, q]
         iM[ar, p], iK[ar, q] = k, j
         out_iM[rows] = iM
-        # G[M, K] after the exchange: row p becomes G[k, K'], column q becomes G[M', j]; U follows in three steps
-        a = Ainv[ar, :, p]                                                         # (l, c): Ainv's column p
-        app = a[ar, p]
-        new_row, new_col = G[k[:, None], iK], G[iM, j[:, None]]
-        d_row = new_row - GMK[ar, p, :]
-        d_col = new_col - GMK[ar, :, q]
-        d_col[ar, p] = 0.0                                                         # (p, q) is in the row change
-        GMK[ar, p, :] = new_row
-        GMK[ar, :, q] = new_col
-        U += a[:, :, None] * d_row[:, None, :]                                     # Ainv @ G[M', K'] ...
-        U[ar, :, q] += (Ainv @ d_col[:, :, None])[:, :, 0]
-        U -= a[:, :, None] * (U[ar, p, :] / app[:, None])[:, None, :]              # ... then D @ G[M', K']
-        # Ainv of the new set: remove position p (D, a rank-one downdate), then border it with k at position p
-        D = Ainv - a[:, :, None] * a[:, None, :] / app[:, None, None]
         b = G[iM, k[:, None]]                                                      # (l, c): G[M', k]
-        u = (D @ b[:, :, None])[:, :, 0]
-        sk = g_diag[k] - (u * b).sum(1)
-        v = u.scatter(1, p[:, None], -1.0)                                         # u - e_p (u_p = 0)
-        Ainv = D + v[:, :, None] * v[:, None, :] / sk[:, None, None]
-        U += v[:, :, None] * (((v[:, :, None] * GMK).sum(1)) / sk[:, None])[:, None, :]
+        u = (Ainv @ b[:, :, None])[:, :, 0] - a * ((a * b).sum(1) / app)[:, None]  # D b (u_p = 0)
+        sk = (g_diag[k] - (u * b).sum(1)).clamp_min(tiny)
+        v = u.scatter(1, p[:, None], -1.0)                                         # u - e_p
+        vG = (torch.zeros_like(wl).scatter_(1, iM, v) @ G).gather(1, iK)           # v^T G[M', K']
+        left = torch.stack((-a / app[:, None], v / sk[:, None]), 2)                # (l, c, 2)
+        Ainv.baddbmm_(left, torch.stack((a, v), 1))                                # D + v v^T / s_k
+        s = s + Urow * Urow / app[:, None] - vG * vG / sk[:, None]
+        s[ar, q] = 1.0 / app - vG[ar, q] ** 2 / sk
+        colq = (v * (vG[ar, q] / sk)[:, None] - a / app[:, None]).scatter_add(
+            1, p[:, None], torch.ones_like(app)[:, None])                          # U'[:, q]
+        if not grouped:
+            U.baddbmm_(left, torch.stack((Urow, vG), 1))
+            U[ar, :, q] = colq
+        else:
+            Ug = lambda x: x.view(l, g, n_nm, 1)                                   # noqa: E731
+            Kg = lambda x: x.view(l, g, 1, m - n_nm)                               # noqa: E731
+            U = U + Ug(left[:, :, 0]) * Kg(Urow) + Ug(left[:, :, 1]) * Kg(vG)
+            gq = q // (m - n_nm)
+            U[ar, gq, :, q % (m - n_nm)] = colq.view(l, g, n_nm)[ar, gq]
     return torch.zeros_like(mask).scatter_(1, out_iM, True)

@@ -23,7 +23,11 @@ def test_mask_is_wandas_where_the_rule_coincides(rows, cols, sparsity, dead, rng
     scope = {} if isinstance(sparsity, str) else dict(mask_scope="row")
     cfg = PruneConfig(sparsity=sparsity, block_size=cols, mask="wanda", swaps=0, **scope)  # the mask as chosen
     joint, ref = prune_layer(W, H, cfg), prune_layer(W, H, wanda(sparsity))
-    assert torch.equal(joint.mask, ref.mask)
+    # dead columns (zero input) are pruned for free by the joint method; where an N:M group holds more dead columns
+    # than it prunes, Wanda keeps one of them (all score 0), so the rule coincides on the live columns
+    live = torch.diagonal(H) > 0
+    assert torch.equal(joint.mask[:, live], ref.mask[:, live])
+    assert bool(joint.mask[:, ~live].all())
     assert torch.all(joint.weight[joint.mask] == 0)
     assert joint.loss < ref.loss
     # the joint update is the optimal reconstruction for that mask (damped H, float64)
