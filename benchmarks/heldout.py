@@ -297,7 +297,8 @@ def paired(cache: dict, a: str, b: str) -> dict:
 
 
 def comparisons(summary: dict) -> list[tuple[str, str]]:
-    """(a, b): every joint configuration against Wanda and SparseGPT at its sparsity (with the same calibration), every
+    """(a, b): every joint configuration against Wanda and SparseGPT (pyprune's and llm-compressor's) at its sparsity
+    (with the same calibration), every
     llm-compressor run against pyprune's, every configuration with a calibration lever (n, mix) against the same
     configuration without it, and every joint configuration with an update lever (swap, damp) against the same
     configuration without it."""
@@ -311,7 +312,7 @@ def comparisons(summary: dict) -> list[tuple[str, str]]:
             if b in summary:
                 pairs.append((a, b))
         if parts[0] == "joint":
-            for m in ("wanda", "sparsegpt"):
+            for m in ("wanda", "sparsegpt", "llmc-wanda", "llmc-sparsegpt"):
                 b = f"{m}/{parts[1]}{suffix}"
                 if b in summary:
                     pairs.append((a, b))

@@ -107,4 +107,5 @@ def test_comparisons_pair_levers_with_their_baselines(ho):
     assert ("joint/2:4/exact/swap16/mix", "sparsegpt/2:4/mix") in pairs
     assert ("joint/2:4/exact/mix", "joint/2:4/exact") in pairs                  # the calibration lever
     assert ("llmc-sparsegpt/2:4/mix", "sparsegpt/2:4/mix") in pairs
+    assert ("joint/2:4/exact/swap16/mix", "llmc-sparsegpt/2:4/mix") in pairs    # both implementations
     assert not any(a == "joint/0.5/wanda/damp1" for a, _ in pairs)             # no baseline in the summary
