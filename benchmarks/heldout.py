@@ -253,6 +253,29 @@ def noise_floor(cache: dict) -> list[tuple[str, int, str, str, float]]:
     return out
 
 
+def draws(cache: dict, config: str) -> dict:
+    """Per text, the perplexity of every finished run of ``config``: its seeds and its noise-floor runs. Rounding
+    amplified through the blocks moves a run as far as another seed does (the floor table), so each run is one draw
+    of the same noise."""
+    es = [e for e in cache.values() if e.get("config") == config and "error" not in e]
+    return {n: [e[f"ppl_{n}"] for e in es] for n in TEXTS}
+
+
+def pooled(cache: dict, a: str, b: str) -> dict | None:
+    """Per text: (ratio of the mean perplexities of ``a`` and ``b`` over all their draws, its approximate 95% range:
+    exp(+-2 standard errors of the log ratio, Welch), draws of a, draws of b); None unless both have 3 or more."""
+    da, db = draws(cache, a), draws(cache, b)
+    if min(len(da[n]) for n in TEXTS) < 3 or min(len(db[n]) for n in TEXTS) < 3:
+        return None
+    out = {}
+    for n in TEXTS:
+        ma, mb = statistics.fmean(da[n]), statistics.fmean(db[n])
+        se = math.sqrt(statistics.variance(da[n]) / len(da[n]) / ma ** 2
+                       + statistics.variance(db[n]) / len(db[n]) / mb ** 2)
+        out[n] = (ma / mb, ma / mb * math.exp(-2 * se), ma / mb * math.exp(2 * se), len(da[n]), len(db[n]))
+    return out
+
+
 def sparsity_of(key: str) -> str:
     return key.split("/")[1]
 
@@ -360,6 +383,15 @@ def write_report(cache: dict, args) -> str:
         pair_rows.append(f"| `{a}` / `{b}` | " + " | ".join(
             fmt_range(p[n][0]) + (f"; windows {p[n][1][0]:.3f}-{p[n][1][1]:.3f}" if p[n][1] else "")
             for n in names) + " |")
+    pool_rows = []
+    for a, b in comparisons(summary):
+        if not (a.startswith("joint/") and b.split("/")[0] in ("wanda", "sparsegpt", "llmc-wanda", "llmc-sparsegpt")):
+            continue
+        q = pooled(cache, a, b)
+        if q is not None:
+            pool_rows.append(f"| `{a}` / `{b}` | {q[names[0]][3]} / {q[names[0]][4]} | " + " | ".join(
+                f"{q[n][0]:.3f} ({q[n][1]:.3f}-{q[n][2]:.3f})" + (" **<1**" if q[n][2] < 1 else "") for n in names)
+                + " |")
     hw = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     ew = {e.get("eval_dtype", "float32") for e in cache.values()}
     text = "\n".join([
@@ -394,6 +426,17 @@ def write_report(cache: dict, args) -> str:
         "| pair | " + " | ".join(TEXTS[n][1] for n in names) + " |",
         "|" + "---|" * (len(names) + 1),
         *pair_rows,
+        "",
+        "## Every draw pooled: seeds and noise-floor runs",
+        "",
+        "Each run of a configuration (every seed and every noise-floor run) taken as one draw of seed and rounding "
+        "noise: the ratio of joint's mean perplexity to the baseline's, with an approximate 95% range (plus or minus "
+        "two standard errors of the log ratio, unpaired); **<1** where the whole range lies below 1. Pairs where "
+        "both have at least 3 draws.",
+        "",
+        "| pair | draws | " + " | ".join(TEXTS[n][1] for n in names) + " |",
+        "|" + "---|" * (len(names) + 2),
+        *pool_rows,
         "",
         "## Rounding-only noise floor",
         "",

@@ -1,6 +1,7 @@
 """The held-out report's bookkeeping (benchmarks/heldout.py): configuration keys, the run order, the reordered and
 mixed calibration, and the seed summary / paired ratios / noise floor on a synthetic cache (no model runs)."""
 import math
+import statistics
 
 import pytest
 import torch
@@ -96,6 +97,14 @@ def test_report_from_a_synthetic_cache(ho, tmp_path):
     assert f"| {b} | 0,1 | 15.50 (15.00-16.00) 0.71" in text
     assert f"| `{b}` / `{a}` | 0.756 (0.750-0.762)" in text
     assert (tmp_path / "heldout.md").exists() and "{hw}" not in text
+    q = ho.pooled(cache, b, a)                           # b: 4 draws (2 seeds, 2 floor runs); a: 2 draws
+    assert q is None
+    cache[ho.run_key(a, 2)] = entry(a, 2, 0, 20.0)
+    q = ho.pooled(cache, b, a)["pride"]
+    assert q[3:] == (4, 3) and q[0] == pytest.approx(statistics.fmean([15, 16, 15.1, 15]) / statistics.fmean([20, 21, 22]))
+    assert q[1] < q[0] < q[2] < 1
+    text = ho.write_report(cache, args)
+    assert f"| `{b}` / `{a}` | 4 / 3 | " in text and "**<1**" in text
     assert "Largest change: 2.0%" in text and f"| {b} | 0 | {ho.FLOOR_KINDS['torch']} | Moby Dick | +2.00% |" in text
 
 
