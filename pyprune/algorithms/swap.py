@@ -76,8 +76,10 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
     iM, iK = order[:, :c].contiguous(), order[:, c:].contiguous()
     K = B - c
     out_iM = iM.clone()
-    Ainv = torch.cholesky_inverse(torch.linalg.cholesky(G[iM[:, :, None], iM[:, None, :]]))  # (n, c, c)
-    GMK = G[iM[:, :, None], iK[:, None, :]]                                                   # (n, c, K)
+    GM = G[iM]                                            # (n, c, B): rows, then gathers (2-4x faster than G[i, j])
+    Ainv = torch.cholesky_inverse(torch.linalg.cholesky(GM.gather(2, iM[:, None, :].expand(n, c, c))))  # (n, c, c)
+    GMK = GM.gather(2, iK[:, None, :].expand(n, c, K))                                                 # (n, c, K)
+    del GM
     U = Ainv @ GMK
     g_diag = torch.diagonal(G)
     s = g_diag[iK] - (GMK * U).sum(1)                                                         # (n, K): adding k
@@ -127,7 +129,7 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
         j, k = iM[ar, p], iK[ar, q]
         iM[ar, p], iK[ar, q] = k, j
         out_iM[rows] = iM
-        b = G[iM, k[:, None]]                                                      # (l, c): G[M', k]
+        b = G[k].gather(1, iM)                                                     # (l, c): G[M', k] (G symmetric)
         u = (Ainv @ b[:, :, None])[:, :, 0] - a * ((a * b).sum(1) / app)[:, None]  # D b (u_p = 0)
         sk = (g_diag[k] - (u * b).sum(1)).clamp_min(tiny)
         v = u.scatter(1, p[:, None], -1.0)                                         # u - e_p
