@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "block for sparsegpt)")
     p.add_argument("--swaps", type=int, default=None,
                    help="joint only: at most this many pruned/kept exchanges per row of a block, each lowering the "
-                   "row's exact block loss (default: 16 for N:M, 0 for unstructured)")
+                   "row's exact block loss (default: 16; 0 keeps the mask as chosen, faster)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "cuda", "triton"])
     p.add_argument("--modules", nargs="+", default=None, metavar="PATTERN",
                    help="prune only these modules (fnmatch on names relative to a block, e.g. 'mlp.*')")

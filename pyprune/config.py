@@ -11,14 +11,15 @@ from dataclasses import dataclass
 METHODS = ("joint", "sparsegpt", "wanda", "magnitude")
 MASKS = ("diag", "sparsegpt", "exact", "greedy", "wanda")
 MASK_SCOPES = ("block", "row")
-# The joint method's default exchanges per row of a block for N:M sparsity (PruneConfig.swaps). Measured on
-# SmolLM2-135M at 2:4 (benchmarks/results/heldout.md: 16 x 512 mixed calibration tokens, seeds 0-2, 40 windows each of
-# WikiText-2 test / Pride and Prejudice / Moby Dick): without exchanges joint ties SparseGPT (paired perplexity ratio
-# 0.999 / 0.990 / 0.981, seeds on both sides of 1); with 16 it is 0.966 / 0.963 / 0.972, below 1 at every seed, at
-# 6-7x the prune time on 2 CPU cores (677 s against 100-113 s). Unstructured 50%: 16 exchanges gave 0.987 / 0.984 /
-# 0.979 of joint without them (seed 0) where joint already beats SparseGPT and Wanda at every seed, so the default
-# there stays 0.
-DEFAULT_NM_SWAPS = 16
+# The joint method's default exchanges per row of a block (PruneConfig.swaps), at every sparsity. Measured on
+# SmolLM2-135M (benchmarks/results/heldout.md: 16 x 512 mixed calibration tokens, 40 windows each of WikiText-2 test /
+# Pride and Prejudice / Moby Dick). 2:4, seeds 0-4: without exchanges joint tied SparseGPT (paired perplexity ratio
+# 0.999 / 0.990 / 0.981 over seeds 0-2, seeds on both sides of 1); with 16 it is below 1 at every seed. 4:8, seeds
+# 0-2: 16 exchanges give 0.971 / 0.978 / 0.972 of joint without them. 50%, seeds 0-2: 0.974-0.987 / 0.962-0.988 /
+# 0.970-0.979 of joint without them, every seed below 1. Cost: about 2-2.5x the prune time of joint without them at
+# 16 calibration samples on 2 CPU cores (50%: 224-260 s against 89-120 s; 2:4: 211-221 s against 72-75 s for
+# SparseGPT under the same load); the calibration forward passes, the same for both, dominate at 128 samples.
+DEFAULT_SWAPS = 16
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class PruneConfig:
     swaps:       joint method only: after a block's mask is chosen, at most this many exchanges of a pruned and a kept
                  weight per row of the block (N:M: inside a group), each the one that lowers the row's exact block
                  loss the most (pyprune/algorithms/swap.py); 0 leaves the mask as chosen. None picks the default:
-                 DEFAULT_NM_SWAPS for the joint method with N:M sparsity, 0 otherwise.
+                 DEFAULT_SWAPS (16) for the joint method, 0 for the others.
     backend:     kernel backend for the ops: "auto" | "torch" | "cpp" | "cuda" | "triton".
     """
 
@@ -142,7 +143,7 @@ class PruneConfig:
             raise ValueError(f"block_size={self.block_size} must be a multiple of M={self.sparsity.m} for "
                              f"{self.sparsity} sparsity")
         if self.swaps is None:
-            object.__setattr__(self, "swaps", DEFAULT_NM_SWAPS if uses_mask and self.sparsity.structured else 0)
+            object.__setattr__(self, "swaps", DEFAULT_SWAPS if uses_mask else 0)
         if isinstance(self.swaps, bool) or not isinstance(self.swaps, int) or self.swaps < 0:
             raise ValueError(f"swaps must be an integer >= 0, got {self.swaps!r}")
         if self.swaps and self.method != "joint":

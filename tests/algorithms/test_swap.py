@@ -113,16 +113,17 @@ def test_swaps_option_is_checked():
         PruneConfig(swaps=-1)
     with pytest.raises(ValueError, match="swaps.*joint"):
         PruneConfig(method="sparsegpt", swaps=4)
-    assert "swaps" not in PruneConfig().settings() and PruneConfig().swaps == 0
+    from pyprune.config import DEFAULT_SWAPS
+    assert PruneConfig().swaps == DEFAULT_SWAPS and PruneConfig().settings()["swaps"] == DEFAULT_SWAPS
+    assert "swaps" not in PruneConfig(swaps=0).settings()
     assert PruneConfig(swaps=8).settings()["swaps"] == 8
-    from pyprune.config import DEFAULT_NM_SWAPS
-    assert PruneConfig(sparsity="2:4").swaps == DEFAULT_NM_SWAPS  # the N:M default
+    assert PruneConfig(sparsity="2:4").swaps == DEFAULT_SWAPS
     assert PruneConfig(sparsity="2:4", swaps=0).swaps == 0
     assert PruneConfig(method="sparsegpt", sparsity="2:4").swaps == 0
     # a new method or sparsity re-derives the default
     assert PruneConfig(sparsity="2:4").replace(method="magnitude").swaps == 0
-    assert PruneConfig(sparsity="2:4", swaps=3).replace(sparsity=0.5).swaps == 0
-    assert PruneConfig(sparsity=0.5).replace(sparsity="4:8").swaps == DEFAULT_NM_SWAPS
+    assert PruneConfig(sparsity="2:4", swaps=3).replace(sparsity=0.5).swaps == DEFAULT_SWAPS
+    assert PruneConfig(method="sparsegpt").replace(method="joint").swaps == DEFAULT_SWAPS
 
 
 def test_swap_inside_uneven_groups_matches_brute_force(rng):
