@@ -1,6 +1,6 @@
 """Benchmark of one whole layer: ``prune_layer`` with the joint method (each kernel backend) against SparseGPT, at
-Llama-2-70B layer shapes on a GPU (small shapes on the CPU); at 2:4 also joint without its default exchanges
-(``swaps=0``), so the exchanges' cost is a ratio in the same process.
+Llama-2-70B layer shapes on a GPU (small shapes on the CPU); also joint without its default exchanges (``swaps=0``),
+so the exchanges' cost is a ratio in the same process.
 
 What a user pruning a 70B model waits for is this per-layer time (times 560 linears) and this peak memory. Per
 shape and sparsity (50% unstructured, 2:4): SparseGPT (its own column loop, torch), and joint at B=128 with
@@ -104,7 +104,7 @@ def main():
                ["rows", "cols", "sparsity", "method", "backend", "swaps", "s", "vs_sparsegpt", "loss",
                 "loss_vs_sparsegpt", "sparsity_got", "peak_gib", "error"],
                ["s: one prune_layer call (bf16 weight, fp32 H, B=128), after a warm-up on a corner",
-                "swaps: exchanges per row of a block (PruneConfig.swaps; joint N:M defaults to 16, the swaps0 row "
+                "swaps: exchanges per row of a block (PruneConfig.swaps; the joint default is 16, the swaps0 row "
                 "shows their cost)",
                 "vs_sparsegpt: SparseGPT's time / this time, same process; loss_vs_sparsegpt: layer loss ratio on "
                 "the same H (below 1: the joint update loses less)",

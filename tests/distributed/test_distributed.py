@@ -309,7 +309,7 @@ def test_torchrun_moe_equals_single_process(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(WORDS[i] for i in idx) + "\n")
     # --swaps 0: experts that see a token or two have near-singular Hessians, so many exchanges are near-ties that the
-    # summation order decides (with the N:M default of 16, 4 of 128 rows of one expert differed); the other
+    # summation order decides (with the default of 16, 4 of 128 rows of one expert differed); the other
     # distributed tests keep the default
     args = [model_dir, "--sparsity", "2:4", "--calib-text", str(text), "--nsamples", "4", "--seqlen", "32",
             "--block-size", "16", "--device", "cpu", "--threads", "1", "-q", "--expert-min-tokens", "1",
