@@ -89,7 +89,8 @@ TEXTS = {  # name -> (shared path parts, label): the test split of the training 
 }
 TRAIN_TEXTS = {  # --train-text -> the shared files the model is trained on, in order
     "valid": (("data", "wikitext2", "valid.txt"),),
-    "books": (("data", "wikitext2", "valid.txt"), ("data", "gutenberg", "11-0.txt"), ("data", "gutenberg", "pg161.txt")),
+    "books": (("data", "wikitext2", "valid.txt"), ("data", "gutenberg", "11-0.txt"),
+              ("data", "gutenberg", "pg161.txt")),
 }
 SCORINGS = {  # how the targets of a text are scored -> label
     "all": "every target",
@@ -719,8 +720,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--retrain", action="store_true", help="train even if a cached model exists")
     p.add_argument("--report-only", action="store_true",
-                   help="rebuild the summary, paired ratios, verdicts and markdown from <out>/mamba_quality_<calib>.json "
-                   "(--calib valid: mamba_quality.json)")
+                   help="rebuild the summary, paired ratios, verdicts and markdown from the run's JSON in <out> "
+                   "(the name --calib and --train-text give: mamba_quality_mix_trainbooks.json by default)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--state", type=int, default=16)

@@ -388,7 +388,8 @@ def cmd_demo(args) -> int:
     rows = [
         ("model", f"SmolLM2-135M-Instruct (built-in GGUF), {len(report.layers)} linear layers"),
         ("method", f"{config.method}, sparsity {sp}, block size {config.block_size}"
-                   + (f", up to {config.swaps} exchanges per row of a block" if config.swaps else "") + f", device {device}"),
+                   + (f", up to {config.swaps} exchanges per row of a block" if config.swaps else "")
+                   + f", device {device}"),
         ("calibration", f"{args.nsamples} x {args.seqlen} tokens of {args.calib_text}"),
         ("evaluation", f"{windows.shape[0]} x {windows.shape[1]} tokens of wikitext2/test.txt"),
         ("dense perplexity", f"{dense['perplexity']:.3f}"),

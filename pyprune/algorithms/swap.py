@@ -123,7 +123,7 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
             l = rows.numel()
         ar = torch.arange(l, device=w.device)
         p, q = flat // K, flat % K
-        a = Ainv[ar, p, :]                                   # (l, c): Ainv's row p (= its column p; a row is contiguous)
+        a = Ainv[ar, p, :]                                   # (l, c): Ainv's row p (= column p; rows are contiguous)
         app = a[ar, p]
         Urow = (torch.zeros_like(wl).scatter_(1, iM, a) @ G).gather(1, iK)         # U[p, :] = a^T G[M, K]
         j, k = iM[ar, p], iK[ar, q]

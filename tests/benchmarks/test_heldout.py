@@ -101,7 +101,8 @@ def test_report_from_a_synthetic_cache(ho, tmp_path):
     assert q is None
     cache[ho.run_key(a, 2)] = entry(a, 2, 0, 20.0)
     q = ho.pooled(cache, b, a)["pride"]
-    assert q[3:] == (4, 3) and q[0] == pytest.approx(statistics.fmean([15, 16, 15.1, 15]) / statistics.fmean([20, 21, 22]))
+    assert q[3:] == (4, 3)
+    assert q[0] == pytest.approx(statistics.fmean([15, 16, 15.1, 15]) / statistics.fmean([20, 21, 22]))
     assert q[1] < q[0] < q[2] < 1
     text = ho.write_report(cache, args)
     assert f"| `{b}` / `{a}` | 4 / 3 | " in text and "**<1**" in text
