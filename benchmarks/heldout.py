@@ -97,6 +97,9 @@ FLOOR_KINDS = {  # noise-floor run kind (run key suffix) -> what changes against
 }
 
 
+BASELINES = ("wanda", "sparsegpt", "llmc-wanda", "llmc-sparsegpt")  # pyprune's and llm-compressor's
+
+
 def run_key(ckey: str, seed: int, floor: str = "") -> str:
     """``<config>/seed<s>``, then ``/<floor kind>`` for a noise-floor run."""
     return f"{ckey}/seed{seed}" + (f"/{floor}" if floor else "")
@@ -335,7 +338,7 @@ def comparisons(summary: dict) -> list[tuple[str, str]]:
             if b in summary:
                 pairs.append((a, b))
         if parts[0] == "joint":
-            for m in ("wanda", "sparsegpt", "llmc-wanda", "llmc-sparsegpt"):
+            for m in BASELINES:
                 b = f"{m}/{parts[1]}{suffix}"
                 if b in summary:
                     pairs.append((a, b))
@@ -377,17 +380,13 @@ def write_report(cache: dict, args) -> str:
     floor_rows += [f"| {c} | {s} | {FLOOR_KINDS[kind]} | {TEXTS[n][1]} | {100 * d:+.2f}% |"
                    for c, s, kind, n, d in floor]
     worst = max((abs(d) for *_, d in floor), default=float("nan"))
-    pair_rows = []
+    pair_rows, pool_rows = [], []
     for a, b in comparisons(summary):
         p = paired(cache, a, b)
         pair_rows.append(f"| `{a}` / `{b}` | " + " | ".join(
             fmt_range(p[n][0]) + (f"; windows {p[n][1][0]:.3f}-{p[n][1][1]:.3f}" if p[n][1] else "")
             for n in names) + " |")
-    pool_rows = []
-    for a, b in comparisons(summary):
-        if not (a.startswith("joint/") and b.split("/")[0] in ("wanda", "sparsegpt", "llmc-wanda", "llmc-sparsegpt")):
-            continue
-        q = pooled(cache, a, b)
+        q = pooled(cache, a, b) if a.startswith("joint/") and b.split("/")[0] in BASELINES else None
         if q is not None:
             pool_rows.append(f"| `{a}` / `{b}` | {q[names[0]][3]} / {q[names[0]][4]} | " + " | ".join(
                 f"{q[n][0]:.3f} ({q[n][1]:.3f}-{q[n][2]:.3f})" + (" **<1**" if q[n][2] < 1 else "") for n in names)

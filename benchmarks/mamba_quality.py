@@ -228,19 +228,18 @@ def load_tokens(train_text: str = "valid", tokenizer_spec: str = "builtin"):
     from pyprune.data import load_text, shared_file, tokenize
     from pyprune.models.io import load_tokenizer
     tok = load_tokenizer(tokenizer_spec)
-    sha = hashlib.sha256()
-    parts = []
-    for path_parts in TRAIN_TEXTS[train_text]:
-        path = shared_file(*path_parts)
-        with open(path, "rb") as f:
-            sha.update(f.read())
-        parts.append(tokenize(tok, book_text(path) if path_parts[1] == "gutenberg" else load_text(path)))
-    train = torch.cat(parts)
-    vocab = torch.unique(train)                                       # sorted SmolLM2 ids seen in training
-    texts = {}
-    for name, (parts, _) in TEXTS.items():
+
+    def ids(parts):  # a shared text's token ids (a Gutenberg book without its licence header)
         path = shared_file(*parts)
-        texts[name] = remap(tokenize(tok, book_text(path) if parts[1] == "gutenberg" else load_text(path)), vocab)
+        return tokenize(tok, book_text(path) if parts[1] == "gutenberg" else load_text(path))
+
+    sha = hashlib.sha256()
+    for parts in TRAIN_TEXTS[train_text]:
+        with open(shared_file(*parts), "rb") as f:
+            sha.update(f.read())
+    train = torch.cat([ids(parts) for parts in TRAIN_TEXTS[train_text]])
+    vocab = torch.unique(train)                                       # sorted SmolLM2 ids seen in training
+    texts = {name: remap(ids(parts), vocab) for name, (parts, _) in TEXTS.items()}
     book = remap(tokenize(tok, load_text("gutenberg", split="calib")), vocab)
     return remap(train, vocab), texts, vocab, sha.hexdigest(), book
 
@@ -737,8 +736,8 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     p.add_argument("--calib", default="mix", choices=("mix", "valid"),
                    help="calibration text: mix (default; half valid.txt, half A Tale of Two Cities, as pyprune's "
-                   "default) or valid (valid.txt only, the training text). Writes mamba_quality_mix.* or "
-                   "mamba_quality.*")
+                   "default) or valid (valid.txt only). Part of the output names: mamba_quality_mix_trainbooks.* "
+                   "by default, mamba_quality_trainbooks.* with valid")
     p.add_argument("--train-text", default="books", choices=tuple(TRAIN_TEXTS),
                    help="what the model is trained on: books (default: valid.txt plus Alice in Wonderland and Sense "
                    "and Sensibility, neither scored nor calibration text; writes mamba_quality_<calib>_trainbooks.*) "

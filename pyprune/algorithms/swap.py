@@ -54,6 +54,12 @@ def _exchange_delta(lam, U, t, r, s, ainv_diag):
     return 0.5 * r * t - 0.5 * num * num / (ainv_diag + U * U / s)
 
 
+def _times_G(x: torch.Tensor, iM: torch.Tensor, iK: torch.Tensor, G: torch.Tensor, B: int) -> torch.Tensor:
+    """x^T G[M, K] per row: ``x`` (l, c) placed at the positions ``iM`` of a length-B row, times G (one small GEMM
+    instead of gathering G[M, K]), read at the positions ``iK``."""
+    return (x.new_zeros(x.shape[0], B).scatter_(1, iM, x) @ G).gather(1, iK)
+
+
 def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, rounds: int, m: int) -> torch.Tensor:
     """One batch of rows with ``c`` pruned weights each. State per row: the positions ``iM`` (pruned) and ``iK``
     (kept), ``Ainv = G[M, M]^{-1}``, the Schur complements ``s`` and ``U = Ainv @ G[M, K]`` (N:M from a grouped start:
@@ -100,7 +106,7 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
         wM, wK = wl.gather(1, iM), wl.gather(1, iK)
         lam = (Ainv @ wM[:, :, None])[:, :, 0]
         loss = 0.5 * (lam * wM).sum(1)
-        r = wK - (torch.zeros_like(wl).scatter_(1, iM, lam) @ G).gather(1, iK)   # w_k - G[k, M] lam
+        r = wK - _times_G(lam, iM, iK, G, B)                                       # w_k - G[k, M] lam
         sc = s.clamp_min(tiny)
         t = r / sc
         if not grouped:  # every pruned / kept pair of the row (inside a group when m is given)
@@ -125,7 +131,7 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
         p, q = flat // K, flat % K
         a = Ainv[ar, p, :]                                   # (l, c): Ainv's row p (= column p; rows are contiguous)
         app = a[ar, p]
-        Urow = (torch.zeros_like(wl).scatter_(1, iM, a) @ G).gather(1, iK)         # U[p, :] = a^T G[M, K]
+        Urow = _times_G(a, iM, iK, G, B)                                           # U[p, :] = a^T G[M, K]
         j, k = iM[ar, p], iK[ar, q]
         iM[ar, p], iK[ar, q] = k, j
         out_iM[rows] = iM
@@ -133,7 +139,7 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
         u = (Ainv @ b[:, :, None])[:, :, 0] - a * ((a * b).sum(1) / app)[:, None]  # D b (u_p = 0)
         sk = (g_diag[k] - (u * b).sum(1)).clamp_min(tiny)
         v = u.scatter(1, p[:, None], -1.0)                                         # u - e_p
-        vG = (torch.zeros_like(wl).scatter_(1, iM, v) @ G).gather(1, iK)           # v^T G[M', K']
+        vG = _times_G(v, iM, iK, G, B)                                             # v^T G[M', K']
         left = torch.stack((-a / app[:, None], v / sk[:, None]), 2)                # (l, c, 2)
         Ainv.baddbmm_(left, torch.stack((a, v), 1))                                # D + v v^T / s_k
         s = s + Urow * Urow / app[:, None] - vG * vG / sk[:, None]
