@@ -74,8 +74,7 @@ inline void check_nm_select(const at::Tensor& W1, const at::Tensor& G, int64_t n
 }
 
 inline void check_masked_solve(const at::Tensor& G, const at::Tensor& U, const at::Tensor& W1,
-                               const at::Tensor& mask) {
-  const char* op = "pyprune.masked_solve";
+                               const at::Tensor& mask, const char* op = "pyprune.masked_solve") {
   check_matrix(op, "G", G);
   check_matrix(op, "U_B", U);
   check_matrix(op, "W1", W1);
@@ -96,6 +95,17 @@ inline void check_masked_solve(const at::Tensor& G, const at::Tensor& U, const a
   check_device(op, G, "G", W1, "W1");
   check_device(op, G, "G", mask, "mask");
   TORCH_CHECK_VALUE(W1.size(0) <= INT32_MAX && B * B <= INT32_MAX, pp_msg(op, ": the inputs are too large"));
+}
+
+// refine_solve: masked_solve's tensors plus the exchange options.
+inline void check_refine_solve(const at::Tensor& G, const at::Tensor& U, const at::Tensor& W1, const at::Tensor& mask,
+                               int64_t rounds, int64_t m, double tol) {
+  const char* op = "pyprune.refine_solve";
+  check_masked_solve(G, U, W1, mask, op);
+  TORCH_CHECK_VALUE(rounds >= 0 && rounds <= INT32_MAX, pp_msg(op, ": rounds must be >= 0, got ", rounds));
+  TORCH_CHECK_VALUE(m >= 0 && m <= G.size(0), pp_msg(op, ": m (the N:M group size, 0 for none) must be in [0, B], "
+                                                     "got ", m));
+  TORCH_CHECK_VALUE(tol >= 0.0, pp_msg(op, ": tol must be >= 0"));
 }
 
 inline void check_hessian_update(const at::Tensor& H, const at::Tensor& X) {

@@ -8,6 +8,8 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/team.cuh"
+
 namespace pyprune {
 
 class SpinBarrier {
@@ -35,12 +37,15 @@ struct ThreadTeamShared {
   std::vector<std::unique_ptr<SpinBarrier>> warp_bars;
   std::vector<double> fscr, wscr;
   std::vector<int> iscr;
-  ThreadTeamShared(int size_, int W_) : size(size_), W(W_), bar(size_), fscr(size_), wscr(size_), iscr(size_) {
+  std::vector<float> vscr;
+  ThreadTeamShared(int size_, int W_)
+      : size(size_), W(W_), bar(size_), fscr(size_), wscr(size_), iscr(size_), vscr(size_) {
     for (int w = 0; w < size_ / W_; ++w) warp_bars.emplace_back(new SpinBarrier(W_));
   }
 };
 
 struct ThreadTeam {
+  static constexpr bool kSerial = false;
   ThreadTeamShared* s;
   int r;
   int rank() const { return r; }
@@ -78,6 +83,21 @@ struct ThreadTeam {
     for (int i = 0; i < s->W; ++i) tot += s->wscr[w0 + i];
     s->warp_bars[warp()]->wait();
     return tot;
+  }
+  float argmin(float v, int i, int* imin) {
+    s->vscr[r] = v;
+    s->iscr[r] = i;
+    sync();
+    float bv = s->vscr[0];
+    int bi = s->iscr[0];
+    for (int k = 1; k < s->size; ++k)
+      if (pp_before(s->vscr[k], s->iscr[k], bv, bi)) {
+        bv = s->vscr[k];
+        bi = s->iscr[k];
+      }
+    sync();
+    *imin = bi;
+    return bv;
   }
 };
 

@@ -20,6 +20,15 @@ cudaError_t pyprune_masked_solve_cuda(const float* G, const float* U, const void
                                       const uint8_t* mask, float* E, float* loss, int32_t* status, int rows, int B,
                                       cudaStream_t stream);
 
+// Largest B that refine_solve supports on `device` (a fully pruned row keeps Ainv, L^-1 and U in shared memory).
+int pyprune_refine_solve_cuda_max_b(int device);
+
+// masked_solve after up to `rounds` exchanges per row (inside groups of m columns when m > 0): E, loss, status as
+// masked_solve's, the final mask mout (rows, B) bytes and the exchanges made per row.
+cudaError_t pyprune_refine_solve_cuda(const float* G, const float* U, const void* W, int wdtype, const uint8_t* mask,
+                                      int rounds, int m, float tol, float* E, float* loss, int32_t* status,
+                                      uint8_t* mout, int32_t* nswaps, int rows, int B, cudaStream_t stream);
+
 // Mask (rows, B) bytes. exact: `tab` holds groups_per_chunk * C(m, n) * (1 + n(n+1)/2) floats and `sub`
 // C(m, n) * n bytes of scratch; both are unused when !exact.
 cudaError_t pyprune_nm_select_cuda(const void* W, int wdtype, const float* G, uint8_t* out, int rows, int B, int n,

@@ -73,6 +73,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_solve_cuda(const at::Tenso
   return {E, loss, status};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refine_solve_cuda(
+    const at::Tensor& G, const at::Tensor& U_B, const at::Tensor& W1, const at::Tensor& mask, int64_t rounds,
+    int64_t m, double tol) {
+  check_refine_solve(G, U_B, W1, mask, rounds, m, tol);
+  const c10::cuda::CUDAGuard guard(G.device());
+  const int64_t rows = W1.size(0), B = G.size(0);
+  const int max_b = pyprune_refine_solve_cuda_max_b(G.get_device());
+  TORCH_CHECK_VALUE(B <= max_b, pp_msg("pyprune.refine_solve: block size B=", B, " is too large for the CUDA kernel "
+                                       "on ", G.device(), " (at most ", max_b, ": a fully pruned row keeps two B x B "
+                                       "matrices in shared memory); use a smaller block or backend='torch'"));
+  at::Tensor E = at::empty({rows, B}, G.options());
+  at::Tensor loss = at::empty({rows}, G.options());
+  at::Tensor status = at::empty({rows}, G.options().dtype(at::kInt));
+  at::Tensor mout = at::empty({rows, B}, G.options().dtype(at::kBool));
+  at::Tensor nsw = at::empty({rows}, G.options().dtype(at::kInt));
+  if (rows == 0 || B == 0) return {E.zero_(), loss.zero_(), status.zero_(), mout.zero_(), nsw.zero_()};
+  check_cuda("pyprune.refine_solve",
+             pyprune_refine_solve_cuda(G.data_ptr<float>(), U_B.data_ptr<float>(), W1.data_ptr(), dtype_code(W1),
+                                       reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), (int)rounds, (int)m,
+                                       (float)tol, E.data_ptr<float>(), loss.data_ptr<float>(),
+                                       status.data_ptr<int32_t>(), reinterpret_cast<uint8_t*>(mout.data_ptr<bool>()),
+                                       nsw.data_ptr<int32_t>(), (int)rows, (int)B,
+                                       c10::cuda::getCurrentCUDAStream().stream()));
+  return {E, loss, status, mout, nsw};
+}
+
 void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double alpha, double beta, bool allow_tf32) {
   check_hessian_update(H, X);
   const c10::cuda::CUDAGuard guard(H.device());
@@ -90,6 +116,7 @@ void hessian_update_cuda(at::Tensor H, const at::Tensor& X, double alpha, double
 TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
   m.impl("nm_select", &nm_select_cuda);
   m.impl("masked_solve", &masked_solve_cuda);
+  m.impl("refine_solve", &refine_solve_cuda);
   m.impl("hessian_update", &hessian_update_cuda);
 }
 

@@ -6,7 +6,9 @@
 //     partitioning and synchronisation on the CPU).
 // Interface: rank(), size(), lane(), warp(), nwarps(), warp_size(), sync() (team barrier), sum(v) (fp64 all-reduce),
 // excl_scan(v, &total) (exclusive prefix sum over ranks), warp_sum(v) (fp64 all-reduce over the warp: only the lanes
-// of one warp take part, so it may be called inside loops whose trip count is uniform per warp only).
+// of one warp take part, so it may be called inside loops whose trip count is uniform per warp only), argmin(v, i,
+// &imin) (team-wide minimum of v with the smallest i among equal minima; NaN never wins). kSerial: true for a
+// one-thread team, whose inner loops the per-row code may write for the CPU's vector units instead.
 // Every collective must be reached by all the threads it involves.
 #pragma once
 
@@ -15,6 +17,7 @@
 namespace pyprune {
 
 struct SerialTeam {
+  static constexpr bool kSerial = true;
   PP_HD int rank() const { return 0; }
   PP_HD int size() const { return 1; }
   PP_HD int lane() const { return 0; }
@@ -28,12 +31,24 @@ struct SerialTeam {
     return 0;
   }
   PP_HD double warp_sum(double v) { return v; }
+  PP_HD float argmin(float v, int i, int* imin) {
+    *imin = i;
+    return v;
+  }
 };
+
+// The ordering of argmin: (v, i) before (w, j) when v < w, or v == w and i < j; NaN after everything.
+PP_HD bool pp_before(float v, int i, float w, int j) {
+  if (v != v) return false;
+  if (w != w) return true;
+  return v < w || (v == w && i < j);
+}
 
 #ifdef __CUDACC__
 // One thread block; blockDim.x must be a multiple of 32 and blockDim.y == blockDim.z == 1. `fscr` and `iscr`
 // point to 32 doubles / 32 ints of shared memory owned by the team.
 struct CtaTeam {
+  static constexpr bool kSerial = false;
   double* fscr;
   int* iscr;
   PP_DEV int rank() const { return threadIdx.x; }
@@ -78,6 +93,34 @@ struct CtaTeam {
     __syncthreads();
     *total = tot;
     return before + x - v;
+  }
+  PP_DEV float argmin(float v, int i, int* imin) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float w = __shfl_xor_sync(0xffffffffu, v, off);
+      const int j = __shfl_xor_sync(0xffffffffu, i, off);
+      if (pp_before(w, j, v, i)) {
+        v = w;
+        i = j;
+      }
+    }
+    float* fv = reinterpret_cast<float*>(fscr);
+    if (lane() == 0) {
+      fv[warp()] = v;
+      iscr[warp()] = i;
+    }
+    __syncthreads();
+    v = fv[0];
+    i = iscr[0];
+    const int nw = nwarps();
+    for (int w = 1; w < nw; ++w)
+      if (pp_before(fv[w], iscr[w], v, i)) {
+        v = fv[w];
+        i = iscr[w];
+      }
+    __syncthreads();
+    *imin = i;
+    return v;
   }
 };
 #endif

@@ -11,7 +11,6 @@ import torch
 from .. import ops
 from ..config import PruneConfig
 from .greedy import greedy_mask
-from .swap import swap_refine
 from .common import HessianSetup, PruneResult, nm_smallest_mask, obs_setup, smallest_mask
 
 
@@ -57,9 +56,11 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
         G = U_B.T @ U_B
         M1 = mask[:, b0:b1] if mask is not None else select_block_mask(
             W1, U_B, G, config, None if h_diag is None else h_diag[b0:b1])
-        if mask is None and config.swaps:
-            M1 = swap_refine(W1, G, M1, config.swaps, m=config.sparsity.m)
-        E, loss = ops.masked_solve(G, U_B, W1, M1, backend=config.backend)
+        if mask is None and config.swaps:  # exchanges, then the solve of the final set, from one factor per row
+            E, loss, M1, _ = ops.refine_solve(G, U_B, W1, M1, config.swaps, m=config.sparsity.m,
+                                              backend=config.backend)
+        else:
+            E, loss = ops.masked_solve(G, U_B, W1, M1, backend=config.backend)
         W1 -= E @ U_B
         W1.masked_fill_(M1, 0.0)
         Wc[:, b1:].addmm_(E, U[b0:b1, b1:], alpha=-1.0)  # in place: no rows x cols temporary

@@ -7,5 +7,6 @@ from . import _fake  # noqa: F401  (registers fake implementations of the compil
 from .hessian import accumulate_hessian, hessian_update_
 from .masked_solve import masked_solve
 from .nm_select import nm_select
+from .refine_solve import refine_solve
 
-__all__ = ["accumulate_hessian", "hessian_update_", "masked_solve", "nm_select"]
+__all__ = ["accumulate_hessian", "hessian_update_", "masked_solve", "nm_select", "refine_solve"]

@@ -23,6 +23,16 @@ def _register() -> None:
                     torch.empty(W1.shape[0], dtype=G.dtype, device=G.device),
                     torch.empty(W1.shape[0], dtype=torch.int32, device=G.device))
 
+    if hasattr(ops, "refine_solve"):
+        @torch.library.register_fake("pyprune::refine_solve")
+        def _refine_solve_fake(G, U_B, W1, mask, rounds, m, tol):  # E, loss, status, final mask, exchanges
+            rows = W1.shape[0]
+            return (torch.empty(W1.shape, dtype=G.dtype, device=G.device),
+                    torch.empty(rows, dtype=G.dtype, device=G.device),
+                    torch.empty(rows, dtype=torch.int32, device=G.device),
+                    torch.empty(W1.shape, dtype=torch.bool, device=G.device),
+                    torch.empty(rows, dtype=torch.int32, device=G.device))
+
     if hasattr(ops, "hessian_update"):
         @torch.library.register_fake("pyprune::hessian_update")
         def _hessian_update_fake(H, X, alpha, beta, allow_tf32):

@@ -19,15 +19,7 @@ def masked_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: tor
     non-positive pivot); a ValueError naming the first failing row and column is raised here if any row failed, so
     nothing with NaN is returned. Costs one host sync on CUDA tensors.
     """
-    B = G.shape[0] if isinstance(G, torch.Tensor) and G.dim() == 2 else -1
-    check_matrix("G", G, dtypes=(torch.float32, torch.float64), shape=(B, B))
-    check_symmetric("G", G)
-    check_matrix("U_B", U_B, dtypes=(G.dtype,), shape=(B, B))
-    check_matrix("W1", W1)
-    if W1.shape[1] != B:
-        raise ValueError(f"W1 has {W1.shape[1]} columns but G is {B} x {B}")
-    check_matrix("mask", mask, dtypes=(torch.bool,), shape=W1.shape, finite=False)
-    check_same_device(G=G, U_B=U_B, W1=W1, mask=mask)
+    check_masked_solve_args(G, U_B, W1, mask)
     which = resolve(backend, "masked_solve", G.device,
                     float64=G.dtype == torch.float64 or W1.dtype == torch.float64)
     if which == "native":
@@ -40,6 +32,19 @@ def masked_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: tor
         E, loss, status = reference.masked_solve(G, U_B, W1, mask)
     check_status(status, mask)
     return E, loss
+
+
+def check_masked_solve_args(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: torch.Tensor) -> None:
+    """The argument checks of masked_solve and refine_solve (ValueError / TypeError naming the argument)."""
+    B = G.shape[0] if isinstance(G, torch.Tensor) and G.dim() == 2 else -1
+    check_matrix("G", G, dtypes=(torch.float32, torch.float64), shape=(B, B))
+    check_symmetric("G", G)
+    check_matrix("U_B", U_B, dtypes=(G.dtype,), shape=(B, B))
+    check_matrix("W1", W1)
+    if W1.shape[1] != B:
+        raise ValueError(f"W1 has {W1.shape[1]} columns but G is {B} x {B}")
+    check_matrix("mask", mask, dtypes=(torch.bool,), shape=W1.shape, finite=False)
+    check_same_device(G=G, U_B=U_B, W1=W1, mask=mask)
 
 
 def check_status(status: torch.Tensor, mask: torch.Tensor) -> None:

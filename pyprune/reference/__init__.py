@@ -6,5 +6,8 @@ against them. This package imports nothing else from pyprune, so the oracle stay
 from .hessian import accumulate_hessian, hessian_update
 from .masked_solve import masked_solve
 from .nm_select import nm_select, nm_subsets
+from .refine_solve import refine_solve
+from .swap import swap_refine
 
-__all__ = ["accumulate_hessian", "hessian_update", "masked_solve", "nm_select", "nm_subsets"]
+__all__ = ["accumulate_hessian", "hessian_update", "masked_solve", "nm_select", "nm_subsets", "refine_solve",
+           "swap_refine"]

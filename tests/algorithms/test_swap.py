@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pyprune import PruneConfig, prune_layer
-from pyprune.algorithms.swap import swap_refine
+from pyprune.reference.swap import swap_refine
 from tests.helpers import random_layer, spd_block
 
 

@@ -1,4 +1,6 @@
-"""Swap refinement of a block's mask (issue 13's lever; a mask choice in the sense of ALGORITHM.md section 4).
+"""Swap refinement of a block's mask (a mask choice in the sense of ALGORITHM.md section 4), in plain torch: the
+reference of the fused engine ``pyprune.ops.refine_solve`` (csrc/kernels/refine_solve.cuh), which runs the same
+exchanges and the joint solve of the final set from one factorisation per row.
 
 Given a block's pruned set ``M`` of a row (from any one-shot rule), try every exchange of one pruned weight ``j`` and
 one kept weight ``k`` of the same row (N:M: of the same group, so the pattern holds) and apply the one that lowers the
@@ -30,8 +32,15 @@ def swap_refine(W1: torch.Tensor, G: torch.Tensor, M1: torch.Tensor, rounds: int
     """The refined mask (rows, B), bool, True = prune. ``W1`` (rows, B): the block's current weights; ``G`` (B, B): the
     block's inverse-Hessian submatrix (ALGORITHM.md section 3); ``M1``: the starting mask; ``rounds``: at most this many
     exchanges per row; ``m`` > 0: exchanges stay inside groups of ``m`` consecutive columns (N:M)."""
+    return swap_refine_counted(W1, G, M1, rounds, m=m, chunk_rows=chunk_rows)[0]
+
+
+def swap_refine_counted(W1: torch.Tensor, G: torch.Tensor, M1: torch.Tensor, rounds: int, *, m: int = 0,
+                        chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``swap_refine``'s mask and the number of exchanges made in each row (int32)."""
+    swaps = torch.zeros(M1.shape[0], dtype=torch.int32, device=M1.device)
     if rounds <= 0 or M1.numel() == 0:
-        return M1
+        return M1, swaps
     out = M1.clone()
     counts = M1.sum(1)
     B = M1.shape[1]
@@ -41,8 +50,8 @@ def swap_refine(W1: torch.Tensor, G: torch.Tensor, M1: torch.Tensor, rounds: int
         rows = torch.nonzero(counts == c).flatten()
         for r0 in range(0, rows.numel(), chunk_rows):
             idx = rows[r0:r0 + chunk_rows]
-            out[idx] = _refine_rows(W1[idx].to(G.dtype), G, M1[idx], int(c), rounds, m)
-    return out
+            out[idx], swaps[idx] = _refine_rows(W1[idx].to(G.dtype), G, M1[idx], int(c), rounds, m)
+    return out, swaps
 
 
 def _exchange_delta(lam, U, t, r, s, ainv_diag):
@@ -60,7 +69,8 @@ def _times_G(x: torch.Tensor, iM: torch.Tensor, iK: torch.Tensor, G: torch.Tenso
     return (x.new_zeros(x.shape[0], B).scatter_(1, iM, x) @ G).gather(1, iK)
 
 
-def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, rounds: int, m: int) -> torch.Tensor:
+def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, rounds: int,
+                 m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of rows with ``c`` pruned weights each. State per row: the positions ``iM`` (pruned) and ``iK``
     (kept), ``Ainv = G[M, M]^{-1}``, the Schur complements ``s`` and ``U = Ainv @ G[M, K]`` (N:M from a grouped start:
     only the entries of ``U`` whose pruned and kept positions share a group, the only ones an exchange is scored with).
@@ -82,6 +92,7 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
     iM, iK = order[:, :c].contiguous(), order[:, c:].contiguous()
     K = B - c
     out_iM = iM.clone()
+    swaps = torch.zeros(n, dtype=torch.int32, device=w.device)
     GM = G[iM]                                            # (n, c, B): rows, then gathers (2-4x faster than G[i, j])
     Ainv = torch.cholesky_inverse(torch.linalg.cholesky(GM.gather(2, iM[:, None, :].expand(n, c, c))))  # (n, c, c)
     GMK = GM.gather(2, iK[:, None, :].expand(n, c, K))                                                 # (n, c, K)
@@ -135,6 +146,7 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
         j, k = iM[ar, p], iK[ar, q]
         iM[ar, p], iK[ar, q] = k, j
         out_iM[rows] = iM
+        swaps[rows] += 1
         b = G[k].gather(1, iM)                                                     # (l, c): G[M', k] (G symmetric)
         u = (Ainv @ b[:, :, None])[:, :, 0] - a * ((a * b).sum(1) / app)[:, None]  # D b (u_p = 0)
         sk = (g_diag[k] - (u * b).sum(1)).clamp_min(tiny)
@@ -155,4 +167,4 @@ def _refine_rows(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, c: int, r
             U = U + Ug(left[:, :, 0]) * Kg(Urow) + Ug(left[:, :, 1]) * Kg(vG)
             gq = q // (m - n_nm)
             U[ar, gq, :, q % (m - n_nm)] = colq.view(l, g, n_nm)[ar, gq]
-    return torch.zeros_like(mask).scatter_(1, out_iM, True)
+    return torch.zeros_like(mask).scatter_(1, out_iM, True), swaps

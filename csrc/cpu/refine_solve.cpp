@@ -1,0 +1,153 @@
+// CPU refine_solve: the per-row math of kernels/refine_solve.cuh with a SerialTeam, rows in parallel (each row's
+// state, about 3 B^2 floats, stays in the core's cache). Also the test-only _refine_solve_emulated: the same code on
+// a ThreadTeam, with the CUDA launcher's two tiers. Both return (E, loss, status, mask, swaps) and never raise for a
+// row whose G[M, M] is not positive definite (status, NaN; pyprune.ops.refine_solve raises).
+//
+// On x86-64 the row code is compiled for AVX2 + FMA (the rest of pyprune._C is not): its inner loops are short dot
+// products and rank-two updates over contiguous rows, 2-3x faster with 8-wide FMA (measured:
+// benchmarks/results/bench_refine_solve_cpu.md). The op checks the processor at run time and refuses with a clear
+// error where it lacks them; pyprune.ops then takes the torch path under backend="auto".
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+#include "cpu/thread_team.h"
+#include "kernels/common.cuh"
+#include "kernels/masked_solve.cuh"
+#include "kernels/team.cuh"
+#include "op_checks.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PP_RS_TARGETED 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define PP_RS_FMA 1
+#endif
+#include "kernels/refine_solve.cuh"
+
+namespace pyprune {
+namespace {
+
+template <class T>
+void refine_rows_serial(const float* g, const float* u, const T* w, const uint8_t* mk, int64_t rows, int B, int m,
+                        int rounds, float tol, float* e, float* l, int32_t* st, uint8_t* mo, int32_t* ns) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<double> ws((rs_host_words(B) + 1) / 2);
+    SerialTeam t;
+    for (int64_t r = r0; r < r1; ++r)
+      refine_solve_row(t, g, u, w + r * B, mk + r * B, B, m, rounds, tol, 0, B, reinterpret_cast<float*>(ws.data()),
+                       e + r * B, l + r, st + r, mo + r * B, ns + r);
+  });
+}
+
+template <class T>
+void refine_rows_emulated(const float* g, const float* u, const T* w, const uint8_t* mk, int64_t rows, int B, int m,
+                          int rounds, float tol, float* e, float* l, int32_t* st, uint8_t* mo, int32_t* ns,
+                          int threads, int warp) {
+  const int split = ms_split(B);
+  const int tiers[2][2] = {{0, split}, {split + 1, B}};
+  for (int tier = 0; tier < (split < B ? 2 : 1); ++tier) {
+    const int kmin = tiers[tier][0], kmax = tiers[tier][1];
+    ThreadTeamShared sh(threads, warp);
+    std::vector<double> smem((rs_smem_words(kmax, B) + 1) / 2, -7.0);
+    std::vector<std::thread> pool;
+    for (int rk = 0; rk < threads; ++rk) {
+      pool.emplace_back([&, rk] {
+        ThreadTeam t{&sh, rk};
+        for (int64_t r = 0; r < rows; ++r)
+          refine_solve_row(t, g, u, w + r * B, mk + r * B, B, m, rounds, tol, kmin, kmax,
+                           reinterpret_cast<float*>(smem.data()), e + r * B, l + r, st + r, mo + r * B, ns + r);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+}  // namespace
+}  // namespace pyprune
+
+#ifdef PP_RS_TARGETED
+#pragma GCC pop_options
+#endif
+
+namespace pyprune {
+namespace {
+
+bool cpu_supported() {
+#ifdef PP_RS_TARGETED
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return true;
+#endif
+}
+
+using RsOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+RsOut refine_outputs(const at::Tensor& G, const at::Tensor& W1, float fill) {
+  const int64_t rows = W1.size(0), B = G.size(0);
+  return {at::full({rows, B}, fill, G.options()), at::full({rows}, fill, G.options()),
+          at::full({rows}, (int)fill, G.options().dtype(at::kInt)),
+          at::zeros({rows, B}, G.options().dtype(at::kBool)), at::full({rows}, (int)fill, G.options().dtype(at::kInt))};
+}
+
+template <class F>
+RsOut run(const at::Tensor& G, const at::Tensor& U_B, const at::Tensor& W1, const at::Tensor& mask, float fill,
+          F&& rows_fn) {
+  RsOut out = refine_outputs(G, W1, fill);
+  auto& [E, loss, status, mout, nsw] = out;
+  if (W1.size(0) == 0 || G.size(0) == 0) return out;
+  dispatch_weight_cpu(W1.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    rows_fn(G.data_ptr<float>(), U_B.data_ptr<float>(), W1.data_ptr<T>(),
+            reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), E.data_ptr<float>(), loss.data_ptr<float>(),
+            status.data_ptr<int32_t>(), reinterpret_cast<uint8_t*>(mout.data_ptr<bool>()), nsw.data_ptr<int32_t>());
+  });
+  return out;
+}
+
+RsOut refine_solve_cpu(const at::Tensor& G, const at::Tensor& U_B, const at::Tensor& W1, const at::Tensor& mask,
+                       int64_t rounds, int64_t m, double tol) {
+  check_refine_solve(G, U_B, W1, mask, rounds, m, tol);
+  TORCH_CHECK(cpu_supported(), "pyprune.refine_solve: the C++ CPU op needs a processor with AVX2 and FMA; use "
+                               "backend='torch' (backend='auto' does)");
+  const int B = (int)G.size(0);
+  return run(G, U_B, W1, mask, 0.f, [&](const float* g, const float* u, const auto* w, const uint8_t* mk, float* e,
+                                        float* l, int32_t* st, uint8_t* mo, int32_t* ns) {
+    refine_rows_serial(g, u, w, mk, W1.size(0), B, (int)m, (int)rounds, (float)tol, e, l, st, mo, ns);
+  });
+}
+
+RsOut refine_solve_emulated_cpu(const at::Tensor& G, const at::Tensor& U_B, const at::Tensor& W1,
+                                const at::Tensor& mask, int64_t rounds, int64_t m, double tol, int64_t threads,
+                                int64_t warp) {
+  check_refine_solve(G, U_B, W1, mask, rounds, m, tol);
+  TORCH_CHECK(cpu_supported(), "pyprune._refine_solve_emulated needs a processor with AVX2 and FMA");
+  TORCH_CHECK_VALUE(warp >= 1 && threads >= warp && threads % warp == 0 && threads <= 64,
+                    pp_msg("_refine_solve_emulated: threads must be a multiple of warp (at most 64), got ", threads,
+                           ", ", warp));
+  const int B = (int)G.size(0);
+  return run(G, U_B, W1, mask, -1.f, [&](const float* g, const float* u, const auto* w, const uint8_t* mk, float* e,
+                                         float* l, int32_t* st, uint8_t* mo, int32_t* ns) {
+    refine_rows_emulated(g, u, w, mk, W1.size(0), B, (int)m, (int)rounds, (float)tol, e, l, st, mo, ns,
+                         (int)threads, (int)warp);
+  });
+}
+
+bool refine_solve_cpu_supported() { return cpu_supported(); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
+  m.impl("refine_solve", &refine_solve_cpu);
+  m.impl("_refine_solve_emulated", &refine_solve_emulated_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(pyprune, m) {
+  m.def("_refine_solve_cpu_supported() -> bool", &refine_solve_cpu_supported);
+}
+
+}  // namespace pyprune

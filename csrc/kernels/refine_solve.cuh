@@ -1,0 +1,618 @@
+// The joint solve with exchange refinement, the math of one row of a block (docs: pyprune/algorithms/swap.py for
+// the exchange rule and its closed-form updates; pyprune/reference/masked_solve.py for the solve). Written once
+// against the Team interface (team.cuh): the C++ CPU op (SerialTeam, rows over threads), the CUDA kernel (CtaTeam,
+// a block per row) and the CPU emulation of the CUDA kernel (ThreadTeam) run this code.
+//
+// Per row, with M the pruned positions (c of them) and K the kept ones:
+//  1. compact the mask into M and K (ascending);
+//  2. factor A = G[M, M] = L L^T once (right-looking Cholesky, fp32), X = L^-1 in place, Ainv = X^T X;
+//     Y = X G[M, K], the Schur complements s_k = G_kk - |Y[:, k]|^2 (adding k to M), and U = X^T Y = Ainv G[M, K]
+//     (every pair; N:M from a grouped start: only the entries whose pruned and kept positions share a group);
+//  3. up to `rounds` exchanges: score every allowed pair (j pruned, k kept) with
+//        delta = r_k t_k / 2 - (lam_j - U_jk t_k)^2 / (2 (Ainv_jj + U_jk^2 / s_k)),
+//     lam = Ainv w_M, r = w_K - G[K, M] lam, t = r / s; take the smallest when it lowers the row's loss by more than
+//     tol * |loss|, and update Ainv, U and s by the rank-two formulas of swap.py (no new factorisation);
+//  4. the final solve from the same Ainv: lambda = Ainv w_M plus one step of iterative refinement against G[M, M]
+//     with fp64 accumulation, loss = 1/2 lambda . w_M, e = U_B[:, M] lambda.
+// Outputs: e, loss, status (as masked_solve: 0, or 1 + the block column of the first non-positive pivot, with NaN
+// in e and loss), the final mask row and the number of exchanges made.
+#pragma once
+
+#include <stddef.h>
+
+#include "kernels/common.cuh"
+#include "kernels/masked_solve.cuh"
+#include "kernels/team.cuh"
+
+namespace pyprune {
+
+// Fused multiply-add where the target has it (the CPU op compiles this header for AVX2 + FMA and defines PP_RS_FMA:
+// csrc/cpu/refine_solve.cpp).
+PP_HD float rs_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#elif defined(__FMA__) || defined(PP_RS_FMA)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+PP_HD float rs_max(float a, float b) { return a > b ? a : b; }
+
+// Team-local memory (4-byte words) for rows with at most kcap pruned weights of B: two fp64 B-vectors, two int
+// B-vectors, thirteen fp32 B-vectors, Ainv and X (kcap x kcap each) and Y / U (kcap x B at most).
+PP_HD size_t rs_smem_words(int kcap, int B) {
+  return 2 * (size_t)kcap * kcap + (size_t)kcap * B + 19 * (size_t)B + 8;
+}
+// the same for the CPU op (one-thread teams pad the rows of X and Ainv: refine_solve_row's cs)
+PP_HD size_t rs_host_words(int B) {
+  const size_t cs = ((size_t)(B + 7) / 8) * 8 + 8;
+  return 2 * cs * B + (size_t)B * B + 19 * (size_t)B + 16;
+}
+
+#if !defined(__CUDACC__)
+// One-thread teams (the CPU op): the two reductions of the row code in 8-wide vector registers (GCC/Clang vector
+// extensions; the compiler does not vectorise float reductions by itself without reassociation flags).
+typedef float rs_v8 __attribute__((vector_size(32)));
+
+inline rs_v8 rs_load8(const float* p) {
+  rs_v8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float rs_dot_host(const float* __restrict__ a, const float* __restrict__ b, int n) {
+  rs_v8 acc0 = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, acc1 = acc0;
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    acc0 += rs_load8(a + j) * rs_load8(b + j);
+    acc1 += rs_load8(a + j + 8) * rs_load8(b + j + 8);
+  }
+  if (j + 8 <= n) {
+    acc0 += rs_load8(a + j) * rs_load8(b + j);
+    j += 8;
+  }
+  acc0 += acc1;
+  float tail = 0.f;
+  for (; j < n; ++j) tail = rs_fma(a[j], b[j], tail);
+  return ((acc0[0] + acc0[4]) + (acc0[1] + acc0[5])) + ((acc0[2] + acc0[6]) + (acc0[3] + acc0[7])) + tail;
+}
+
+inline void rs_store8(float* p, rs_v8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// y[0..n) += a x[0..n)
+inline void rs_axpy_host(float* __restrict__ y, float a, const float* __restrict__ x, int n) {
+  const rs_v8 av = {a, a, a, a, a, a, a, a};
+  int j = 0;
+  for (; j + 8 <= n; j += 8) rs_store8(y + j, rs_load8(y + j) + av * rs_load8(x + j));
+  for (; j < n; ++j) y[j] = rs_fma(a, x[j], y[j]);
+}
+
+// y[0..n) += a x[0..n) + b w[0..n)
+inline void rs_axpy2_host(float* __restrict__ y, float a, const float* __restrict__ x, float b,
+                          const float* __restrict__ w, int n) {
+  const rs_v8 av = {a, a, a, a, a, a, a, a}, bv = {b, b, b, b, b, b, b, b};
+  int j = 0;
+  for (; j + 8 <= n; j += 8) rs_store8(y + j, rs_load8(y + j) + av * rs_load8(x + j) + bv * rs_load8(w + j));
+  for (; j < n; ++j) y[j] = rs_fma(a, x[j], rs_fma(b, w[j], y[j]));
+}
+
+// y[0..ceil8(n)) += a x[0..ceil8(n)): whole vectors only (the caller guarantees the room and harmless extras)
+inline void rs_axpy_host_r8(float* __restrict__ y, float a, const float* __restrict__ x, int n) {
+  const rs_v8 av = {a, a, a, a, a, a, a, a};
+  for (int j = 0; j < n; j += 8) rs_store8(y + j, rs_load8(y + j) + av * rs_load8(x + j));
+}
+
+// min over x[0..n) (NaN entries never win; +inf when every entry is NaN or n == 0)
+inline float rs_min_host(const float* x, int n) {
+  const float inf = pp_inf();
+  rs_v8 mn = {inf, inf, inf, inf, inf, inf, inf, inf};
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const rs_v8 v = rs_load8(x + j);
+    mn = v < mn ? v : mn;
+  }
+  float out = inf;
+  for (int l = 0; l < 8; ++l) out = mn[l] < out ? mn[l] : out;
+  for (; j < n; ++j) out = x[j] < out ? x[j] : out;
+  return out;
+}
+#endif
+
+// sum_j a[j] b[j] over j < n by the lanes of one warp (every lane gets it).
+template <class Team>
+PP_HD float rs_dot(Team& t, const float* __restrict__ a, const float* __restrict__ b, int n) {
+  if constexpr (Team::kSerial) {
+#if !defined(__CUDACC__)
+    return rs_dot_host(a, b, n);
+#else
+    float acc = 0.f;
+    for (int j = 0; j < n; ++j) acc = rs_fma(a[j], b[j], acc);
+    return acc;
+#endif
+  } else {
+    const int ln = t.lane(), W = t.warp_size();
+    float acc = 0.f;
+    for (int j = ln; j < n; j += W) acc = rs_fma(a[j], b[j], acc);
+    return (float)t.warp_sum((double)acc);
+  }
+}
+
+// y[lo..hi) += a x[lo..hi): by the lanes of one warp (lanes) or by the whole team (team); one thread (one).
+// (one-thread teams: rounded up to whole vectors, rs_axpy_host_r8)
+template <class Team>
+PP_HD void rs_axpy_lanes(Team& t, float* y, float a, const float* x, int lo, int hi) {
+  if constexpr (Team::kSerial) {
+#if !defined(__CUDACC__)
+    if (hi > lo) rs_axpy_host_r8(y + lo, a, x + lo, hi - lo);
+    return;
+#endif
+  }
+  const int ln = t.lane(), W = t.warp_size();
+  for (int l = lo + ln; l < hi; l += W) y[l] = rs_fma(a, x[l], y[l]);
+}
+
+template <class Team>
+PP_HD void rs_axpy_team(Team& t, float* y, float a, const float* x, int lo, int hi, bool r8 = false) {
+  if constexpr (Team::kSerial) {
+#if !defined(__CUDACC__)
+    if (hi > lo) {
+      if (r8)
+        rs_axpy_host_r8(y + lo, a, x + lo, hi - lo);
+      else
+        rs_axpy_host(y + lo, a, x + lo, hi - lo);
+    }
+    return;
+#endif
+  }
+  const int R = t.rank(), S = t.size();
+  for (int l = lo + R; l < hi; l += S) y[l] = rs_fma(a, x[l], y[l]);
+}
+
+PP_HD void rs_axpy_one(float* y, float a, const float* x, int n, bool r8 = false) {
+#if !defined(__CUDACC__)
+  if (r8)
+    rs_axpy_host_r8(y, a, x, n);
+  else
+    rs_axpy_host(y, a, x, n);
+#else
+  for (int l = 0; l < n; ++l) y[l] = rs_fma(a, x[l], y[l]);
+#endif
+}
+
+// y[j] = sum over i < n of coef[i] rows_i[j], j < len, with rows_i = base + (idx ? idx[i] : i) * ld: a symmetric
+// matrix times a vector written as a sum of its rows (no horizontal sums; the team splits j). Ends with a barrier.
+template <class Team>
+PP_HD void rs_combine(Team& t, float* y, const float* base, size_t ld, const int* idx, const float* coef, int n,
+                      int len) {
+  if constexpr (Team::kSerial) {
+#if !defined(__CUDACC__)
+    for (int j = 0; j < len; ++j) y[j] = 0.f;
+    for (int i = 0; i < n; ++i) rs_axpy_host(y, coef[i], base + (size_t)(idx ? idx[i] : i) * ld, len);
+    return;
+#endif
+  }
+  const int R = t.rank(), S = t.size();
+  for (int j = R; j < len; j += S) {
+    float acc = 0.f;
+    for (int i = 0; i < n; ++i) acc = rs_fma(coef[i], base[(size_t)(idx ? idx[i] : i) * ld + j], acc);
+    y[j] = acc;
+  }
+  t.sync();
+}
+
+// One row. G, Ub: (B, B) fp32 row-major (G = U_B^T U_B, the block's inverse-Hessian submatrix); w: the row's B
+// weights; msk: its starting mask (B bytes, nonzero = pruned); m > 0: exchanges stay inside groups of m consecutive
+// columns (N:M); rounds: at most this many exchanges; tol: the relative improvement an exchange must make. Rows
+// whose count of pruned weights lies outside [kmin, kmax] are skipped (MS_SKIPPED, nothing written). ws:
+// rs_smem_words(kmax, B) words, 8-byte aligned. Writes e (B), loss, status, mout (B bytes) and nswaps.
+template <class Team, class T>
+PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __restrict__ Ub,
+                           const T* __restrict__ w, const uint8_t* __restrict__ msk, int B, int m, int rounds,
+                           float tol, int kmin, int kmax, float* ws, float* __restrict__ e, float* __restrict__ loss,
+                           int32_t* __restrict__ status, uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps) {
+  const int R = t.rank(), S = t.size();
+  const int ln = t.lane(), W = t.warp_size(), wp = t.warp(), NW = t.nwarps();
+  double* lam64 = reinterpret_cast<double*>(ws);
+  double* res64 = lam64 + B;
+  int* iM = reinterpret_cast<int*>(res64 + B);
+  int* iK = iM + B;
+  float* wM = reinterpret_cast<float*>(iK + B);
+  float* wK = wM + B;
+  float* lam = wK + B;
+  float* r = lam + B;
+  float* tq = r + B;
+  float* s = tq + B;
+  float* av = s + B;
+  float* bv = av + B;
+  float* vv = bv + B;
+  float* urow = vv + B;
+  float* vg = urow + B;
+  float* z = vg + B;
+  float* tmp = z + B;
+  float* Ai = tmp + B;
+
+  t.sync();  // the previous row of this team may still read the workspace
+
+  // 1. M and K, ascending (team-wide exclusive scans per chunk of S columns).
+  int c = 0, K = 0;
+  for (int c0 = 0; c0 < B; c0 += S) {
+    const int col = c0 + R;
+    const int f = (col < B && msk[col]) ? 1 : 0;
+    const int g = (col < B && !msk[col]) ? 1 : 0;
+    int tf, tg;
+    const int pf = t.excl_scan(f, &tf);
+    const int pg = t.excl_scan(g, &tg);
+    if (f) iM[c + pf] = col;
+    if (g) iK[K + pg] = col;
+    c += tf;
+    K += tg;
+  }
+  t.sync();
+  if (c < kmin || c > kmax) return MS_SKIPPED;
+  // X and Ainv rows: stride cs; one-thread teams pad it (a multiple of 8, plus 8) so that the triangular loops run
+  // whole vectors: the entries past a row's end are scratch (X's are kept zero where they are read).
+  const int cs = Team::kSerial ? ((c + 7) / 8) * 8 + 8 : c;
+  float* X = Ai + (size_t)cs * c;
+  float* Y = X + (size_t)cs * c;     // c x K: G[M, K], then Y, then U (every pair)
+  float* Ug = Y + (size_t)c * K;     // c x kg: U's in-group entries (grouped N:M)
+  if (c == 0) {
+    for (int j = R; j < B; j += S) {
+      e[j] = 0.f;
+      mout[j] = 0;
+    }
+    if (R == 0) {
+      *loss = 0.f;
+      *status = 0;
+      *nswaps = 0;
+    }
+    return MS_DONE;
+  }
+  // N:M from a grouped start (every group of m holds nn pruned weights): the slots of M and K come group by group,
+  // and exchanges keep every slot in its group, so pruned slot p and kept slot q share group p / nn == q / kg.
+  int nn = 0, kg = 0;
+  bool grouped = false;
+  if (m > 0 && B % m == 0 && c % (B / m) == 0) {
+    nn = c / (B / m);
+    kg = m - nn;
+    if (nn > 0 && nn < m) {
+      double badg = 0.0;
+      for (int g = R; g < B / m; g += S) {
+        int cnt = 0;
+        for (int x = 0; x < m; ++x) cnt += msk[g * m + x] ? 1 : 0;
+        badg += cnt != nn ? 1.0 : 0.0;
+      }
+      grouped = t.sum(badg) == 0.0;
+    }
+  }
+
+  // 2. A = G[M, M] (lower triangle) into X, the weights, G[M, K] into Y.
+  for (int i = wp; i < c; i += NW) {
+    const float* Gi = G + (size_t)iM[i] * B;
+    float* Xi = X + (size_t)i * cs;
+    for (int j = ln; j <= i; j += W) Xi[j] = Gi[iM[j]];
+    float* Yi = Y + (size_t)i * K;
+    for (int q = ln; q < K; q += W) Yi[q] = Gi[iK[q]];
+  }
+  for (int i = R; i < c; i += S) wM[i] = to_f32(w[iM[i]]);
+  for (int q = R; q < K; q += S) wK[q] = to_f32(w[iK[q]]);
+  t.sync();
+
+  // Cholesky A = L L^T in X (strictly lower part; 1 / the diagonal in rdiag). Column j is copied to tmp for the
+  // trailing update, which runs warp per row, lane per column.
+  float* rdiag = vv;
+  int bad = -1;
+  for (int j = 0; j < c; ++j) {
+    const float d = X[(size_t)j * cs + j];
+    if (!(d > 0.f)) {  // every thread read the same value: a uniform exit (NaN included)
+      bad = j;
+      break;
+    }
+    const float inv = 1.f / pp_sqrtf(d);
+    if (R == 0) rdiag[j] = inv;
+    for (int i = j + 1 + R; i < c; i += S) {
+      float* p = X + (size_t)i * cs + j;
+      const float v = *p * inv;
+      *p = v;
+      tmp[i] = v;
+    }
+    t.sync();
+    for (int i = j + 1 + wp; i < c; i += NW) {
+      const float a = tmp[i];
+      float* Xi = X + (size_t)i * cs;
+      rs_axpy_lanes(t, Xi, -a, tmp, j + 1, i + 1);
+    }
+    t.sync();
+  }
+  if (bad >= 0) {
+    for (int j = R; j < B; j += S) {
+      e[j] = pp_nan();
+      mout[j] = msk[j] ? 1 : 0;
+    }
+    if (R == 0) {
+      *loss = pp_nan();
+      *status = iM[bad] + 1;
+      *nswaps = 0;
+    }
+    return MS_NOT_SPD;
+  }
+
+  // X = L^-1 in place, row by row: row i of L is read only to make row i of L^-1.
+  for (int i = 0; i < c; ++i) {
+    float* Xi = X + (size_t)i * cs;
+    for (int l = R; l < i; l += S) tmp[l] = 0.f;
+    for (int q = 0; q < i; ++q) {
+      const float liq = Xi[q];
+      const float* Xq = X + (size_t)q * cs;
+      rs_axpy_team(t, tmp, liq, Xq, 0, q + 1, true);  // rounded: X rows are zero past their end
+    }
+    t.sync();
+    const float di = rdiag[i];
+    for (int l = R; l < i; l += S) Xi[l] = -di * tmp[l];
+    if (R == 0) Xi[i] = di;
+    for (int l = i + 1 + R; l < cs; l += S) Xi[l] = 0.f;
+    t.sync();
+  }
+
+  // Ainv = X^T X: row i (lower part) = sum over q >= i of X[q][i] X[q][0..i]; then mirrored.
+  for (int i = R; i < c; i += S) {
+    float* Ar = Ai + (size_t)i * cs;
+    for (int l = 0; l <= i; ++l) Ar[l] = 0.f;
+    for (int q = i; q < c; ++q) {
+      const float xqi = X[(size_t)q * cs + i];
+      const float* Xq = X + (size_t)q * cs;
+      rs_axpy_one(Ar, xqi, Xq, i + 1, Team::kSerial);  // past i: scratch, overwritten by the mirror
+    }
+  }
+  t.sync();
+  for (int i = R; i < c; i += S)
+    for (int l = 0; l < i; ++l) Ai[(size_t)l * cs + i] = Ai[(size_t)i * cs + l];
+
+  // Y = X G[M, K] in place, bottom-up (row i needs rows <= i of G[M, K]); each thread owns columns of Y.
+  for (int i = c - 1; i >= 0; --i) {
+    const float* Xi = X + (size_t)i * cs;
+    float* Yi = Y + (size_t)i * K;
+    const float xii = Xi[i];
+    for (int q = R; q < K; q += S) Yi[q] *= xii;
+    for (int l = 0; l < i; ++l) {
+      const float x = Xi[l];
+      const float* Yl = Y + (size_t)l * K;
+      rs_axpy_team(t, Yi, x, Yl, 0, K);
+    }
+  }
+  // s_k = G_kk - |Y[:, k]|^2
+  for (int q = R; q < K; q += S) s[q] = G[(size_t)iK[q] * B + iK[q]];
+  for (int i = 0; i < c; ++i) {
+    const float* Yi = Y + (size_t)i * K;
+    for (int q = R; q < K; q += S) s[q] = rs_fma(-Yi[q], Yi[q], s[q]);
+  }
+  if (grouped) {
+    t.sync();
+    // Ug[p][b] = sum over q >= p of X[q][p] Y[q][(p / nn) * kg + b]
+    for (int x = R; x < c * kg; x += S) {
+      const int p = x / kg, col = (p / nn) * kg + x % kg;
+      float acc = 0.f;
+      for (int q = p; q < c; ++q) acc = rs_fma(X[(size_t)q * cs + p], Y[(size_t)q * K + col], acc);
+      Ug[x] = acc;
+    }
+  } else {
+    // U = X^T Y in place, top-down (row i needs rows >= i of Y); each thread owns columns.
+    for (int i = 0; i < c; ++i) {
+      float* Yi = Y + (size_t)i * K;
+      const float xii = X[(size_t)i * cs + i];
+      for (int q = R; q < K; q += S) Yi[q] *= xii;
+      for (int l = i + 1; l < c; ++l) {
+        const float x = X[(size_t)l * cs + i];
+        const float* Yl = Y + (size_t)l * K;
+        rs_axpy_team(t, Yi, x, Yl, 0, K);
+      }
+    }
+  }
+  t.sync();
+
+  // 3. Exchanges.
+  const float tiny = 1.17549435e-38f;
+  const float inf = pp_inf();
+  int done = 0;
+  for (int round = 0; round < rounds && K > 0; ++round) {
+    rs_combine(t, lam, Ai, cs, nullptr, wM, c, c);  // lam = Ainv w_M
+    rs_combine(t, z, G, B, iM, lam, c, B);           // z = G[:, M] lam
+    for (int q = R; q < K; q += S) {
+      const float v = wK[q] - z[iK[q]];
+      r[q] = v;
+      tq[q] = v / rs_max(s[q], tiny);
+    }
+    double part = 0.0;
+    for (int i = R; i < c; i += S) part += (double)lam[i] * (double)wM[i];
+    const double L0 = 0.5 * t.sum(part);  // also the barrier after r and tq
+    float best = inf;
+    int bidx = 0x7fffffff;
+    if (grouped) {
+      for (int x = R; x < c * kg; x += S) {
+        const int p = x / kg, q = (p / nn) * kg + x % kg;
+        const float u = Ug[x], tt = tq[q], sq = rs_max(s[q], tiny);
+        const float num = lam[p] - u * tt;
+        const float d = 0.5f * r[q] * tt - 0.5f * num * num / (Ai[(size_t)p * cs + p] + u * u / sq);
+        if (pp_before(d, p * K + q, best, bidx)) {
+          best = d;
+          bidx = p * K + q;
+        }
+      }
+    } else {
+      for (int p = wp; p < c; p += NW) {
+        const float lp = lam[p], ap = Ai[(size_t)p * cs + p];
+        const float* Up = Y + (size_t)p * K;
+        const int gp = m > 0 ? iM[p] / m : 0;
+        if constexpr (Team::kSerial) {
+          for (int q = 0; q < K; ++q) {  // scores into tmp (vectorised), then the scan
+            const float u = Up[q], tt = tq[q], sq = rs_max(s[q], tiny);
+            const float num = lp - u * tt;
+            tmp[q] = 0.5f * r[q] * tt - 0.5f * num * num / (ap + u * u / sq);
+          }
+          if (m > 0)
+            for (int q = 0; q < K; ++q) tmp[q] = iK[q] / m == gp ? tmp[q] : inf;
+          // the row's smallest score, its first position only when it wins
+#if !defined(__CUDACC__)
+          const float pm = rs_min_host(tmp, K);
+#else
+          float pm = inf;
+          for (int q = 0; q < K; ++q) pm = tmp[q] < pm ? tmp[q] : pm;
+#endif
+          if (pm < best)
+            for (int q = 0; q < K; ++q)
+              if (tmp[q] == pm) {
+                best = pm;
+                bidx = p * K + q;
+                break;
+              }
+        } else {
+          for (int q = ln; q < K; q += W) {
+            if (m > 0 && iK[q] / m != gp) continue;
+            const float u = Up[q], tt = tq[q], sq = rs_max(s[q], tiny);
+            const float num = lp - u * tt;
+            const float d = 0.5f * r[q] * tt - 0.5f * num * num / (ap + u * u / sq);
+            if (pp_before(d, p * K + q, best, bidx)) {
+              best = d;
+              bidx = p * K + q;
+            }
+          }
+        }
+      }
+    }
+    best = t.argmin(best, bidx, &bidx);
+    if (!(best < -tol * (float)(L0 < 0 ? -L0 : L0))) break;  // uniform: every thread has the same best and L0
+
+    // Exchange pruned slot p (position j) and kept slot q (position k).
+    const int p = bidx / K, q = bidx % K;
+    const int j = iM[p], k = iK[q];
+    const float app = Ai[(size_t)p * cs + p];
+    for (int i = R; i < c; i += S) av[i] = Ai[(size_t)p * cs + i];  // Ainv's row p (= column p)
+    if (grouped) {  // U's row p, every kept slot: a^T G[M, K] = (G[:, M] a)[K]
+      t.sync();
+      rs_combine(t, z, G, B, iM, av, c, B);
+      for (int qq = R; qq < K; qq += S) urow[qq] = z[iK[qq]];
+    } else {
+      for (int qq = R; qq < K; qq += S) urow[qq] = Y[(size_t)p * K + qq];
+    }
+    t.sync();
+    if (R == 0) {
+      iM[p] = k;
+      iK[q] = j;
+      const float tw = wM[p];
+      wM[p] = wK[q];
+      wK[q] = tw;
+    }
+    t.sync();
+    for (int i = R; i < c; i += S) bv[i] = G[(size_t)k * B + iM[i]];  // G[M', k]
+    t.sync();
+    double abp = 0.0;
+    for (int i = R; i < c; i += S) abp += (double)av[i] * (double)bv[i];
+    const float ab_app = (float)t.sum(abp) / app;
+    rs_combine(t, vv, Ai, cs, nullptr, bv, c, c);  // u = D b = Ainv b - a (a . b) / a_p  (u_p = 0)
+    for (int i = R; i < c; i += S) vv[i] = i == p ? 0.f : vv[i] - av[i] * ab_app;
+    t.sync();
+    double ubp = 0.0;
+    for (int i = R; i < c; i += S) ubp += (double)vv[i] * (double)bv[i];
+    const float sk = rs_max(G[(size_t)k * B + k] - (float)t.sum(ubp), tiny);
+    if (R == 0) vv[p] = -1.f;  // v = u - e_p
+    t.sync();
+    rs_combine(t, z, G, B, iM, vv, c, B);  // v^T G[M', K'] = (G[:, M'] v)[K']
+    for (int qq = R; qq < K; qq += S) vg[qq] = z[iK[qq]];
+    t.sync();
+    const float ia = 1.f / app, is = 1.f / sk;
+    for (int i = wp; i < c; i += NW) {  // Ainv' = D + v v^T / s_k
+      const float ca = -av[i] * ia, cv = vv[i] * is;
+      float* Ar = Ai + (size_t)i * cs;
+      if constexpr (Team::kSerial) {
+#if !defined(__CUDACC__)
+        rs_axpy2_host(Ar, ca, av, cv, vv, c);
+#endif
+      } else {
+        for (int l = ln; l < c; l += W) Ar[l] = rs_fma(ca, av[l], rs_fma(cv, vv[l], Ar[l]));
+      }
+    }
+    const float vgq_is = vg[q] * is;
+    for (int qq = R; qq < K; qq += S)
+      s[qq] = qq == q ? ia - vg[q] * vgq_is : s[qq] + urow[qq] * urow[qq] * ia - vg[qq] * vg[qq] * is;
+    if (grouped) {
+      for (int x = R; x < c * kg; x += S) {
+        const int pp = x / kg, qq = (pp / nn) * kg + x % kg;
+        const float colq = vv[pp] * vgq_is - av[pp] * ia + (pp == p ? 1.f : 0.f);
+        Ug[x] = qq == q ? colq : Ug[x] - av[pp] * ia * urow[qq] + vv[pp] * is * vg[qq];
+      }
+    } else {
+      for (int i = wp; i < c; i += NW) {
+        const float ca = -av[i] * ia, cv = vv[i] * is;
+        const float colq = vv[i] * vgq_is - av[i] * ia + (i == p ? 1.f : 0.f);
+        float* Ur = Y + (size_t)i * K;
+        if constexpr (Team::kSerial) {
+#if !defined(__CUDACC__)
+          rs_axpy2_host(Ur, ca, urow, cv, vg, K);
+          Ur[q] = colq;
+#endif
+        } else {
+          for (int qq = ln; qq < K; qq += W) {
+            const float upd = rs_fma(ca, urow[qq], rs_fma(cv, vg[qq], Ur[qq]));
+            Ur[qq] = qq == q ? colq : upd;
+          }
+        }
+      }
+    }
+    ++done;
+    t.sync();
+  }
+
+  // 4. The solve for the final set: lambda = Ainv w_M, one refinement step against G[M, M] (fp64 accumulation).
+  for (int i = wp; i < c; i += NW) {
+    const float v = rs_dot(t, Ai + (size_t)i * cs, wM, c);
+    if (ln == 0) lam64[i] = (double)v;
+  }
+  t.sync();
+  for (int i = wp; i < c; i += NW) {
+    const float* Gi = G + (size_t)iM[i] * B;
+    double acc = 0.0;
+    for (int jb = 0; jb < c; jb += W) {
+      const int jj = jb + ln;
+      if (jj < c) acc += (double)Gi[iM[jj]] * lam64[jj];
+    }
+    acc = t.warp_sum(acc);
+    if (ln == 0) res64[i] = (double)wM[i] - acc;
+  }
+  t.sync();
+  for (int i = wp; i < c; i += NW) {
+    const float* Ar = Ai + (size_t)i * cs;
+    double acc = 0.0;
+    for (int jb = 0; jb < c; jb += W) {
+      const int jj = jb + ln;
+      if (jj < c) acc += (double)Ar[jj] * res64[jj];
+    }
+    acc = t.warp_sum(acc);
+    if (ln == 0) lam64[i] += acc;
+  }
+  for (int jj = R; jj < B; jj += S) {
+    z[jj] = 0.f;
+    tmp[jj] = 0.f;
+  }
+  t.sync();
+  double part = 0.0;
+  for (int i = R; i < c; i += S) {
+    z[iM[i]] = (float)lam64[i];
+    tmp[iM[i]] = 1.f;
+    part += lam64[i] * (double)wM[i];
+  }
+  const double tot = t.sum(part);  // also the barrier after z
+  if (R == 0) {
+    *loss = (float)(0.5 * tot);
+    *status = 0;
+    *nswaps = done;
+  }
+  for (int jj = R; jj < B; jj += S) mout[jj] = tmp[jj] != 0.f ? 1 : 0;
+  for (int rr = wp; rr < B; rr += NW) {  // e_r = sum over columns >= r of U_B[r, col] z[col] (U_B upper)
+    const float v = rs_dot(t, Ub + (size_t)rr * B + rr, z + rr, B - rr);
+    if (ln == 0) e[rr] = v;
+  }
+  return MS_DONE;
+}
+
+}  // namespace pyprune
