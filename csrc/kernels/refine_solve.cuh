@@ -41,15 +41,20 @@ PP_HD float rs_fma(float a, float b, float c) {
 PP_HD float rs_max(float a, float b) { return a > b ? a : b; }
 
 // Team-local memory (4-byte words) for rows with at most kcap pruned weights of B: two fp64 B-vectors, two int
-// B-vectors, thirteen fp32 B-vectors, Ainv and X (kcap x kcap each) and Y / U (kcap x B at most).
+// B-vectors, fourteen fp32 B-vectors, Ainv and X (kcap x kcap each) and Y / U (kcap x B at most).
 PP_HD size_t rs_smem_words(int kcap, int B) {
-  return 2 * (size_t)kcap * kcap + (size_t)kcap * B + 19 * (size_t)B + 8;
+  return 2 * (size_t)kcap * kcap + (size_t)kcap * B + 20 * (size_t)B + 8;
 }
 // the same for the CPU op (one-thread teams pad the rows of X and Ainv: refine_solve_row's cs)
 PP_HD size_t rs_host_words(int B) {
   const size_t cs = ((size_t)(B + 7) / 8) * 8 + 8;
-  return 2 * cs * B + (size_t)B * B + 19 * (size_t)B + 16;
+  return 2 * cs * B + (size_t)B * B + 20 * (size_t)B + 16;
 }
+
+#if !defined(__CUDACC__) && defined(PP_RS_FMA) && defined(__x86_64__)
+#include <immintrin.h>
+#define PP_RS_X86_FMA 1
+#endif
 
 #if !defined(__CUDACC__)
 // One-thread teams (the CPU op): the two reductions of the row code in 8-wide vector registers (GCC/Clang vector
@@ -62,15 +67,26 @@ inline rs_v8 rs_load8(const float* p) {
   return v;
 }
 
+inline void rs_store8(float* p, rs_v8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// a x + y in one rounding per lane where the target has FMA (the CPU op), else a x + y
+inline rs_v8 rs_fma8(rs_v8 a, rs_v8 x, rs_v8 y) {
+#ifdef PP_RS_X86_FMA
+  return (rs_v8)_mm256_fmadd_ps((__m256)a, (__m256)x, (__m256)y);
+#else
+  return a * x + y;
+#endif
+}
+
 inline float rs_dot_host(const float* __restrict__ a, const float* __restrict__ b, int n) {
   rs_v8 acc0 = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, acc1 = acc0;
   int j = 0;
   for (; j + 16 <= n; j += 16) {
-    acc0 += rs_load8(a + j) * rs_load8(b + j);
-    acc1 += rs_load8(a + j + 8) * rs_load8(b + j + 8);
+    acc0 = rs_fma8(rs_load8(a + j), rs_load8(b + j), acc0);
+    acc1 = rs_fma8(rs_load8(a + j + 8), rs_load8(b + j + 8), acc1);
   }
   if (j + 8 <= n) {
-    acc0 += rs_load8(a + j) * rs_load8(b + j);
+    acc0 = rs_fma8(rs_load8(a + j), rs_load8(b + j), acc0);
     j += 8;
   }
   acc0 += acc1;
@@ -79,13 +95,11 @@ inline float rs_dot_host(const float* __restrict__ a, const float* __restrict__ 
   return ((acc0[0] + acc0[4]) + (acc0[1] + acc0[5])) + ((acc0[2] + acc0[6]) + (acc0[3] + acc0[7])) + tail;
 }
 
-inline void rs_store8(float* p, rs_v8 v) { __builtin_memcpy(p, &v, sizeof v); }
-
 // y[0..n) += a x[0..n)
 inline void rs_axpy_host(float* __restrict__ y, float a, const float* __restrict__ x, int n) {
   const rs_v8 av = {a, a, a, a, a, a, a, a};
   int j = 0;
-  for (; j + 8 <= n; j += 8) rs_store8(y + j, rs_load8(y + j) + av * rs_load8(x + j));
+  for (; j + 8 <= n; j += 8) rs_store8(y + j, rs_fma8(av, rs_load8(x + j), rs_load8(y + j)));
   for (; j < n; ++j) y[j] = rs_fma(a, x[j], y[j]);
 }
 
@@ -94,14 +108,15 @@ inline void rs_axpy2_host(float* __restrict__ y, float a, const float* __restric
                           const float* __restrict__ w, int n) {
   const rs_v8 av = {a, a, a, a, a, a, a, a}, bv = {b, b, b, b, b, b, b, b};
   int j = 0;
-  for (; j + 8 <= n; j += 8) rs_store8(y + j, rs_load8(y + j) + av * rs_load8(x + j) + bv * rs_load8(w + j));
+  for (; j + 8 <= n; j += 8)
+    rs_store8(y + j, rs_fma8(av, rs_load8(x + j), rs_fma8(bv, rs_load8(w + j), rs_load8(y + j))));
   for (; j < n; ++j) y[j] = rs_fma(a, x[j], rs_fma(b, w[j], y[j]));
 }
 
 // y[0..ceil8(n)) += a x[0..ceil8(n)): whole vectors only (the caller guarantees the room and harmless extras)
 inline void rs_axpy_host_r8(float* __restrict__ y, float a, const float* __restrict__ x, int n) {
   const rs_v8 av = {a, a, a, a, a, a, a, a};
-  for (int j = 0; j < n; j += 8) rs_store8(y + j, rs_load8(y + j) + av * rs_load8(x + j));
+  for (int j = 0; j < n; j += 8) rs_store8(y + j, rs_fma8(av, rs_load8(x + j), rs_load8(y + j)));
 }
 
 // min over x[0..n) (NaN entries never win; +inf when every entry is NaN or n == 0)
@@ -231,7 +246,8 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
   float* vg = urow + B;
   float* z = vg + B;
   float* tmp = z + B;
-  float* Ai = tmp + B;
+  float* yK = tmp + B;  // (G[:, M] lam)[K], kept up to date through the exchanges
+  float* Ai = yK + B;
 
   t.sync();  // the previous row of this team may still read the workspace
 
@@ -415,11 +431,14 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
   const float tiny = 1.17549435e-38f;
   const float inf = pp_inf();
   int done = 0;
-  for (int round = 0; round < rounds && K > 0; ++round) {
+  if (rounds > 0 && K > 0) {
     rs_combine(t, lam, Ai, cs, nullptr, wM, c, c);  // lam = Ainv w_M
     rs_combine(t, z, G, B, iM, lam, c, B);           // z = G[:, M] lam
+    for (int q = R; q < K; q += S) yK[q] = z[iK[q]];
+  }
+  for (int round = 0; round < rounds && K > 0; ++round) {
     for (int q = R; q < K; q += S) {
-      const float v = wK[q] - z[iK[q]];
+      const float v = wK[q] - yK[q];
       r[q] = v;
       tq[q] = v / rs_max(s[q], tiny);
     }
@@ -521,6 +540,14 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
     for (int qq = R; qq < K; qq += S) vg[qq] = z[iK[qq]];
     t.sync();
     const float ia = 1.f / app, is = 1.f / sk;
+    // lam' = lam + alpha a + beta v and y'[K'] from the vectors at hand (alpha = -lam_p / a_p: the weight leaving
+    // M; beta = v . w_M' / s_k: the one entering), instead of a product with Ainv and one with G per exchange
+    double vwp = 0.0;
+    for (int i = R; i < c; i += S) vwp += (double)vv[i] * (double)wM[i];
+    const float alpha = -lam[p] * ia, beta = (float)t.sum(vwp) * is;  // also the barrier before lam changes
+    for (int qq = R; qq < K; qq += S)
+      yK[qq] = qq == q ? wK[q] + alpha + beta * vg[q] : rs_fma(alpha, urow[qq], rs_fma(beta, vg[qq], yK[qq]));
+    for (int i = R; i < c; i += S) lam[i] = rs_fma(alpha, av[i], rs_fma(beta, vv[i], lam[i]));
     for (int i = wp; i < c; i += NW) {  // Ainv' = D + v v^T / s_k
       const float ca = -av[i] * ia, cv = vv[i] * is;
       float* Ar = Ai + (size_t)i * cs;
