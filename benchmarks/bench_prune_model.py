@@ -18,6 +18,7 @@ phase's time is its work, and times are exclusive (a phase nested in another is 
   hessian         accumulate_hessian as the driver calls it (argument checks included)
   setup           hessian_setup: the damped H and its inverse Cholesky factor, once per Hessian
   mask            mask selection: joint's select_block_mask; SparseGPT's smallest_mask / nm_smallest_mask
+  exchange        joint's exchanges and the solve of their final set (ops.refine_solve: PruneConfig.swaps > 0)
   solve           the method's core (ALGORITHMS[method]) minus mask selection and trailing updates: for joint the
                   batched masked solves (ops.masked_solve, also reported alone as masked_solve_op) plus
                   G = U_B^T U_B and W1 -= E U_B; for SparseGPT its column-by-column loop (both: the core's own
@@ -60,7 +61,7 @@ SHAPES = {
 }
 FULL_BLOCKS = 80  # Llama-2-70B's decoder blocks
 
-PHASES = ["transfer", "forward_observe", "hessian", "setup", "mask", "solve", "trailing", "forward_next"]
+PHASES = ["transfer", "forward_observe", "hessian", "setup", "mask", "exchange", "solve", "trailing", "forward_next"]
 WHAT = {
     "capture": "capture_inputs (once per model, not per block)",
     "transfer": "host<->device: BlockStore.load / done",
@@ -68,6 +69,7 @@ WHAT = {
     "hessian": "Hessian accumulation (accumulate_hessian)",
     "setup": "damped H + inverse Cholesky factor (hessian_setup)",
     "mask": "mask selection",
+    "exchange": "joint's exchanges and the solve of their final set (ops.refine_solve, PruneConfig.swaps > 0)",
     "solve": "solves: joint masked solves + in-block update; SparseGPT column loop",
     "trailing": "trailing updates (addmm_ right of each B-block)",
     "forward_next": "block forwards for the next inputs (run_block_all)",
@@ -84,6 +86,9 @@ FORMULAS = {
     "setup": "4/3 c^3 flops per Hessian (Cholesky c^3 / 3 + the triangular solve against I, c^3 as BLAS counts it) "
              "at the fp32 matmul peak",
     "mask": "5 bytes per weight (read the fp32 weight, write the bool mask) at the device copy rate",
+    "exchange": "fp32 peak; per row and B-block c^3 / 2 + c^2 K / 2 (+ c^2 K / 2 for unstructured rows: every "
+                "pair) to factor and set up, 3 c B + 3 c^2 (+ 2 c K) per exchange made, 2 c^2 + B^2 / 2 for the "
+                "final solve (c pruned, K = B - c kept); multiply-adds, 2 flops each",
     "solve": "fp32 peak; joint: per row and B-block k^3/3 + 2 k^2 + 2 B k (Cholesky of G[M, M], two triangular "
              "solves, e = U_B[:, M] lambda; k = pruned per row) plus 2 r B^2 + 2 B^3 per block (W1 -= E U_B, G); "
              "SparseGPT: r B (B + 1) per B-block (its rank-1 column updates inside the block)",
@@ -91,6 +96,7 @@ FORMULAS = {
     "forward_next": "as forward_observe",
 }
 RATE_OF = {"forward_observe": "bf16", "forward_next": "bf16", "hessian": "bf16", "setup": "fp32", "solve": "fp32",
+           "exchange": "fp32",
            "trailing": "fp32", "mask": "copy"}
 
 
@@ -245,6 +251,20 @@ def instrument(ph: Phases):
             return wrapper
         return make
 
+    def exchange(orig):
+        def wrapper(G, U_B, W1, mask, rounds, **kw):
+            with ph.phase("exchange"):
+                out = orig(G, U_B, W1, mask, rounds, **kw)
+            B = G.shape[0]
+            c = mask.sum(1).double()
+            K = B - c
+            pairs = 0.0 if kw.get("m") else 1.0
+            per_swap = 3 * c * B + 3 * c * c + 2 * c * K * pairs
+            fma = c ** 3 / 2 + c * c * K / 2 * (1 + pairs) + out[3].double() * per_swap + 2 * c * c + B * B / 2
+            ph.add_work("exchange", 2.0 * float(fma.sum()))
+            return out
+        return wrapper
+
     def load(orig):
         def wrapper(store, i, *a, **k):
             ph.begin_block(i)
@@ -290,6 +310,7 @@ def instrument(ph: Phases):
         patch(sparsegpt, "smallest_mask", timed("mask"))
         patch(sparsegpt, "nm_smallest_mask", timed("mask"))
         patch(ops, "masked_solve", timed("masked_solve_op", exclusive=False))
+        patch(ops, "refine_solve", exchange)
         torch.Tensor.addmm_ = addmm_
         yield ph
     finally:
