@@ -29,7 +29,9 @@ class PruneResult:
     (w_i - w_hat_i)^T (as a float) over the live inputs (dead inputs, diag(H) = 0, cost nothing on the calibration
     data); row_loss: per row; damp: the relative damping of H_d actually used (config.damp, or larger after the
     OBS methods' Cholesky retry; NaN when a method core is called directly without recording it); fallback: None,
-    or why the method was not applied and what was done instead (``FALLBACK_ALL_DEAD``)."""
+    or why the method was not applied and what was done instead (``FALLBACK_ALL_DEAD``); exchanges, exchange_s:
+    the joint method's mask exchanges made over all rows and blocks (``PruneConfig.swaps``) and the seconds spent
+    in the op that makes them and solves their final set."""
 
     weight: torch.Tensor
     mask: torch.Tensor
@@ -37,6 +39,8 @@ class PruneResult:
     row_loss: torch.Tensor
     damp: float = float("nan")
     fallback: str | None = None
+    exchanges: int = 0
+    exchange_s: float = 0.0
 
     @property
     def sparsity(self) -> float:

@@ -6,6 +6,8 @@ propagated to the columns right of the block with one GEMM, as in SparseGPT's la
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .. import ops
@@ -49,6 +51,7 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
     cols = Wc.shape[1]
     B = config.block_size
     h_diag = torch.diagonal(H) if config.mask == "wanda" and mask is None else None
+    exchanges, exchange_s = 0, 0.0
     for b0 in range(0, cols, B):
         b1 = min(b0 + B, cols)
         W1 = Wc[:, b0:b1]
@@ -57,8 +60,11 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
         M1 = mask[:, b0:b1] if mask is not None else select_block_mask(
             W1, U_B, G, config, None if h_diag is None else h_diag[b0:b1])
         if mask is None and config.swaps:  # exchanges, then the solve of the final set, from one factor per row
-            E, loss, M1, _ = ops.refine_solve(G, U_B, W1, M1, config.swaps, m=config.sparsity.m,
-                                              backend=config.backend)
+            t0 = time.perf_counter()
+            E, loss, M1, made = ops.refine_solve(G, U_B, W1, M1, config.swaps, m=config.sparsity.m,
+                                                 backend=config.backend)
+            exchanges += int(made.sum())  # a host sync, as the op's status check already is
+            exchange_s += time.perf_counter() - t0
         else:
             E, loss = ops.masked_solve(G, U_B, W1, M1, backend=config.backend)
         W1 -= E @ U_B
@@ -66,4 +72,5 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
         Wc[:, b1:].addmm_(E, U[b0:b1, b1:], alpha=-1.0)  # in place: no rows x cols temporary
         pruned[:, b0:b1] = M1
         row_loss += loss
-    return PruneResult(Wc.to(W.dtype), pruned, float(row_loss.sum()), row_loss)
+    return PruneResult(Wc.to(W.dtype), pruned, float(row_loss.sum()), row_loss, exchanges=exchanges,
+                       exchange_s=exchange_s)
