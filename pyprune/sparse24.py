@@ -90,6 +90,8 @@ class LayerCheck:
 
 def _check_weight(name: str, weight: torch.Tensor) -> LayerCheck:
     rows, cols = weight.shape
+    if is_semi_structured(weight):  # converted earlier: 2:4 by construction
+        return LayerCheck(name, (rows, cols), weight.dtype, True, 0, rows * cols // 4)
     if cols % 4:
         return LayerCheck(name, (rows, cols), weight.dtype, False, 0, 0,
                           f"in_features={cols} is not a multiple of 4")
@@ -217,12 +219,18 @@ def time_linear(out_features: int, in_features: int, tokens: int, dtype=torch.bf
     semi-structured sparse (median of ``reps`` CUDA-event timings after warm-up), on one GPU. Random data, W pruned
     2:4 by magnitude."""
     device = torch.device(device)
-    W = torch.randn(out_features, in_features, device=device, generator=generator).to(dtype)
-    drop = W.float().abs().reshape(out_features, -1, 4).argsort(dim=-1)[..., :2]
-    W = W.reshape(out_features, -1, 4).scatter(-1, drop, 0).reshape(out_features, in_features).contiguous()
+    W = magnitude_2to4(torch.randn(out_features, in_features, device=device, generator=generator).to(dtype))
     S = sparse_class(backend).from_dense(W)
     x = torch.randn(tokens, in_features, device=device, generator=generator).to(dtype)
     return _time(lambda: torch.nn.functional.linear(x, W), reps), _time(lambda: torch.nn.functional.linear(x, S), reps)
+
+
+def magnitude_2to4(W: torch.Tensor) -> torch.Tensor:
+    """A copy of ``W`` with the 2 smallest magnitudes of every group of 4 consecutive input columns set to zero (the
+    simplest 2:4 weight, for timing; pyprune's methods choose better ones)."""
+    rows, cols = W.shape
+    drop = W.detach().float().abs().reshape(rows, cols // 4, 4).argsort(dim=-1)[..., :2]
+    return W.detach().reshape(rows, cols // 4, 4).scatter(-1, drop, 0).reshape(rows, cols).contiguous()
 
 
 def _time(fn, reps: int) -> float:
@@ -270,7 +278,8 @@ def to_semi_structured(model: torch.nn.Module, *, dtype=None, layers=None,
     backend:    "auto" (cuSPARSELt where torch has it, else CUTLASS), "cusparselt" or "cutlass" (fp16/bf16 only).
     strict:     a selected layer that does not hold 2:4 is an error (ValueError naming them) instead of staying dense.
 
-    Layers whose weight is shared with another module (tied embeddings) stay dense. Every check runs before any
+    Layers whose weight is shared with another module (tied embeddings) stay dense; layers converted by an earlier
+    call stay as they are and are listed as converted (so a second call converts what a keep_dense policy left). Every check runs before any
     layer is converted: on a refusal (``SemiStructuredError``: CPU, old GPU, dtype or shape, naming the layer) the
     model is unchanged."""
     if backend not in BACKENDS:
@@ -297,9 +306,12 @@ def to_semi_structured(model: torch.nn.Module, *, dtype=None, layers=None,
         raise ValueError(f"{len(report.not_2to4)} selected Linear layers do not hold the 2:4 pattern: "
                          + "; ".join(f"{c.name} ({c.reason})" for c in report.checks if not c.holds))
     shared = _shared_names(model)
-    candidates = []
+    candidates, done = [], []  # done: converted by an earlier call
     for (name, module), check in zip(selected, report.checks):
         if not check.holds:
+            continue
+        if is_semi_structured(module.weight):
+            done.append(name)
             continue
         others = [n for n in shared[id(module.weight)] if n != f"{name}.weight"]
         if others:
@@ -321,6 +333,7 @@ def to_semi_structured(model: torch.nn.Module, *, dtype=None, layers=None,
         if why is not None:
             raise SemiStructuredError(why)
     if not candidates:
+        report.converted = done
         setattr(model, ATTRIBUTE, report)
         return model
 
@@ -350,7 +363,7 @@ def to_semi_structured(model: torch.nn.Module, *, dtype=None, layers=None,
                 sparse = cls.from_dense(module.weight.detach().contiguous())
             module.weight = torch.nn.Parameter(sparse, requires_grad=False)
         report.backend = cls.BACKEND
-    report.converted = [n for n, _ in selected if n in names]
+    report.converted = [n for n, _ in selected if n in names or n in done]
     setattr(model, ATTRIBUTE, report)
     return model
 
@@ -376,5 +389,6 @@ def is_semi_structured(t: torch.Tensor) -> bool:
 
 
 __all__ = ["ATTRIBUTE", "DEFAULT_MEASURE_TOKENS", "LayerCheck", "MIN_CAPABILITY", "MIN_CAPABILITY_FP8", "Report",
-           "SemiStructuredError", "check_2to4", "holds_2to4", "is_semi_structured", "refusal", "sparse_class",
+           "SemiStructuredError", "check_2to4", "holds_2to4", "is_semi_structured", "magnitude_2to4", "refusal",
+           "sparse_class",
            "time_linear", "to_semi_structured", "violations_2to4"]

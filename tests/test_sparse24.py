@@ -167,3 +167,25 @@ def test_gpu_measure_policy(rng):
     for name in report.converted:
         per = report.timings[tuple(model.get_submodule(name).weight.shape)]
         assert all(sp <= de for de, sp in per.values())
+
+
+def test_magnitude_2to4_keeps_the_two_largest_of_each_group(rng):
+    W = torch.randn(6, 16, generator=rng, dtype=torch.float64)
+    P = sparse24.magnitude_2to4(W)
+    assert sparse24.holds_2to4(P) and bool((P.reshape(6, 4, 4) != 0).sum(-1).eq(2).all())
+    for r in range(6):
+        for g in range(4):
+            group = W[r, 4 * g:4 * g + 4]
+            keep = set(group.abs().argsort()[2:].tolist())
+            assert {i for i in range(4) if P[r, 4 * g + i] != 0} == keep
+            assert torch.equal(P[r, 4 * g:4 * g + 4][list(keep)], group[list(keep)])
+
+
+@needs_gpu
+def test_gpu_second_call_converts_what_a_policy_left(rng):
+    model = pruned_tiny(rng, torch.bfloat16).cuda()
+    pyprune.to_semi_structured(model, keep_dense=lambda name, module: "mlp" in name)
+    assert len(model.pyprune_sparse24.converted) == 8
+    pyprune.to_semi_structured(model)
+    assert len(model.pyprune_sparse24.converted) == 14
+    assert pyprune.check_2to4(model).not_2to4 == ["lm_head"]
