@@ -147,7 +147,7 @@ class Report:
         lines = [f"{'layer':<48} {'shape':>14}  {'2:4':<4} status", "-" * 90]
         for c in self.checks:
             status = ("sparse" if c.name in self.converted else
-                      "dense: " + self.dense.get(c.name, c.reason or "not converted"))
+                      "dense" + (f": {self.dense[c.name]}" if c.name in self.dense else ""))
             lines.append(f"{c.name:<48} {c.shape[0]:>6}x{c.shape[1]:<7}  {'yes' if c.holds else 'no':<4} {status}")
         lines.append(f"{len(self.converted)} of {len(self.checks)} Linear layers semi-structured sparse"
                      + (f" ({self.backend})" if self.backend else ""))
