@@ -279,9 +279,9 @@ def to_semi_structured(model: torch.nn.Module, *, dtype=None, layers=None,
     strict:     a selected layer that does not hold 2:4 is an error (ValueError naming them) instead of staying dense.
 
     Layers whose weight is shared with another module (tied embeddings) stay dense; layers converted by an earlier
-    call stay as they are and are listed as converted (so a second call converts what a keep_dense policy left). Every check runs before any
-    layer is converted: on a refusal (``SemiStructuredError``: CPU, old GPU, dtype or shape, naming the layer) the
-    model is unchanged."""
+    call stay as they are and are listed as converted (so a second call converts what a keep_dense policy left).
+    Every check runs before any layer is converted: on a refusal (``SemiStructuredError``: CPU, old GPU, dtype or
+    shape, naming the layer) the model is unchanged."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not (dtype is None or dtype in HALF_DTYPES or dtype in (FP8, torch.float8_e4m3fn)):
@@ -377,8 +377,9 @@ def _torchao_fp8_config():
                           "torchao (0.18 keeps the FP8 2:4 path); or use dtype=torch.bfloat16") from None
     cfg = getattr(tq, "Float8DynamicActivationFloat8SemiSparseWeightConfig", None)
     if cfg is None:
-        raise ImportError(f"torchao {getattr(__import__('torchao'), '__version__', '?')} has no "
-                          "Float8DynamicActivationFloat8SemiSparseWeightConfig (the FP8 2:4 path); install torchao 0.18")
+        version = getattr(__import__("torchao"), "__version__", "?")
+        raise ImportError(f"torchao {version} has no Float8DynamicActivationFloat8SemiSparseWeightConfig (the FP8 "
+                          "2:4 path); install torchao 0.18")
     return cfg
 
 

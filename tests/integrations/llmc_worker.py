@@ -6,9 +6,9 @@ tests/integrations/test_llmcompressor.py. On a tiny random Llama (float32) and f
 3. ``oneshot`` with ``JointPruningModifier`` then a ``QuantizationModifier`` for each scheme in --schemes, each saved
    compressed with ``save_pretrained`` and loaded back with transformers.
 
-Writes <out>/result.pt: the calibration ids, the decoder blocks' Linear weights after 1 and 2 and the logits after 2, the modifier's per-module results, and per scheme the
-saved quantized weights dequantized (weight * scale, read from the safetensors file) and the logits of the model
-transformers loaded from the output directory.
+Writes <out>/result.pt: the calibration ids; the decoder blocks' Linear weights after 1 and 2 and the logits after
+2; the modifier's per-module results; per scheme the saved quantized weights dequantized (weight * scale, read from
+the safetensors file), the Linear weights and the logits of the model transformers loaded from the output directory.
 
     PYTHONPATH=. .venv-peers/bin/python tests/integrations/llmc_worker.py --out DIR [--schemes W8A8,FP8_DYNAMIC]
 """
