@@ -1,13 +1,14 @@
 """Runs inside .venv-peers (llm-compressor installed; pyprune from the checkout on PYTHONPATH) for
 tests/integrations/test_llmcompressor.py. On a tiny random Llama (float32) and fixed calibration ids:
 
-1. ``pyprune.prune_model`` (the API) with the joint method, 2:4;
-2. llm-compressor's ``oneshot`` with ``JointPruningModifier`` (same settings) alone;
+1. ``pyprune.prune_model`` (the API) with the joint method, 2:4 (and 50% unstructured);
+2. llm-compressor's ``oneshot`` with ``JointPruningModifier`` (same settings) alone, and the perplexities of both
+   pruned models and the dense one on other fixed ids;
 3. ``oneshot`` with ``JointPruningModifier`` then a ``QuantizationModifier`` for each scheme in --schemes, each saved
    compressed with ``save_pretrained`` and loaded back with transformers.
 
-Writes <out>/result.pt: the calibration ids; the decoder blocks' Linear weights after 1 and 2 and the logits after
-2; the modifier's per-module results; per scheme the saved quantized weights dequantized (weight * scale, read from
+Writes <out>/result.pt: the calibration ids; the decoder blocks' Linear weights after 1 and 2 (both sparsities), the
+logits after 2 and the perplexities; the modifier's per-module results; per scheme the saved quantized weights dequantized (weight * scale, read from
 the safetensors file), the Linear weights and the logits of the model transformers loaded from the output directory.
 
     PYTHONPATH=. .venv-peers/bin/python tests/integrations/llmc_worker.py --out DIR [--schemes W8A8,FP8_DYNAMIC]
@@ -63,6 +64,11 @@ def saved_dequantized(path: str) -> dict:
     return out
 
 
+def perplexity(model, ids) -> float:
+    with torch.no_grad():
+        return float(torch.exp(torch.stack([model(row[None], labels=row[None]).loss for row in ids]).mean()))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -107,6 +113,19 @@ def main(argv=None) -> int:
     with torch.no_grad():
         result["modifier_logits"] = model(ids[:1]).logits
     result["modifier_results"] = dict(mod.results)
+
+    # perplexity on other fixed ids: the two pruned models against each other (and the dense one for scale)
+    held = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(args.seed + 2))
+    result["ppl"] = {k: perplexity(m, held) for k, m in (("dense", dense), ("api", api), ("modifier", model))}
+
+    # unstructured 50%: the fraction path (mask_structure left at llm-compressor's "0:0")
+    api_u = copy.deepcopy(dense)
+    pyprune.prune_model(api_u, ids, pyprune.PruneConfig(method=args.method, sparsity=0.5))
+    model = load()
+    oneshot(model=model, dataset=loader(ids), recipe=[JointPruningModifier(method=args.method, sparsity=0.5,
+                                                                           targets=[LAYERS])],
+            num_calibration_samples=len(ids), max_seq_length=ids.shape[1], pipeline="sequential", processor=tok)
+    result["unstructured"] = {"api": linear_weights(api_u), "modifier": linear_weights(model)}
 
     # registered by the import: a recipe written as YAML text finds it by name
     from llmcompressor.recipe import Recipe

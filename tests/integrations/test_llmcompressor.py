@@ -90,3 +90,18 @@ def test_quantized_in_the_same_oneshot_keeps_zeros_and_loads(run, scheme):
     assert torch.isfinite(logits).all()
     # 8-bit weights (and activations) move the logits by a little, far less than pruning moved them
     assert (logits - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
+@needs_peers
+def test_perplexity_and_unstructured_match_the_api(run):
+    ppl = run["ppl"]
+    # the two pruned models differ by rounding only: their perplexities agree far inside any noise floor, while
+    # pruning itself moved the perplexity away from the dense model's
+    assert abs(ppl["modifier"] / ppl["api"] - 1) <= 1e-4, ppl
+    assert abs(ppl["api"] / ppl["dense"] - 1) > 100 * abs(ppl["modifier"] / ppl["api"] - 1), ppl
+    api, mod = run["unstructured"]["api"], run["unstructured"]["modifier"]
+    for name in api:
+        if name.startswith("model.layers.0.") and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(api[name] == 0, mod[name] == 0), name
+        assert float(((api[name] == 0) != (mod[name] == 0)).float().mean()) <= 0.01, name
+        assert float((mod[name] == 0).float().mean()) == 0.5, name
