@@ -189,3 +189,47 @@ def test_gpu_second_call_converts_what_a_policy_left(rng):
     pyprune.to_semi_structured(model)
     assert len(model.pyprune_sparse24.converted) == 14
     assert pyprune.check_2to4(model).not_2to4 == ["lm_head"]
+
+
+class StandIn:
+    """A stand-in for torch's semi-structured class on the CPU: 'compresses' to a plain copy."""
+    BACKEND = "stand-in"
+
+    @staticmethod
+    def from_dense(w):
+        assert w.is_contiguous()
+        return w.clone()
+
+
+def test_conversion_and_policy_logic_with_a_stand_in_kernel(rng, monkeypatch):
+    """Everything to_semi_structured does after its refusals, on the CPU: the GPU checks and torch's class replaced."""
+    monkeypatch.setattr(sparse24, "refusal", lambda *a, **k: None)
+    monkeypatch.setattr(sparse24, "sparse_class", lambda backend="auto": StandIn)
+    timed = []
+
+    def fake_time(out_f, in_f, tokens, dtype, *, device, backend):
+        timed.append((out_f, in_f, tokens, dtype))
+        return 1.0, (0.5 if out_f == in_f or tokens > 1 else 2.0)  # square shapes win everywhere, others lose at 1
+
+    monkeypatch.setattr(sparse24, "time_linear", fake_time)
+    model = pruned_tiny(rng)  # float32
+    ids = calibration(rng, 1, 8)
+    with torch.no_grad():
+        ref = model(ids).logits
+    q = model.model.layers[0].self_attn.q_proj
+    old = q.weight
+    out = pyprune.to_semi_structured(model, dtype=torch.bfloat16, keep_dense="measure", tokens=(1, 64))
+    assert out is model and next(model.parameters()).dtype == torch.bfloat16  # cast first, as documented
+    report = model.pyprune_sparse24
+    assert report.backend == "stand-in"
+    assert report.converted == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "o")]
+    assert q.weight is not old and not q.weight.requires_grad
+    assert {(o, i) for o, i, _, _ in timed} == {(64, 64), (32, 64), (128, 64), (64, 128)}
+    assert {t for _, _, t, _ in timed} == {1, 64}
+    assert all(d == torch.bfloat16 for *_, d in timed)
+    assert report.dense["model.layers.1.mlp.down_proj"].startswith("measured slower: 1 tokens")
+    assert report.dense["lm_head"].startswith("not 2:4")
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()  # only the bf16 cast changed the outputs
+    assert model.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
