@@ -16,7 +16,8 @@
    max |logit difference| over a 1 x 2048 prefill and top-1 agreement over its positions, and the fraction of the
    greedily decoded tokens equal to the dense model's.
 
-Results: <out>/bench_sparse24.json and .md (written after every part, atomically). On a machine without CUDA (or a
+Results: <out>/bench_sparse24.json and .md (written after every part, atomically; --out, default $OUT, else
+benchmarks/results/gpu). On a machine without CUDA (or a
 GPU older than compute capability 8.0) it says the kernels are CUDA-only and exits 0.
 
     python benchmarks/bench_sparse24.py --out benchmarks/results/gpu            # about 2 minutes on an H100
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, when imported from a test
-from _timing import bench, environment, markdown_table, measure_peaks, out_dir, try_run  # noqa: E402
+from _timing import ROOT, bench, environment, markdown_table, measure_peaks, out_dir, try_run  # noqa: E402
 
 from pyprune import sparse24  # noqa: E402  (_timing puts the checkout on the path)
 from pyprune.report import atomic_write_text
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
                    "decode")
     p.add_argument("--large-layers", type=int, default=None, help="blocks of the 70B-wide model (default 4; quick 1)")
     p.add_argument("--parts", default="products,builtin,large", help="comma-separated: products, builtin, large")
-    p.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results)")
+    p.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/gpu)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
         print(f"{NAME}: {torch.cuda.get_device_name(device)} has compute capability {cap[0]}.{cap[1]}; the 2:4 "
               "sparse tensor cores need 8.0 or newer, so nothing is measured.")
         return 0
-    out = out_dir(args.out)
+    out = out_dir(args.out or os.environ.get("OUT") or str(ROOT / "benchmarks" / "results" / "gpu"))
     t0 = time.perf_counter()
     peaks = measure_peaks(device, args.quick)
     products, models, notes = [], [], []

@@ -5,6 +5,7 @@
 #   3. run the three kernel benchmarks at full size (Llama-2-70B shapes),
 #   4. run the whole-layer benchmark (joint on each backend against SparseGPT at 70B layer shapes),
 #   5. run the whole-model benchmark (prune_model on a Llama-2-70B-shaped model, per-block phases, 80-block estimate),
+#   6. run the 2:4 inference benchmark (semi-structured sparse vs dense products and models, bench_sparse24.py),
 # writing logs and results under benchmarks/results/gpu (RESULTS=... to change) and printing a short summary at the
 # end. Where $OUT is set (the device tool), everything is also packed into $OUT/gpu_suite.tar.gz (the tool brings
 # back at most 8 files) next to gpu_summary.md. A failing step is reported and the suite
