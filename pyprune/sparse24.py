@@ -332,13 +332,12 @@ def to_semi_structured(model: torch.nn.Module, *, dtype=None, layers=None,
             why = f"layer {name!r}: dtype='fp8' takes a bfloat16 model (activations), got {w.dtype}: model.bfloat16()"
         if why is not None:
             raise SemiStructuredError(why)
+    if dtype in HALF_DTYPES:
+        model.to(dtype)
     if not candidates:
         report.converted = done
         setattr(model, ATTRIBUTE, report)
         return model
-
-    if dtype in HALF_DTYPES:
-        model.to(dtype)
     if keep_dense == "measure":
         w0 = candidates[0][1].weight
         report.timings = _measure((tuple(m.weight.shape) for _, m in candidates), w0.dtype, w0.device, backend,
