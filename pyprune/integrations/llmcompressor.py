@@ -102,7 +102,11 @@ class JointPruningModifier(SparsityModifierBase):
 
     # ---------------------------------------------------------------------------------------- calibration
     def calibrate_module(self, module: torch.nn.Module, args: tuple, _output) -> None:
-        """Forward hook: add this call's input to the module's Hessian (or to the one it shares)."""
+        """Forward hook: add this call's input to the module's Hessian (or to the one it shares). Only ``nn.Linear``
+        modules are pruned: the convolutions llm-compressor's base class also hooks (Mamba's depthwise conv1d, say)
+        stay dense, as in ``pyprune.prune_model``."""
+        if not isinstance(module, torch.nn.Linear):
+            return
         inp = args[0]
         prev = self._previous
         if module not in self._leader:  # first call: does it read the tensor the previous hooked module read?
