@@ -22,6 +22,9 @@ pruned layer to make the next layer's inputs (its ``propagate_error``, on by def
 ``pyprune.prune_model`` with ``true_sequential`` off: every Hessian of a layer from its dense inputs, the next layer
 from the pruned one's outputs.
 
+Quantize after it with ``QuantizationModifier`` (round to nearest keeps zeros at zero); llm-compressor 0.14's
+``GPTQModifier`` keeps no sparsity mask, and its error compensation writes into the pruned weights (README).
+
 Modules that read the same input tensor in a forward pass (q/k/v, gate/up: observed from the hooks, the input object
 is the same) share one Hessian and are pruned together by ``prune_group`` (one damped factor for all; each result
 bit-identical to ``prune_layer`` alone). ``share_hessians=False`` gives every module its own.
