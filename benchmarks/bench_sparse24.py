@@ -193,6 +193,26 @@ def run_model(name: str, model, device, quick: bool, rows: list, save, notes: li
         save()
 
 
+def write(out: Path, meta: dict, products: list, models: list, notes: list) -> None:
+    """<out>/bench_sparse24.json (everything) and .md (both tables and the notes), each written atomically."""
+    atomic_write_text(str(out / f"{NAME}.json"),
+                      json.dumps({"meta": meta, "products": products, "models": models, "notes": notes}, indent=1,
+                                 default=str))
+    lines = [f"# {NAME}", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in meta["env"].items()), "",
+             "Measured peaks: " + ", ".join(f"{k}={v:.4g}" for k, v in meta["peaks"].items())
+             + f"; sparse backend: {meta['backend']}", "", "## Matrix products (bf16, F.linear)", ""]
+    lines += markdown_table(products, PRODUCT_COLUMNS)
+    lines += ["", "## End to end (bf16, tokens/s)", ""] + markdown_table(models, MODEL_COLUMNS)
+    lines += [""] + [f"- {n}" for n in notes + [
+        "speedup = dense time / sparse time; floor_speedup = dense floor / sparse floor (the most 2:4 can give at "
+        "that shape and token count); *_floor_us: max(flops / peak, bytes / copy bandwidth), sparse at twice the "
+        "measured dense peak",
+        "vs_dense_*: tokens/s of the variant / tokens/s of the dense model; max_logit_diff, top1_agree: over a "
+        "1 x 2048 prefill against the dense model with the same 2:4 weights; decode_same: fraction of greedily "
+        "decoded tokens equal to the dense model's"]]
+    atomic_write_text(str(out / f"{NAME}.md"), "\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -225,40 +245,22 @@ def main(argv=None) -> int:
 
     def save() -> None:
         meta["seconds"] = time.perf_counter() - t0
-        atomic_write_text(str(out / f"{NAME}.json"),
-                          json.dumps({"meta": meta, "products": products, "models": models, "notes": notes},
-                                     indent=1, default=str))
-        lines = [f"# {NAME}", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in meta["env"].items()), "",
-                 "Measured peaks: " + ", ".join(f"{k}={v:.4g}" for k, v in peaks.items()),
-                 f"; sparse backend: {meta['backend']}", "", "## Matrix products (bf16, F.linear)", ""]
-        lines += markdown_table(products, PRODUCT_COLUMNS)
-        lines += ["", "## End to end (bf16, tokens/s)", ""] + markdown_table(models, MODEL_COLUMNS)
-        lines += [""] + [f"- {n}" for n in notes + [
-            "speedup = dense time / sparse time; floor_speedup = dense floor / sparse floor (the most 2:4 can give "
-            "at that shape and token count)",
-            "vs_dense_*: tokens/s of the variant / tokens/s of the dense model; max_logit_diff, top1_agree: over "
-            "a 1 x 2048 prefill against the dense model with the same 2:4 weights; decode_same: fraction of "
-            "greedily decoded tokens equal to the dense model's"]]
-        atomic_write_text(str(out / f"{NAME}.md"), "\n".join(lines) + "\n")
+        write(out, meta, products, models, notes)
 
     if "products" in parts:
         run_products(device, args.quick, peaks, products, save)
-    if "builtin" in parts:
-        model, name = builtin(device)
-        notes.append(f"built-in: {name}")
-        run_model("builtin", model, device, args.quick, models, save, notes)
-        del model
-        torch.cuda.empty_cache()
-    if "large" in parts:
+    for part in [p for p in parts if p != "products"]:  # a failing model is recorded and the next one runs
         layers = args.large_layers or (1 if args.quick else 4)
+        name = "builtin" if part == "builtin" else f"llama-70b-wide-{layers}L"
         torch.manual_seed(0)
-        model, err = try_run(lambda: llama(device, layers, **LARGE))
-        name = f"llama-70b-wide-{layers}L"
+        built, err = try_run(lambda: builtin(device) if part == "builtin" else
+                             (llama(device, layers, **LARGE), f"random Llama, 70B widths, {layers} blocks"))
+        if not err:
+            notes.append(f"{name}: {built[1]}")
+            _, err = try_run(lambda: run_model(name, built[0], device, args.quick, models, save, notes))
         if err:
-            models.append({"model": name, "variant": "build", "error": err})
-        else:
-            run_model(name, model, device, args.quick, models, save, notes)
-            del model
+            models.append({"model": name, "variant": "build or run", "error": err})
+        built = None
         torch.cuda.empty_cache()
     save()
     print((out / f"{NAME}.md").read_text())

@@ -71,3 +71,41 @@ def test_end_to_end_bookkeeping_on_cpu(bench, rng, monkeypatch):
     for r in rows[1:]:
         assert r["max_logit_diff"] == 0.0 and r["top1_agree"] == 1.0 and r["decode_same"] == 1.0
     assert sparse24.check_2to4(model).not_2to4 == ["lm_head"]  # the blocks were pruned 2:4 first
+
+
+def test_products_bookkeeping(bench, monkeypatch):
+    """run_products with the timing replaced: one row per shape and token count, floors beside, errors kept."""
+    def fake(out_f, in_f, tokens, dtype, *, device, reps):
+        if tokens == 16:
+            raise RuntimeError("no kernel")
+        return 2e-3, 1e-3
+
+    monkeypatch.setattr(sparse24, "time_linear", fake)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    peaks = {"mm_bf16_tflops": 800.0, "copy_gbps": 3000.0}
+    rows, saves = [], []
+    bench.run_products(torch.device("cpu"), False, peaks, rows, lambda: saves.append(1))
+    assert [(r["shape"], r["tokens"]) for r in rows] == [(f"{o}x{i}", t) for o, i in bench.SHAPES_70B
+                                                         for t in bench.TOKENS]
+    assert len(saves) == len(rows) == 15
+    for r in rows:
+        o, i = (int(x) for x in r["shape"].split("x"))
+        fd, fs = bench.floors(o, i, r["tokens"], peaks)
+        assert r["dense_floor_us"] == pytest.approx(fd * 1e6) and r["floor_speedup"] == pytest.approx(fd / fs)
+        if r["tokens"] == 16:
+            assert r["error"] == "RuntimeError: no kernel" and "speedup" not in r
+        else:
+            assert r["speedup"] == pytest.approx(2.0) and r["dense_us"] == pytest.approx(2000.0)
+
+
+def test_write_tables(bench, tmp_path):
+    import json
+    meta = {"env": {"gpu": "test"}, "peaks": {"mm_bf16_tflops": 800.0, "copy_gbps": 3000.0}, "backend": "cusparselt"}
+    products = [{"shape": "8192x8192", "tokens": 1, "dense_us": 50.0, "sparse_us": 40.0, "speedup": 1.25}]
+    models = [{"model": "builtin", "variant": "all sparse", "error": "RuntimeError: x"}]
+    bench.write(tmp_path, meta, products, models, ["a note"])
+    data = json.loads((tmp_path / "bench_sparse24.json").read_text())
+    assert data["products"] == products and data["models"] == models and data["notes"] == ["a note"]
+    md = (tmp_path / "bench_sparse24.md").read_text()
+    assert "| 8192x8192 | 1 | 50 |" in md and "RuntimeError: x" in md and "- a note" in md
+    assert "sparse backend: cusparselt" in md
