@@ -54,7 +54,7 @@ setup(
     description="One-shot LLM pruning with the joint multi-weight OBS update (Zhao et al., EMNLP Findings 2024)",
     python_requires=">=3.10",
     packages=["pyprune", "pyprune.reference", "pyprune.ops", "pyprune.algorithms", "pyprune.models",
-              "pyprune.triton_kernels"],
+              "pyprune.triton_kernels", "pyprune.integrations"],
     package_dir={"pyprune.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

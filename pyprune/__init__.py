@@ -17,6 +17,11 @@ Model API (imported lazily, so ``import pyprune`` stays light)::
 
 Any decoder-only ``*ForCausalLM`` that transformers builds works: blocks, matrices (linear layers, fused MoE experts)
 and shared inputs are observed from the model's own forward pass (``pyprune.models.discover``).
+
+2:4 at inference speed (``pyprune.sparse24``)::
+
+    print(pyprune.check_2to4(model).table())           # which Linear weights hold 2:4 (any device)
+    model = pyprune.to_semi_structured(model.cuda())   # their weights as torch semi-structured sparse tensors
 """
 from .algorithms import PruneResult, prune_group, prune_layer
 from .config import PruneConfig, Sparsity
@@ -27,7 +32,8 @@ _LAZY = {"prune_model": "pyprune.models.driver", "prune_checkpoint": "pyprune.mo
          "PruneReport": "pyprune.report", "LayerReport": "pyprune.report", "load_model": "pyprune.models.io",
          "save_model": "pyprune.models.io", "perplexity": "pyprune.evaluate",
          "prune_pretrained": "pyprune.models.pipeline", "inspect_model": "pyprune.models.pipeline",
-         "matrix_views": "pyprune.models.pipeline"}
+         "matrix_views": "pyprune.models.pipeline", "check_2to4": "pyprune.sparse24",
+         "to_semi_structured": "pyprune.sparse24"}
 
 
 def __getattr__(name):
@@ -37,6 +43,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'pyprune' has no attribute {name!r}")
 
 
-__all__ = ["LayerReport", "PruneConfig", "PruneReport", "PruneResult", "Sparsity", "__version__", "inspect_model",
-           "load_model", "matrix_views", "perplexity", "prune_checkpoint", "prune_group", "prune_layer",
-           "prune_model", "prune_pretrained", "save_model"]
+__all__ = ["LayerReport", "PruneConfig", "PruneReport", "PruneResult", "Sparsity", "__version__", "check_2to4",
+           "inspect_model", "load_model", "matrix_views", "perplexity", "prune_checkpoint", "prune_group",
+           "prune_layer", "prune_model", "prune_pretrained", "save_model", "to_semi_structured"]
