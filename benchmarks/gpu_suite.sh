@@ -64,9 +64,9 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 step check_cuda_ops 60 "$PY" -c "
 import torch, pyprune.ops
 from pyprune.ops._backend import native_has
-missing = [op for op in ('nm_select', 'masked_solve', 'hessian_update') if not native_has(op, torch.device('cuda'))]
+missing = [op for op in ('nm_select', 'masked_solve', 'refine_solve', 'hessian_update') if not native_has(op, torch.device('cuda'))]
 assert not missing, f'pyprune._C has no CUDA kernel for {missing}'
-print('CUDA kernels registered for nm_select, masked_solve, hessian_update')"
+print('CUDA kernels registered for nm_select, masked_solve, refine_solve, hessian_update')"
 
 # 2. GPU tests (the native-op tests run on cpu and cuda; Triton tests run compiled, not interpreted).
 #    pytest-xdist, where installed, spreads the Triton compiles over the CPU cores.
