@@ -54,8 +54,11 @@ setup(
     description="One-shot LLM pruning with the joint multi-weight OBS update (Zhao et al., EMNLP Findings 2024)",
     python_requires=">=3.10",
     packages=["pyprune", "pyprune.reference", "pyprune.ops", "pyprune.algorithms", "pyprune.models",
-              "pyprune.triton_kernels", "pyprune.integrations"],
-    package_dir={"pyprune.triton_kernels": "triton_kernels"},
+              "pyprune.triton_kernels", "pyprune.integrations", "pyprune.docs"],
+    package_dir={"pyprune.triton_kernels": "triton_kernels", "pyprune.docs": "docs"},
+    # The texts the defaults read (pyprune/shared, with their licences: see its README.md) and the maths the code
+    # refers to (docs/ALGORITHM.md, installed as pyprune/docs/ALGORITHM.md). MANIFEST.in puts the same in the sdist.
+    package_data={"pyprune": ["shared/README.md", "shared/data/*/*.txt"], "pyprune.docs": ["*.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch", "numpy", "tqdm", "safetensors", "transformers"],

@@ -9,7 +9,8 @@ rounding-only noise floor: the same seed with the calibration samples in another
 Hessians up to float rounding).
 
 A configuration is a key, ``method/sparsity[/mask][/damp<x>][/swap<k>][/n<samples>][/mix]``:
-- ``mask`` (joint only): ``sparsegpt``, ``exact``, ``wanda``, ... (ALGORITHM.md section 4); default: joint's default;
+- ``mask`` (joint only): ``sparsegpt``, ``exact``, ``wanda``, ... (docs/ALGORITHM.md section 4); default: joint's
+  default;
 - ``damp<x>``: relative damping (default 0.01);
 - ``swap<k>`` (joint only): at most k pruned/kept exchanges per row of a block (``PruneConfig.swaps``); no ``swap``
   part means none, whatever pyprune's default (keys name settings, not defaults);

@@ -7,11 +7,11 @@ algorithm's own choices:
 
 * precision: the joint method and SparseGPT as the driver runs them (Hessian accumulated and solved in float32)
   against everything in float64;
-* block size: B in {32, 64, 128, 256, cols}; B = cols is the exact optimum for its mask (ALGORITHM.md section 6);
+* block size: B in {32, 64, 128, 256, cols}; B = cols is the exact optimum for its mask (docs/ALGORITHM.md section 6);
 * masks: SparseGPT's saliency, the joint diagonal ``G_jj``, greedy OBS (at B = 32), per-row scope; for
   N:M the exact group subset as well.
 
-Every loss is the layer objective of ALGORITHM.md section 1 evaluated in float64 with the undamped Hessian (the
+Every loss is the layer objective of docs/ALGORITHM.md section 1 evaluated in float64 with the undamped Hessian (the
 reconstruction error on the calibration tokens), reported relative to SparseGPT's (float32, B=128, block mask).
 Times are the summed wall time of ``prune_layer`` on the layers (float32 unless the label says fp64).
 

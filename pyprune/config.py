@@ -77,7 +77,7 @@ class PruneConfig:
     sparsity:    fraction in [0, 1) or "N:M"
     block_size:  B, columns per block (joint: the size of the joint solve; sparsegpt: lazy-update and mask block)
     damp:        relative damping, H + damp * mean(diag(H)) * I
-    mask:        how the joint method picks the pruned weights of a block (ALGORITHM.md section 4):
+    mask:        how the joint method picks the pruned weights of a block (docs/ALGORITHM.md section 4):
                  "diag"      saliency w^2 / G_jj (the joint scheme's own diagonal),
                  "sparsegpt" saliency w^2 / U_jj^2 (SparseGPT's),
                  "exact"     N:M only: best subset of each group by the exact group loss under G;

@@ -1,8 +1,10 @@
 """Calibration and evaluation text -> token batches.
 
-Text comes from local files; the names ``wikitext2`` (the project's shared copy of WikiText-2), ``gutenberg`` (the
-shared public-domain books) and ``c4`` (through the optional ``datasets`` package, from its local cache only) are
-accepted as shortcuts. Nothing here needs a network. Calibration may mix several texts (``mixed_calibration_samples``):
+Text comes from local files; the names ``wikitext2`` (WikiText-2), ``gutenberg`` (public-domain books) and ``c4``
+(through the optional ``datasets`` package, from its local cache only) are accepted as shortcuts. The first two are
+read from the shared data folder (``shared_dir``: ``$PYPRUNE_SHARED``, else ``../shared`` beside a source checkout,
+else the byte-identical copies that ship inside the package), so an installed wheel needs no folder of its own.
+Nothing here needs a network. Calibration may mix several texts (``mixed_calibration_samples``):
 on SmolLM2-135M, half WikiText-2 and half a novel made the joint update win on novels it never saw, where WikiText-2
 alone made it lose to Wanda (benchmarks/results/heldout.md).
 
@@ -27,26 +29,60 @@ class NotTextError(ValueError):
 
 
 def repo_root() -> str:
-    """The project root for an editable install: the parent of the ``pyprune`` package directory."""
+    """The parent of the ``pyprune`` package directory: the project root in a source checkout (or an editable
+    install), ``site-packages`` in an installed wheel."""
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def packaged_dir() -> str:
+    """The copies of the shared texts that ship inside the package (``pyprune/shared``: the WikiText-2 validation and
+    test splits and the two books the defaults read, byte-identical to the project's shared folder, with their
+    licences in its README.md)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "shared")
+
+
+def checkout_shared_dir() -> str | None:
+    """``../shared`` beside a source checkout (a project root that holds setup.py), or None where there is none (an
+    installed wheel, or a checkout without the folder beside it)."""
+    root = repo_root()
+    path = os.path.join(os.path.dirname(root), "shared")
+    return path if os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(path) else None
+
+
 def shared_dir() -> str:
-    """The shared data folder: ``$PYPRUNE_SHARED`` if set, else ``../shared`` next to the repository."""
+    """The folder the named texts are read from (it holds ``data/wikitext2/...`` and ``data/gutenberg/...``), the
+    first of: ``$PYPRUNE_SHARED`` if set (an error if it does not exist); ``../shared`` beside a source checkout (the
+    project's full shared folder, so benchmarks read the same files as before); the copies packaged with pyprune
+    (``packaged_dir``), which hold only what the defaults read. The packaged files equal the shared ones byte for
+    byte, so a named text gives the same token ids wherever it is read from."""
     env = os.environ.get("PYPRUNE_SHARED")
-    path = env or os.path.join(os.path.dirname(repo_root()), "shared")
+    if env:
+        if not os.path.isdir(env):
+            raise FileNotFoundError(f"PYPRUNE_SHARED points to {env!r}, which does not exist; set PYPRUNE_SHARED to "
+                                    "the folder that holds data/wikitext2/{valid,test}.txt, or unset it to use the "
+                                    "texts packaged with pyprune")
+        return env
+    path = checkout_shared_dir() or packaged_dir()
     if not os.path.isdir(path):
-        how = "PYPRUNE_SHARED points to" if env else "expected the shared data folder at"
-        raise FileNotFoundError(f"{how} {path!r}, which does not exist; set PYPRUNE_SHARED to the folder that holds "
+        raise FileNotFoundError(f"the texts packaged with pyprune are missing ({path!r} does not exist: a broken "
+                                "install?); reinstall pyprune, or set PYPRUNE_SHARED to the folder that holds "
                                 "data/wikitext2/{valid,test}.txt")
     return path
 
 
 def shared_file(*parts: str) -> str:
-    path = os.path.join(shared_dir(), *parts)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"shared data file {path!r} is missing")
-    return path
+    """The path of ``os.path.join(*parts)`` inside ``shared_dir()`` (e.g. ``shared_file("data", "wikitext2",
+    "test.txt")``); FileNotFoundError naming the file, and for the packaged copies, what they hold."""
+    root = shared_dir()
+    path = os.path.join(root, *parts)
+    if os.path.isfile(path):
+        return path
+    if os.path.abspath(root) == os.path.abspath(packaged_dir()):
+        held = sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+                      for d, _, files in os.walk(root) for f in files if f.endswith(".txt"))
+        raise FileNotFoundError(f"{'/'.join(parts)!r} is not among the texts packaged with pyprune ({', '.join(held)}"
+                                "); set PYPRUNE_SHARED to a folder that holds it")
+    raise FileNotFoundError(f"shared data file {path!r} is missing")
 
 
 # The shared books (data/gutenberg/): one to calibrate on, and one other to evaluate on, never the same.
@@ -86,9 +122,10 @@ def strip_gutenberg_header(text: str) -> str:
 
 def load_text(source: str, split: str = "eval", *, encoding: str = "utf-8") -> str:
     """The text of a local file (decoded strictly with ``encoding``: see ``read_text_file``), or of a named data
-    set: ``wikitext2`` (shared copy: valid.txt to calibrate, test.txt to evaluate; ``wikitext2-raw`` is the raw
-    test split), ``gutenberg`` (shared books without their licence header: A Tale of Two Cities to calibrate, Pride
-    and Prejudice to evaluate) or ``c4`` (``datasets``, local cache only). ``split`` is "calib" or "eval"."""
+    set read from ``shared_dir()``: ``wikitext2`` (valid.txt to calibrate, test.txt to evaluate; ``wikitext2-raw``
+    is the raw test split, in the full shared folder only), ``gutenberg`` (the books without their licence header: A
+    Tale of Two Cities to calibrate, Pride and Prejudice to evaluate), or ``c4`` (``datasets``, local cache only).
+    ``split`` is "calib" or "eval"."""
     if os.path.isfile(source):
         text = read_text_file(source, encoding)
         if not text.strip():

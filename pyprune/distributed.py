@@ -1,6 +1,6 @@
 """Multi-process pruning on ``torch.distributed`` (NCCL on GPUs, gloo on CPUs), launched by ``torchrun``.
 
-Two things are split over the ranks of a process group, block by block (ALGORITHM.md section 5):
+Two things are split over the ranks of a process group, block by block (docs/ALGORITHM.md section 5):
 
 1. Calibration (data parallel): every rank runs its own shard of the calibration samples (``shard_samples``) through
    the current block and accumulates the Hessians of its linear layers from them; ``Comm.reduce_hessian`` then sums

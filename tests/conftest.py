@@ -14,3 +14,8 @@ def rng():
     seed = int(os.environ.get("PYPRUNE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"rng seed: {seed} (replay with PYPRUNE_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes (builds and installs the wheel); `make test` runs it, "
+                                       "`-m 'not slow'` leaves it out")

@@ -1,4 +1,4 @@
-"""Fused Hessian accumulation ``H <- beta * H + alpha * X^T X`` (ALGORITHM.md section 1), in place.
+"""Fused Hessian accumulation ``H <- beta * H + alpha * X^T X`` (docs/ALGORITHM.md section 1), in place.
 
 Design
 ------

@@ -1,4 +1,4 @@
-"""Batched inverse-Hessian submatrix solve of one block (ALGORITHM.md section 3).
+"""Batched inverse-Hessian submatrix solve of one block (docs/ALGORITHM.md section 3).
 
 Per row i with pruned set M_i (``mask[i]`` True):  ``G[M_i, M_i] lambda = w_i[M_i]``,  ``e_i = U_B[:, M_i] lambda``,
 ``loss_i = 1/2 lambda^T w_i[M_i]``.

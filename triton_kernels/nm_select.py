@@ -1,4 +1,4 @@
-"""N:M mask selection inside one block (ALGORITHM.md section 4).
+"""N:M mask selection inside one block (docs/ALGORITHM.md section 4).
 
 Design
 ------

@@ -1,4 +1,4 @@
-// Batched masked solve, the math of one row (ALGORITHM.md section 3):
+// Batched masked solve, the math of one row (docs/ALGORITHM.md section 3):
 //   G[M, M] lambda = w[M],   e = U_B[:, M] lambda,   loss = 1/2 lambda^T w[M]
 // written once against the Team interface (team.cuh), so the C++ CPU op (SerialTeam), the CUDA kernel (CtaTeam)
 // and the threaded CPU emulation of the CUDA kernel (ThreadTeam) run the same code.

@@ -1,4 +1,4 @@
-// N:M mask selection, the math of one (row, group) (ALGORITHM.md section 4).
+// N:M mask selection, the math of one (row, group) (docs/ALGORITHM.md section 4).
 //
 // exact: the n-subset S of the group's m columns minimising 1/2 w_S^T (G[S,S])^{-1} w_S. (G[S,S])^{-1} is the
 // same for every row, so it is precomputed once per (group, subset) as the inverse Cholesky factor X = L^{-1}

@@ -96,7 +96,7 @@ def _damped(H: torch.Tensor, damp: float, dtype: torch.dtype) -> tuple[torch.Ten
 
 def damped_hessian(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (W', H_d, dead): a compute-dtype copy of W with dead columns zeroed, the damped Hessian with
-    ``H[j, j] = 1`` on dead columns (zero diagonal), and the dead-column mask (ALGORITHM.md section 1)."""
+    ``H[j, j] = 1`` on dead columns (zero diagonal), and the dead-column mask (docs/ALGORITHM.md section 1)."""
     W = W.to(compute_dtype(W)).clone()
     H, dead = _damped(H, damp, W.dtype)
     W[:, dead] = 0.0
@@ -243,7 +243,7 @@ def nm_smallest_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def layer_objective(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """Per-row ``1/2 (w - w_hat) H (w - w_hat)^T`` (ALGORITHM.md section 1), in H's dtype."""
+    """Per-row ``1/2 (w - w_hat) H (w - w_hat)^T`` (docs/ALGORITHM.md section 1), in H's dtype."""
     D = W.to(H.dtype) - W_hat.to(H.dtype)
     return 0.5 * ((D @ H) * D).sum(1)
 

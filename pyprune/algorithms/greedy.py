@@ -1,4 +1,4 @@
-"""Greedy OBS mask selection inside one block (ALGORITHM.md section 4, "greedy refinement").
+"""Greedy OBS mask selection inside one block (docs/ALGORITHM.md section 4, "greedy refinement").
 
 Per row, repeatedly remove the weight of least saliency ``w_j^2 / P_jj`` under the current conditional inverse
 Hessian P of the block (starting from G), apply the OBS update to the row and downdate P (Schur complement),

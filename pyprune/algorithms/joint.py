@@ -1,4 +1,4 @@
-"""The joint multi-weight OBS block method of Zhao et al. (ALGORITHM.md section 3).
+"""The joint multi-weight OBS block method of Zhao et al. (docs/ALGORITHM.md section 3).
 
 Columns are processed left to right in blocks of B. In each block every row removes its whole pruned set at once
 with the optimal joint update (a small SPD solve per row, batched: ``ops.masked_solve``), and the error is

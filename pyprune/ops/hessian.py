@@ -130,7 +130,7 @@ def _check_update_values(H: torch.Tensor, X: torch.Tensor, alpha: float, beta: f
 
 
 def accumulate_hessian(H: torch.Tensor, n: int, X: torch.Tensor, **kwargs) -> int:
-    """Running mean of ALGORITHM.md section 1, in place on ``H``: ``H <- H n/(n+k) + 2/(n+k) X^T X``.
+    """Running mean of docs/ALGORITHM.md section 1, in place on ``H``: ``H <- H n/(n+k) + 2/(n+k) X^T X``.
 
     ``n`` (a non-negative int) is the number of tokens already in ``H``; ``X`` may have leading batch dimensions (they
     are flattened into the k tokens). Returns the new count n + k. Every argument and value is checked before ``H``

@@ -1,4 +1,4 @@
-"""Plain-torch oracles for every contract in ALGORITHM.md.
+"""Plain-torch oracles for every contract in docs/ALGORITHM.md.
 
 Each function here is the simplest correct statement of one kernel's contract; Triton and CUDA kernels are tested
 against them. This package imports nothing else from pyprune, so the oracle stays independent of the code it checks.

@@ -1,4 +1,4 @@
-"""Hessian accumulation (ALGORITHM.md section 1)."""
+"""Hessian accumulation (docs/ALGORITHM.md section 1)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The batched inverse-Hessian submatrix solve of one block (ALGORITHM.md section 3)."""
+"""The batched inverse-Hessian submatrix solve of one block (docs/ALGORITHM.md section 3)."""
 from __future__ import annotations
 
 import torch

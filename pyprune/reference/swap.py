@@ -1,5 +1,5 @@
-"""Swap refinement of a block's mask (a mask choice in the sense of ALGORITHM.md section 4), in plain torch: the
-reference of the fused engine ``pyprune.ops.refine_solve`` (csrc/kernels/refine_solve.cuh), which runs the same
+"""Swap refinement of a block's mask (a mask choice in the sense of docs/ALGORITHM.md section 4), in plain torch:
+the reference of the fused engine ``pyprune.ops.refine_solve`` (csrc/kernels/refine_solve.cuh), which runs the same
 exchanges and the joint solve of the final set from one factorisation per row.
 
 Given a block's pruned set ``M`` of a row (from any one-shot rule), try every exchange of one pruned weight ``j`` and
@@ -30,8 +30,8 @@ REL_TOL_LOW = 1e-5  # float32 and below: the updated inverses carry rounding of 
 def swap_refine(W1: torch.Tensor, G: torch.Tensor, M1: torch.Tensor, rounds: int, *, m: int = 0,
                 chunk_rows: int = 1024) -> torch.Tensor:
     """The refined mask (rows, B), bool, True = prune. ``W1`` (rows, B): the block's current weights; ``G`` (B, B): the
-    block's inverse-Hessian submatrix (ALGORITHM.md section 3); ``M1``: the starting mask; ``rounds``: at most this many
-    exchanges per row; ``m`` > 0: exchanges stay inside groups of ``m`` consecutive columns (N:M)."""
+    block's inverse-Hessian submatrix (docs/ALGORITHM.md section 3); ``M1``: the starting mask; ``rounds``: at most
+    this many exchanges per row; ``m`` > 0: exchanges stay inside groups of ``m`` consecutive columns (N:M)."""
     return swap_refine_counted(W1, G, M1, rounds, m=m, chunk_rows=chunk_rows)[0]
 
 

@@ -1,4 +1,4 @@
-"""ALGORITHM.md section 6: what a correct implementation shows, on fresh random float64 problems."""
+"""docs/ALGORITHM.md section 6: what a correct implementation shows, on fresh random float64 problems."""
 import pytest
 import torch
 
@@ -61,9 +61,10 @@ def test_sparsegpt_is_independent_of_its_lazy_block_size(rng):
 
 
 def test_joint_loss_falls_with_block_size(rng):
-    """Fixed random mask, as in ALGORITHM.md's float64 check of 16 x 32 weights: B = 1 is SparseGPT, B = cols is the
-    optimum and ends well under SparseGPT (over 200 seeds the ratio was 0.68 median, 0.79 worst). Intermediate B is
-    not guaranteed to beat SparseGPT (in 29 of those 200 seeds some B in {4, 8, 16} did not), so it is not asserted."""
+    """Fixed random mask, as in docs/ALGORITHM.md's float64 check of 16 x 32 weights (section 6): B = 1 is SparseGPT,
+    B = cols is the optimum and ends well under SparseGPT (over 200 seeds the ratio was 0.68 median, 0.79 worst).
+    Intermediate B is not guaranteed to beat SparseGPT (in 29 of those 200 seeds some B in {4, 8, 16} did not), so
+    it is not asserted."""
     W, H = random_layer(16, 32, rng)
     mask = random_mask(16, 32, rng)
     sgpt = prune_layer(W, H, PruneConfig(method="sparsegpt"), mask=mask).loss
