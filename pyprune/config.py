@@ -95,7 +95,7 @@ class PruneConfig:
                  comparison group does.
     swaps:       joint method only: after a block's mask is chosen, at most this many exchanges of a pruned and a kept
                  weight per row of the block (N:M: inside a group), each the one that lowers the row's exact block
-                 loss the most (pyprune/algorithms/swap.py); 0 leaves the mask as chosen. None picks the default:
+                 loss the most (pyprune/reference/swap.py); 0 leaves the mask as chosen. None picks the default:
                  DEFAULT_SWAPS (16) for the joint method, 0 for the others.
     backend:     kernel backend for the ops: "auto" | "torch" | "cpp" | "cuda" | "triton".
     """

@@ -1,5 +1,5 @@
-// The joint solve with exchange refinement, the math of one row of a block (docs: pyprune/algorithms/swap.py for
-// the exchange rule and its closed-form updates; pyprune/reference/masked_solve.py for the solve). Written once
+// The joint solve with exchange refinement, the math of one row of a block (docs/ALGORITHM.md section 4;
+// pyprune/reference/swap.py states the exchange rule and its closed-form updates in torch). Written once
 // against the Team interface (team.cuh): the C++ CPU op (SerialTeam, rows over threads), the CUDA kernel (CtaTeam,
 // a block per row) and the CPU emulation of the CUDA kernel (ThreadTeam) run this code.
 //
