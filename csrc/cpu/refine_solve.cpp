@@ -53,7 +53,7 @@ void refine_rows_emulated(const float* g, const float* u, const T* w, const uint
   for (int tier = 0; tier < (split < B ? 2 : 1); ++tier) {
     const int kmin = tiers[tier][0], kmax = tiers[tier][1];
     ThreadTeamShared sh(threads, warp);
-    std::vector<double> smem((rs_smem_words(kmax, B) + 1) / 2, -7.0);
+    std::vector<double> smem((rs_smem_words(kmax, B, m) + 1) / 2, -7.0);
     std::vector<std::thread> pool;
     for (int rk = 0; rk < threads; ++rk) {
       pool.emplace_back([&, rk] {

@@ -1,6 +1,6 @@
 // CUDA refine_solve: one thread block ("CtaTeam", 128 or 256 threads) per row, grid-stride over rows, running the
 // per-row code of kernels/refine_solve.cuh (the same code the CPU op runs with one thread, and the CPU emulation op
-// with several). Shared memory per block: 384 bytes of team scratch plus rs_smem_words(kcap, B) words (Ainv and
+// with several). Shared memory per block: 384 bytes of team scratch plus rs_smem_words(kcap, B, m) words (Ainv and
 // L^-1 of G[M, M], kcap x kcap each; G[M, K] and then U, kcap x B at most; B-vectors). Two launches ("tiers") by
 // the count of pruned weights, as masked_solve's: k <= ms_split(B) with kcap = ms_split(B), then the rest with
 // kcap = B. Every row is written by exactly one tier; nothing raises here (status as masked_solve's).
@@ -36,7 +36,7 @@ __global__ void refine_solve_kernel(const float* __restrict__ G, const float* __
   }
 }
 
-size_t rs_bytes(int kcap, int B) { return RS_SCRATCH_BYTES + 4 * rs_smem_words(kcap, B); }
+size_t rs_bytes(int kcap, int B, int m) { return RS_SCRATCH_BYTES + 4 * rs_smem_words(kcap, B, m); }
 
 template <class T>
 cudaError_t launch(const float* G, const float* U, const T* W, const uint8_t* mask, int rounds, int m, float tol,
@@ -52,7 +52,7 @@ cudaError_t launch(const float* G, const float* U, const T* W, const uint8_t* ma
   const int tiers[2][2] = {{0, split}, {split + 1, B}};
   for (int tier = 0; tier < (split < B ? 2 : 1); ++tier) {
     const int kmin = tiers[tier][0], kmax = tiers[tier][1];
-    const size_t bytes = rs_bytes(kmax, B);
+    const size_t bytes = rs_bytes(kmax, B, m);
     if (bytes > (size_t)optin) return cudaErrorInvalidValue;
     const int threads = kmax <= 64 ? 128 : 256;
     if ((err = cudaFuncSetAttribute(refine_solve_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -78,7 +78,7 @@ extern "C" int pyprune_refine_solve_cuda_max_b(int device) {
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 0;
   int b = 1;
-  while (pyprune::rs_bytes(b + 1, b + 1) <= (size_t)optin) ++b;
+  while (pyprune::rs_bytes(b + 1, b + 1, 0) <= (size_t)optin) ++b;
   return b;
 }
 

@@ -40,10 +40,11 @@ PP_HD float rs_fma(float a, float b, float c) {
 
 PP_HD float rs_max(float a, float b) { return a > b ? a : b; }
 
-// Team-local memory (4-byte words) for rows with at most kcap pruned weights of B: two fp64 B-vectors, two int
-// B-vectors, fourteen fp32 B-vectors, Ainv and X (kcap x kcap each) and Y / U (kcap x B at most).
-PP_HD size_t rs_smem_words(int kcap, int B) {
-  return 2 * (size_t)kcap * kcap + (size_t)kcap * B + 20 * (size_t)B + 8;
+// Team-local memory (4-byte words) for rows with at most kcap pruned weights of B, groups of m (0: none): two fp64
+// B-vectors, two int B-vectors, fourteen fp32 B-vectors, Ainv and X (kcap x kcap each), Y / U (kcap x (B - c)) and
+// U's in-group entries (kcap x m at most).
+PP_HD size_t rs_smem_words(int kcap, int B, int m) {
+  return 2 * (size_t)kcap * kcap + (size_t)kcap * (B + (m > 0 ? m : 0)) + 20 * (size_t)B + 8;
 }
 // the same for the CPU op (one-thread teams pad the rows of X and Ainv: refine_solve_row's cs)
 PP_HD size_t rs_host_words(int B) {
@@ -221,7 +222,8 @@ PP_HD void rs_combine(Team& t, float* y, const float* base, size_t ld, const int
 // weights; msk: its starting mask (B bytes, nonzero = pruned); m > 0: exchanges stay inside groups of m consecutive
 // columns (N:M); rounds: at most this many exchanges; tol: the relative improvement an exchange must make. Rows
 // whose count of pruned weights lies outside [kmin, kmax] are skipped (MS_SKIPPED, nothing written). ws:
-// rs_smem_words(kmax, B) words, 8-byte aligned. Writes e (B), loss, status, mout (B bytes) and nswaps.
+// rs_smem_words(kmax, B, m) words (rs_host_words(B) for one-thread teams), 8-byte aligned. Writes e (B), loss,
+// status, mout (B bytes) and nswaps.
 template <class Team, class T>
 PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __restrict__ Ub,
                            const T* __restrict__ w, const uint8_t* __restrict__ msk, int B, int m, int rounds,
