@@ -226,7 +226,8 @@ def _prune_config(args):
 def cmd_prune(args) -> int:
     from .data import calibration_texts, calibration_windows
     from .models.driver import resolve_device
-    from .models.io import check_nm_shapes, check_supported, load_tokenizer, prepare_output_dir, resolve_model
+    from .models.io import (check_nm_shapes, check_seqlen, check_supported, check_weights, load_tokenizer,
+                            prepare_output_dir, resolve_model)
     from .models.outdir import check_output_vs_input
     from .models.pipeline import should_stream
     config = _prune_config(args)
@@ -235,6 +236,8 @@ def cmd_prune(args) -> int:
     out = os.path.abspath(args.output)
     check_output_vs_input(out, str(source))
     cfg = check_supported(source)  # the config or GGUF metadata only: no weight is loaded yet
+    check_seqlen(cfg, args.seqlen)
+    check_weights(source)  # every safetensors shard whole (a header read each)
     if config.backend != "auto":  # an unavailable backend fails now, not after loading
         from .ops._backend import resolve
         resolve(config.backend, "masked_solve", resolve_device(args.device))
@@ -334,10 +337,11 @@ def cmd_eval(args) -> int:
     from .data import eval_windows, load_text, tokenize
     from .evaluate import perplexity
     from .models.driver import resolve_device
-    from .models.io import check_supported, load_model, load_tokenizer, resolve_model
+    from .models.io import check_seqlen, check_supported, check_weights, load_model, load_tokenizer, resolve_model
     source = resolve_model(args.model)
     device = resolve_device(args.device)
-    check_supported(source)
+    check_seqlen(check_supported(source), args.seqlen)
+    check_weights(source)
     text = load_text(args.text, split="eval")
     _quiet_transformers()
     t0 = time.perf_counter()

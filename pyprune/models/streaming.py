@@ -23,143 +23,23 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..config import PruneConfig
-from ..report import (LayerReport, PruneReport, atomic_open, atomic_write_text, device_peak_memory,
-                      host_peak_rss, reset_device_peak_memory, reset_host_peak_rss)
+from ..report import (LayerReport, PruneReport, atomic_open, atomic_write_text, dense_from_dict, device_peak_memory,
+                      host_peak_rss, layer_from_dict, reset_device_peak_memory, reset_host_peak_rss)
 from .capture import BlockInputs, capture_inputs
 from .discover import eager_experts, find_blocks
 from .driver import (BlockStore, MoveNonBlock, Options, as_batches, check_inputs_finite, make_selection,
-                     resolve_device, run_blocks, settings_dict, synthetic_batches)
-from .io import REPORT_NAME, meta_model, quiet_transformers
+                     outside_matrices, resolve_device, run_blocks, run_settings, synthetic_batches)
+from .io import REPORT_NAME, ModelSource, check_seqlen, check_supported, meta_model, quiet_transformers
 from .outdir import JOURNAL_NAME, MANIFEST_NAME, OutputDir
+from .shards import (INDEX_NAME, ShardedCheckpoint, atomic_save_safetensors, checkpoint_bytes,  # noqa: F401
+                     read_safetensors)
 
 STATE_DIR = ".pyprune-partial"
-INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 
 
 class ResumeMismatchError(ValueError):
     """A partial output exists but was made with other settings, input or calibration."""
-
-
-# --------------------------------------------------------------------------------------------------- checkpoint
-class ShardedCheckpoint:
-    """Read-only view of a safetensors checkpoint: which tensor lives in which shard; reads tensors by name."""
-
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        index = os.path.join(self.path, INDEX_NAME)
-        if os.path.isfile(index):
-            with open(index) as f:
-                self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
-        else:
-            files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{self.path!r} holds no safetensors weights (streaming needs *.safetensors "
-                                        "shards; convert .bin checkpoints first)")
-            self.weight_map = {}
-            for name in files:
-                with open(os.path.join(self.path, name), "rb") as f:
-                    header, _ = _safetensors_header(f)
-                for key in header:
-                    if key != "__metadata__":
-                        self.weight_map[key] = name
-        for shard in set(self.weight_map.values()):
-            if not os.path.isfile(os.path.join(self.path, shard)):
-                raise FileNotFoundError(f"shard {shard!r} named in the index of {self.path!r} is missing")
-
-    def read(self, keys: Iterable[str], device="cpu") -> dict[str, torch.Tensor]:
-        """The named tensors, read with plain file reads into fresh tensors (no memory map, so the resident set
-        holds each tensor once), one shard open at a time."""
-        by_shard: dict[str, list[str]] = {}
-        for k in keys:
-            by_shard.setdefault(self.weight_map[k], []).append(k)
-        out = {}
-        for shard, names in sorted(by_shard.items()):
-            out.update(read_safetensors(os.path.join(self.path, shard), names, device))
-        return out
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for shard in sorted(set(self.weight_map.values())):
-            st = os.stat(os.path.join(self.path, shard))
-            h.update(f"{shard}:{st.st_size}:{st.st_mtime_ns};".encode())
-        h.update(json.dumps(sorted(self.weight_map.items())).encode())
-        return h.hexdigest()
-
-    def total_bytes(self) -> int:
-        return sum(os.path.getsize(os.path.join(self.path, s)) for s in set(self.weight_map.values()))
-
-
-def checkpoint_bytes(path: str) -> int:
-    return ShardedCheckpoint(path).total_bytes()
-
-
-# ---------------------------------------------------------------------------------------------------- file writes
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
-_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-def _safetensors_header(f) -> tuple[dict, int]:
-    n = int.from_bytes(f.read(8), "little")
-    if not 0 < n < 1 << 30:
-        raise ValueError(f"{getattr(f, 'name', 'file')}: not a safetensors file")
-    return json.loads(f.read(n)), 8 + n
-
-
-def read_safetensors(path: str, names: Iterable[str] | None = None, device="cpu") -> dict[str, torch.Tensor]:
-    """Tensors of one safetensors file (all, or the given names), each read straight into its own buffer."""
-    out = {}
-    with open(path, "rb") as f:
-        header, start = _safetensors_header(f)
-        header.pop("__metadata__", None)
-        for name in (sorted(header) if names is None else names):
-            info = header[name]
-            dtype = _DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            b0, b1 = info["data_offsets"]
-            t = torch.empty(info["shape"], dtype=dtype)
-            view = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
-            if b1 - b0 != (view.size if view is not None else 0):
-                raise ValueError(f"{path}: tensor {name!r} has {b1 - b0} bytes, expected "
-                                 f"{0 if view is None else view.size}")
-            if view is not None:
-                f.seek(start + b0)
-                if f.readinto(view) != b1 - b0:
-                    raise ValueError(f"{path}: file ends inside tensor {name!r}")
-            out[name] = t if torch.device(device).type == "cpu" else t.to(device)
-    return out
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
-    """Write a safetensors file tensor by tensor from the tensors' own memory (no serialised copy in between), to a
-    temporary name, fsync, rename."""
-    items = []
-    offset = 0
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        if t.dtype not in _NAMES:
-            raise ValueError(f"cannot write tensor {name!r} of dtype {t.dtype} to safetensors")
-        t = t.to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        items.append(t)
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with atomic_open(path) as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for t in items:
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _save_activations(hidden: list[torch.Tensor], path: str) -> None:
@@ -405,7 +285,8 @@ class _StreamRun:
             self.claim(f"{STATE_DIR}/state.json")
             atomic_write_text(self.state_file, json.dumps({
                 "fingerprint": self.fingerprint, "done": i, "activations": new_acts,
-                "layers": PruneReport(self.settings, self.layers).to_dict()["layers"]}))
+                **{k: v for k, v in PruneReport(self.settings, self.layers, dense=self.dense).to_dict().items()
+                   if k in ("layers", "dense")}}))
         if comm is not None:  # ... and the state names the new ones before the old ones go
             comm.barrier()
         if self.acts_file is not None and self.acts_file != new_acts:
@@ -437,8 +318,6 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     comm: a ``pyprune.distributed.Comm``: every rank calls this with its calibration shard and reads each block from
     ``src``; rank 0 alone writes the output and the state; each rank persists its own activations in the state
     directory (which must therefore be on a file system that every rank sees for a resume)."""
-    from transformers import AutoConfig
-
     config = PruneConfig() if config is None else config
     src = os.path.abspath(src)
     out = os.path.abspath(out)
@@ -453,6 +332,9 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     batches = as_batches(calibration, batch_size)
     if not batches and config.method != "magnitude":
         raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
+    hf_config = check_supported(ModelSource("hf", src))  # read and checked as everywhere (io.model_config)
+    if batches:
+        check_seqlen(hf_config, int(batches[0].shape[1]), "the calibration window length")
 
     main = comm is None or comm.is_main
     if not main:
@@ -475,7 +357,6 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     reset_host_peak_rss()
     reset_device_peak_memory(device)
     t_start = time.perf_counter()
-    hf_config = AutoConfig.from_pretrained(src, local_files_only=True)
     model = meta_model(hf_config)
     path, block_list = find_blocks(model)
     num_blocks = len(block_list)
@@ -486,21 +367,16 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
         raise ValueError(f"checkpoint {src!r} has no tensors for blocks {missing_blocks[:8]}")
     last = max(selection.blocks) if selection.blocks is not None else num_blocks - 1
 
-    nsamples = sum(b.shape[0] for b in batches)
-    settings = settings_dict(config, model_type=hf_config.model_type, blocks_path=path,
-                             nsamples=nsamples if comm is None else comm.sum_int(nsamples),
-                             seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
-                             modules=list(selection.modules) if selection.modules else None,
-                             dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
-                             true_sequential=true_sequential, calibrate_all_experts=calibrate_all_experts,
-                             expert_min_tokens=expert_min_tokens, batch_size=batch_size, streaming=True, source=src,
-                             **({} if comm is None else {"world_size": comm.world_size}))
+    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
+    settings = run_settings(config, model_type=hf_config.model_type, blocks_path=path, batches=batches, device=device,
+                            selection=selection, options=options, batch_size=batch_size, comm=comm, streaming=True,
+                            source=src)
     calib_part = torch.cat([b.reshape(-1) for b in batches]) if batches else []
     if comm is not None:  # every rank's shard
         calib_part = comm.all_gather_object(_fingerprint(calib_part))
     fingerprint = _fingerprint({k: v for k, v in settings.items() if k != "device"}, ckpt.fingerprint(), calib_part)
 
-    done, layers, acts_file = -1, [], None
+    done, layers, dense, acts_file = -1, [], [], None
     if partial:
         def read_state():
             with open(state_file) as f:
@@ -511,8 +387,8 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
                                       "use the same ones to resume, or another output directory")
         done = int(state["done"])
         resumed_after = done
-        layers = [LayerReport(**{**d, "shape": tuple(d["shape"]),
-                                 "loss": float("nan") if d["loss"] is None else d["loss"]}) for d in state["layers"]]
+        layers = [layer_from_dict(d) for d in state["layers"]]
+        dense = [dense_from_dict(d) for d in state.get("dense", [])]
         acts_file = state.get("activations")
         if acts_file is not None and comm is not None:
             acts_file = _acts_name(done, comm)
@@ -525,7 +401,6 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     if main and (not os.path.isfile(nonblock_path) or NONBLOCK_FILE not in od.files):
         atomic_save_safetensors(ckpt.read(keymap.other_keys), od.claim(NONBLOCK_FILE))
     inputs = BlockInputs([])
-    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
     with eager_experts(model):
         if done < last:
             keymap.load(ckpt.read(keymap.other_keys))
@@ -541,17 +416,20 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
         t0 = time.perf_counter()
         run = _StreamRun(src=src, out=out, ckpt=ckpt, keymap=keymap, model=model, path=path, block_list=block_list,
                          device=device, main=main, comm=comm, state_dir=state_dir, state_file=state_file,
-                         fingerprint=fingerprint, settings=settings, layers=layers, acts_file=acts_file, last=last,
+                         fingerprint=fingerprint, settings=settings, layers=layers, dense=dense, acts_file=acts_file,
+                         last=last,
                          od=od)
         run_blocks(block_list, path, inputs, config, selection, options, _ShardStore(run), start=done + 1, last=last,
-                   comm=comm, on_block_done=on_block_done, layers=[])
+                   comm=comm, on_block_done=on_block_done, layers=[], dense=run.dense)
     layers = run.layers
+    outside = outside_matrices(model, block_list)
     times["prune"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
     if comm is not None:
         comm.barrier()
         if not main:
-            return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks)
+            return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks,
+                               run.dense, outside)
 
     # Finish: index, config and tokenizer files, report; removing the state directory marks completion.
     weight_map = {k: NONBLOCK_FILE for k in keymap.other_keys}
@@ -570,7 +448,8 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
             od.discard(name)
     if os.path.isdir(state_dir) and not os.listdir(state_dir):
         os.rmdir(state_dir)
-    report = PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks)
+    report = PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks, run.dense,
+                         outside)
     if partial:
         report.settings["resumed_after_block"] = resumed_after
     report.settings["replaced_files"] = sorted(set(od.replaced) - set(od.files))
