@@ -145,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
     i = sub.add_parser("inspect", help="show what would be pruned (no calibration)", formatter_class=fmt,
-                       description="Load MODEL and list its decoder blocks, every prunable matrix with its shape "
-                                   "(out x in), the matrices that share a Hessian (in brackets) and what stays "
-                                   "dense. Runs of identical blocks are folded.")
+                       description="List MODEL's decoder blocks, every prunable matrix with its shape (out x in), "
+                                   "the matrices that share a Hessian (in brackets) and what stays dense, built "
+                                   "from its config without reading a weight. Runs of identical blocks are folded.")
     i.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'builtin'")
     i.add_argument("--all", action="store_true", help="one entry per block (no folding)")
     i.add_argument("--device", default="cpu", help="where the blocks run for the observation")
