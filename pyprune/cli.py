@@ -328,7 +328,8 @@ def _print_prune_summary(args, report, out) -> None:
     print(report.table(per="layer" if args.per_layer else "block"))
     print(f"pruned model written to {out} (report: {os.path.join(out, 'pyprune_report.json')})")
     if args.json:
-        print(json.dumps({"output": out, "sparsity": report.sparsity, "total_loss": report.total_loss,
+        print(json.dumps({"output": out, "sparsity": report.sparsity, "pruned_sparsity": report.pruned_sparsity,
+                          "kept_dense": len(report.dense), "total_loss": report.total_loss,
                           "layers": len(report.layers), "times": report.times,
                           "peak_host_rss": report.peak_host_rss, "peak_device_memory": report.peak_device_memory}))
 

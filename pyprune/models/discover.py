@@ -129,6 +129,11 @@ _CHOOSE_FUNCS = {torch.topk, torch.Tensor.topk, torch.sort, torch.Tensor.sort, t
                  torch.Tensor.kthvalue}
 _MAX_FUNCS = {torch.max, torch.Tensor.max, torch.min, torch.Tensor.min}  # choices only when given a dimension
 _MUL_FUNCS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+# products that mix a tensor's elements with others (attention scores, a second linear map): a router's output does
+# not reach a choice through them, whatever the shapes (q @ k^T has as many elements as q when seqlen = head_dim)
+_MIXING_FUNCS = (_LINEAR_FUNCS | _RIGHT_FUNCS | _ADDMM_FUNCS | _BMM_FUNCS
+                 | {torch.Tensor.__rmatmul__, torch.einsum, torch.baddbmm, torch.Tensor.baddbmm, torch.tensordot,
+                    F.scaled_dot_product_attention, F.conv1d, F.conv2d, torch.conv1d, torch.conv2d})
 
 
 def _is_linear_module(module) -> bool:
@@ -174,11 +179,14 @@ class MatrixObserver(TorchFunctionMode):
 
     def _follow(self, func, args, kwargs, out, site) -> None:
         """Routers by use: tag a matrix's output; carry the tags through steps that keep the number of elements (an
-        activation, a bias, a cast, a view); a tagged tensor that reaches a choice makes its matrices routers, one
-        broadcast over another matrix's output in a product makes them gates."""
+        activation, a bias, a cast, a view), never through a product that mixes elements (``_MIXING_FUNCS``); a
+        tagged tensor that reaches a choice makes its matrices routers, one broadcast over another matrix's output in
+        a product makes them gates."""
         if site is not None:
             if site.expert is None:
                 self._tag(out, frozenset((site,)))
+            return
+        if func in _MIXING_FUNCS:
             return
         operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         tagged = [(a, self._tags_of(a)) for a in operands]

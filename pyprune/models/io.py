@@ -74,12 +74,13 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
 def _version(source: ModelSource) -> tuple[str, str | None, int, int]:
     """(directory, GGUF file name, size, mtime) of the file a model's config is read from: a cache key that changes
     when the file does."""
-    path = os.path.realpath(str(source) if source.gguf_file else os.path.join(source.path, "config.json"))
+    directory = os.path.abspath(source.path)  # not the real path: a hub snapshot's config.json links into blobs/
+    path = os.path.join(directory, source.gguf_file or "config.json")
     try:
         st = os.stat(path)
     except OSError as e:
         raise FileNotFoundError(f"{path}: cannot read the model config ({e.strerror})") from None
-    return os.path.dirname(path), source.gguf_file, st.st_size, st.st_mtime_ns
+    return directory, source.gguf_file, st.st_size, st.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=8)

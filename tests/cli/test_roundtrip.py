@@ -88,3 +88,17 @@ def test_nonfinite_config_floats_read_as_transformers_reads_them(model_type, rng
     assert "prunable weights" in capsys.readouterr().out
     assert main(["eval", src, "--text", text, "--seqlen", "16", "--nsamples", "2", "-q"]) == EXIT_OK
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_config_linked_into_a_blob_store(rng, tmp_path, text):
+    """A hub snapshot: config.json and the weights are links into another directory (blobs/)."""
+    src = saved("llama", rng, tmp_path / "plain")
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snap.mkdir()
+    for i, name in enumerate(sorted(os.listdir(src))):
+        os.replace(os.path.join(src, name), blobs / f"blob{i}")
+        os.symlink(blobs / f"blob{i}", snap / name)
+    assert model_config(resolve_model(str(snap))).model_type == "llama"
+    assert prune_cli(str(snap), tmp_path / "out", text, "--stream", "off") == EXIT_OK
+    check_output(tmp_path / "out", "llama")

@@ -109,3 +109,23 @@ def test_shapes_that_collide_with_the_expert_count(model_type, rng):
         assert not any(n == r for n in got)
     for r in report.layers:
         assert r.sparsity >= 0.5, r.name
+
+
+class Scores(torch.nn.Module):
+    """Attention-like scores with as many elements as the query (sequence length = width), reduced with a max over a
+    dimension: no router, whatever the shapes."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(d, d, bias=False)
+        self.k_proj = torch.nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        scores = torch.matmul(self.q_proj(x), self.k_proj(x).transpose(-1, -2))
+        return scores - scores.max(dim=-1, keepdim=True).values
+
+
+def test_a_choice_after_a_product_that_mixes_is_no_router():
+    x = torch.randn(2, 8, 8)  # seqlen 8 = width 8: q @ k^T has as many elements as q
+    found = observed(Scores(), x)
+    assert not found.dense and {s.name for s in found.sites} == {"q_proj", "k_proj"}
