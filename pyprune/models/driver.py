@@ -532,7 +532,8 @@ def run_settings(config: PruneConfig, *, model_type, blocks_path: str, batches: 
                          modules=list(selection.modules) if selection.modules else None,
                          dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
                          true_sequential=options.true_sequential, calibrate_all_experts=options.calibrate_all_experts,
-                         expert_min_tokens=options.expert_min_tokens, hessian_budget=options.hessian_budget,
+                         expert_min_tokens=options.expert_min_tokens,
+                         hessian_budget=options.hessian_budget if comm is None else None,  # ignored with comm
                          batch_size=batch_size, streaming=streaming,
                          **({} if comm is None else {"world_size": comm.world_size}), **extra)
 
