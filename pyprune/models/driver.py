@@ -233,11 +233,22 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
     stage: set[Site] | None = None  # the matrices to collect in this pass (None: all remaining, within the budget)
     observed_all = None
     bar = None
-    budget = None if comm is not None else hessian_budget(options.hessian_budget, block)
+    budget = hessian_budget(options.hessian_budget, block)
+    # Distributed: every rank must make the same passes and reduce the same groups in each. The budget is the least
+    # of the ranks', and the groups of a pass are planned from the block's structure (the same on every rank: a
+    # discovery pass first), never from what one rank's tokens happened to reach first.
+    planned = None
+    if comm is not None:
+        known = [b for b in comm.all_gather_object(budget) if b is not None]
+        budget = min(known) if known else None
+        if budget is not None and needs_h and not options.true_sequential:
+            planned = budget
+        budget = None
     while True:
+        discover_only = planned is not None and stage is None
         obs = observe_block(block, inputs, index, backend=config.backend, shared=shared, budget=budget,
                             collect=(lambda s: wanted(s) and s not in done and (stage is None or s in stage))
-                            if needs_h else None,
+                            if needs_h and not discover_only else None,
                             all_experts=options.calibrate_all_experts or not needs_h)
         if observed_all is None:
             observed_all = obs
@@ -255,7 +266,12 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
                       key=lambda slot: (order[slot.sites[0].param], slot.sites[0].offset))  # the same on every rank
         if not todo:
             break
-        if not needs_h or (comm is not None and not options.true_sequential):
+        if discover_only:
+            stage = _fit_budget(todo, planned)
+            continue
+        if planned is not None:
+            ready = [slot for slot in todo if any(s in stage for s in slot.sites)]
+        elif not needs_h or (comm is not None and not options.true_sequential):
             ready = todo
         else:  # what this pass collected (experts no token reached have nothing to collect: ready too)
             ready = [slot for slot in todo if slot.H is not None or not slot.seen]
@@ -278,7 +294,8 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
             break
         # the next pass re-observes the partly pruned block: the next group alone (true_sequential), or every
         # remaining group within the Hessian memory budget
-        stage = set(rest[0].sites) if options.true_sequential else None
+        stage = (set(rest[0].sites) if options.true_sequential
+                 else _fit_budget(rest, planned) if planned is not None else None)
     try:
         for rel in selection.dense:
             reports.append(_prune_dense(block, rel, index, config, prefix))
@@ -288,6 +305,19 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
         if bar is not None:
             bar.close()
     return reports, observed_all
+
+
+def _fit_budget(slots: list[_Slot], budget: int) -> set[Site]:
+    """The matrices of the longest run of ``slots`` (in their order) whose fp32 Hessians fit in ``budget`` bytes (the
+    first always)."""
+    used, out = 0, set()
+    for slot in slots:
+        cols = slot.sites[0].out_in[1]
+        if out and used + cols * cols * 4 > budget:
+            break
+        used += cols * cols * 4
+        out.update(slot.sites)
+    return out
 
 
 def hessian_budget(setting, block) -> int | None:
@@ -532,8 +562,7 @@ def run_settings(config: PruneConfig, *, model_type, blocks_path: str, batches: 
                          modules=list(selection.modules) if selection.modules else None,
                          dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
                          true_sequential=options.true_sequential, calibrate_all_experts=options.calibrate_all_experts,
-                         expert_min_tokens=options.expert_min_tokens,
-                         hessian_budget=options.hessian_budget if comm is None else None,  # ignored with comm
+                         expert_min_tokens=options.expert_min_tokens, hessian_budget=options.hessian_budget,
                          batch_size=batch_size, streaming=streaming,
                          **({} if comm is None else {"world_size": comm.world_size}), **extra)
 
@@ -653,7 +682,8 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     hessian_budget: bytes of Hessians a block may hold at once ("auto": half the free device memory on CUDA, no
                   limit on the CPU; None: no limit). Groups beyond it are collected in further passes over the
                   block, after the earlier ones are pruned (as true_sequential does); a MoE block of hundreds of
-                  experts needs this. Ignored with ``comm`` (ranks must agree on every pass).
+                  experts needs this. With ``comm`` the least of the ranks' budgets, the passes planned alike on
+                  every rank.
     on_block_done: called as ``f(block_index, layer_reports)`` after each block.
     comm:         a ``pyprune.distributed.Comm`` to prune on several ranks (torchrun): every rank calls this with the
                   same model and its own calibration shard; all ranks end with identical weights and reports.
