@@ -13,74 +13,37 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 
 from ..config import PruneConfig
-from ..report import (LayerReport, PruneReport, atomic_open, atomic_write_text, dense_from_dict, device_peak_memory,
-                      host_peak_rss, layer_from_dict, reset_device_peak_memory, reset_host_peak_rss)
+from ..report import (DenseMatrix, LayerReport, PruneReport, atomic_open, atomic_write_text, device_peak_memory,
+                      host_peak_rss, reset_device_peak_memory, reset_host_peak_rss)
 from .capture import BlockInputs, capture_inputs
 from .discover import eager_experts, find_blocks
 from .driver import (BlockStore, MoveNonBlock, Options, as_batches, check_inputs_finite, make_selection,
                      outside_matrices, resolve_device, run_blocks, run_settings, synthetic_batches)
-from .io import REPORT_NAME, ModelSource, check_seqlen, check_supported, meta_model, quiet_transformers
+from .io import REPORT_NAME, ModelSource, check_seqlen, check_supported, meta_model
+from .keymap import KeyMap
 from .outdir import JOURNAL_NAME, MANIFEST_NAME, OutputDir
+from .resume import (STATE_DIR, ResumeMismatchError, ResumeState, acts_name, load_activations,  # noqa: F401
+                     partial_run, save_activations)
+from .resume import fingerprint as run_fingerprint
 from .shards import (INDEX_NAME, ShardedCheckpoint, atomic_save_safetensors, checkpoint_bytes,  # noqa: F401
                      read_safetensors)
 
-STATE_DIR = ".pyprune-partial"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
-
-
-class ResumeMismatchError(ValueError):
-    """A partial output exists but was made with other settings, input or calibration."""
-
-
-def _save_activations(hidden: list[torch.Tensor], path: str) -> None:
-    """Raw dump, one batch at a time on the host: a JSON header line, then each tensor's bytes."""
-    header = {"shapes": [list(h.shape) for h in hidden], "dtype": str(hidden[0].dtype).replace("torch.", "")}
-    with atomic_open(path) as f:
-        f.write((json.dumps(header) + "\n").encode())
-        for h in hidden:
-            f.write(h.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-
-
-def _load_activations(path: str, device) -> list[torch.Tensor]:
-    with open(path, "rb") as f:
-        header = json.loads(f.readline())
-        dtype = getattr(torch, header["dtype"])
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        out = []
-        for shape in header["shapes"]:
-            n = 1
-            for s in shape:
-                n *= s
-            buf = bytearray(f.read(n * itemsize))
-            out.append(torch.frombuffer(buf, dtype=dtype).reshape(shape).to(device))
-    return out
 
 
 def _copy_atomic(src: str, dst: str) -> None:
     with open(src, "rb") as fin, atomic_open(dst) as f:
         shutil.copyfileobj(fin, f)
-
-
-# ------------------------------------------------------------------------------------------------------- helpers
-def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    path, _, attr = name.rpartition(".")
-    module = root.get_submodule(path) if path else root
-    if attr in module._parameters:
-        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-    elif attr in module._buffers:
-        module._buffers[attr] = value
-    else:
-        raise KeyError(name)
 
 
 def release_host_memory() -> None:
@@ -101,91 +64,6 @@ def _to_meta(module: torch.nn.Module, skip: set[int] | None = None) -> None:
                 sub._parameters[attr] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
 
 
-class _KeyMap:
-    """Checkpoint keys <-> model names. Usually identical; checkpoints saved from the base model lack its prefix; and
-    where transformers converts a checkpoint layout when it loads one (per-expert tensors fused into 3-D experts,
-    renamed modules), ``load`` and ``save_form`` apply its own conversion and its reverse, one block at a time."""
-
-    def __init__(self, model, blocks_path: str, keys: Iterable[str]):
-        keys = list(keys)
-        self.model = model
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        try:
-            self.mapping = [m for m in (get_model_conversion_mapping(model, add_legacy=True) or [])
-                            if type(m).__name__ != "PrefixChange"]
-        except Exception:  # noqa: BLE001 - models without a mapping
-            self.mapping = []
-        names = set(model.state_dict().keys())
-        base = getattr(model, "base_model_prefix", "") or ""
-        self.prefix = ""
-        if base and not any(k in names for k in keys) and any(f"{base}.{k}" in names for k in keys):
-            self.prefix = base + "."
-        self.to_model = {}
-        for k in keys:
-            n = self.prefix + k
-            if n in names:
-                self.to_model[k] = n
-        self.converts = bool(self.mapping) and any(k not in self.to_model for k in keys)
-        rename = self._renamer(names, base) if self.converts else (lambda k: self.prefix + k)
-        block_prefix = blocks_path + "."
-        self.block_keys: dict[int, list[str]] = {}
-        self.other_keys: list[str] = []
-        for k in keys:
-            n = rename(k)  # the model's name of a checkpoint key (renamed modules: NemotronH's backbone -> model)
-            if n.startswith(block_prefix):
-                idx = n[len(block_prefix):].split(".", 1)[0]
-                if idx.isdigit():
-                    self.block_keys.setdefault(int(idx), []).append(k)
-                    continue
-            self.other_keys.append(k)
-
-    def _renamer(self, names: set[str], base: str):
-        """A checkpoint key -> the model's name for it, by transformers' own renaming rules."""
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
-        meta = dict.fromkeys(names, True)
-        return lambda k: rename_source_key(k, renamings, converters, base or None, meta)[0]
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Put checkpoint tensors into the (meta) model; returns those the model has no place for (written back
-        as they were)."""
-        if not self.converts:
-            raw = {}
-            for k, v in tensors.items():
-                if k in self.to_model:
-                    _set_tensor(self.model, self.to_model[k], v)
-                else:
-                    raw[k] = v
-            return raw
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-        with quiet_transformers():
-            convert_and_load_state_dict_in_model(model=self.model, state_dict=dict(tensors),
-                                                 load_config=LoadStateDictConfig(weight_mapping=self.mapping))
-        return {}
-
-    def save_form(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Model-named tensors -> checkpoint-named ones (the layout of the input checkpoint)."""
-        if not self.converts:
-            back = {v: k for k, v in self.to_model.items()}
-            return {back.get(k, k): v for k, v in state.items()}
-        from transformers.core_model_loading import revert_weight_conversion
-        return dict(revert_weight_conversion(self.model, state))
-
-
-def _fingerprint(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, torch.Tensor):
-            h.update(str(tuple(p.shape)).encode())
-            h.update(p.contiguous().view(torch.uint8).numpy().tobytes() if p.numel() else b"")
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"|")
-    return h.hexdigest()
-
-
 def _block_file(i: int) -> str:
     return f"model-block-{i:05d}.safetensors"
 
@@ -193,23 +71,7 @@ def _block_file(i: int) -> str:
 NONBLOCK_FILE = "model-nonblock.safetensors"
 
 
-def _acts_name(i: int, comm=None, rank: int | None = None) -> str:
-    """The activations entering block i + 1 (one file per rank in a distributed run)."""
-    if comm is None:
-        return f"acts-{i:05d}.bin"
-    return f"acts-{i:05d}-rank{comm.rank if rank is None else rank:05d}.bin"
-
-
 # ----------------------------------------------------------------------------------------------------- the run
-def partial_run(out: str) -> int | None:
-    """The last finished block of an unfinished streamed run in ``out`` (None when there is none)."""
-    try:
-        with open(os.path.join(out, STATE_DIR, "state.json")) as f:
-            return int(json.load(f)["done"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 class _ShardStore(BlockStore):
     """The streamed ``BlockStore``: a block's tensors are read from the input shards when its turn comes; when it is
     done it is written to its own output shard, the activations entering the next block and the state naming them
@@ -256,11 +118,29 @@ class _ShardStore(BlockStore):
         r.persist(i, None)
 
 
+@dataclass
 class _StreamRun:
     """The books of one streamed run: input checkpoint, output directory, resume state."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    src: str
+    out: str
+    ckpt: ShardedCheckpoint
+    keymap: KeyMap
+    model: torch.nn.Module
+    path: str                        # the blocks' path in the model
+    block_list: torch.nn.ModuleList
+    device: torch.device
+    main: bool                       # this process writes the output (rank 0, or no comm)
+    comm: object                     # a pyprune.distributed.Comm or None
+    state_dir: str
+    state_file: str
+    fingerprint: str
+    settings: dict
+    layers: list[LayerReport]
+    dense: list[DenseMatrix]
+    acts_file: str | None            # the activations entering the block after the last finished one
+    last: int                        # the last block to prune
+    od: OutputDir | None             # rank 0's output directory
 
     def claim(self, name: str) -> str:
         """The path to write output file ``name`` at, claimed in the output directory's journal (rank 0)."""
@@ -272,21 +152,19 @@ class _StreamRun:
         comm = self.comm
         new_acts = None
         if inputs is not None and inputs.hidden:
-            new_acts = _acts_name(i, comm)
+            new_acts = acts_name(i, comm)
             if self.od is not None:  # every rank's file is pyprune's own: rank 0 claims them all ...
-                self.od.claim_all([f"{STATE_DIR}/{_acts_name(i, comm, r)}"
+                self.od.claim_all([f"{STATE_DIR}/{acts_name(i, comm, r)}"
                                    for r in range(1 if comm is None else comm.world_size)])
             if comm is not None:  # ... before any rank writes its own
                 comm.barrier()
-            _save_activations(inputs.hidden, os.path.join(self.state_dir, new_acts))
+            save_activations(inputs.hidden, os.path.join(self.state_dir, new_acts))
         if comm is not None:  # every rank's activations are on disk before the state names them
             comm.barrier()
         if self.main:
             self.claim(f"{STATE_DIR}/state.json")
-            atomic_write_text(self.state_file, json.dumps({
-                "fingerprint": self.fingerprint, "done": i, "activations": new_acts,
-                **{k: v for k, v in PruneReport(self.settings, self.layers, dense=self.dense).to_dict().items()
-                   if k in ("layers", "dense")}}))
+            atomic_write_text(self.state_file, ResumeState(self.fingerprint, i, new_acts, self.layers,
+                                                           self.dense).to_json(self.settings))
         if comm is not None:  # ... and the state names the new ones before the old ones go
             comm.barrier()
         if self.acts_file is not None and self.acts_file != new_acts:
@@ -295,7 +173,7 @@ class _StreamRun:
                 os.unlink(old)
             if self.od is not None:
                 for r in range(1 if comm is None else comm.world_size):
-                    name = f"{STATE_DIR}/{_acts_name(i - 1, comm, r)}"
+                    name = f"{STATE_DIR}/{acts_name(i - 1, comm, r)}"
                     if name in self.od.files:
                         self.od.discard(name)
         self.acts_file = new_acts
@@ -361,7 +239,7 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     path, block_list = find_blocks(model)
     num_blocks = len(block_list)
     selection = make_selection(modules, dense, blocks, num_blocks)
-    keymap = _KeyMap(model, path, ckpt.weight_map)
+    keymap = KeyMap(model, path, ckpt.weight_map)
     missing_blocks = [i for i in range(num_blocks) if i not in keymap.block_keys]
     if missing_blocks:
         raise ValueError(f"checkpoint {src!r} has no tensors for blocks {missing_blocks[:8]}")
@@ -373,25 +251,20 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
                             source=src)
     calib_part = torch.cat([b.reshape(-1) for b in batches]) if batches else []
     if comm is not None:  # every rank's shard
-        calib_part = comm.all_gather_object(_fingerprint(calib_part))
-    fingerprint = _fingerprint({k: v for k, v in settings.items() if k != "device"}, ckpt.fingerprint(), calib_part)
+        calib_part = comm.all_gather_object(run_fingerprint(calib_part))
+    fingerprint = run_fingerprint({k: v for k, v in settings.items() if k != "device"}, ckpt.fingerprint(),
+                                  calib_part)
 
     done, layers, dense, acts_file = -1, [], [], None
     if partial:
-        def read_state():
-            with open(state_file) as f:
-                return json.load(f)
-        state = on_main(read_state)
-        if state.get("fingerprint") != fingerprint:
+        state = on_main(lambda: ResumeState.read(state_file))
+        if state.fingerprint != fingerprint:
             raise ResumeMismatchError(f"{out!r} holds a partial run made with other settings, input or calibration; "
                                       "use the same ones to resume, or another output directory")
-        done = int(state["done"])
-        resumed_after = done
-        layers = [layer_from_dict(d) for d in state["layers"]]
-        dense = [dense_from_dict(d) for d in state.get("dense", [])]
-        acts_file = state.get("activations")
+        done = resumed_after = state.done
+        layers, dense, acts_file = state.layers, state.dense, state.activations
         if acts_file is not None and comm is not None:
-            acts_file = _acts_name(done, comm)
+            acts_file = acts_name(done, comm)
     os.makedirs(state_dir, exist_ok=True)
 
     times = {}
@@ -410,15 +283,14 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
             _to_meta(model)
             release_host_memory()
             if acts_file is not None:
-                inputs.hidden = _load_activations(os.path.join(state_dir, acts_file), device)
+                inputs.hidden = load_activations(os.path.join(state_dir, acts_file), device)
         times["capture"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         run = _StreamRun(src=src, out=out, ckpt=ckpt, keymap=keymap, model=model, path=path, block_list=block_list,
                          device=device, main=main, comm=comm, state_dir=state_dir, state_file=state_file,
                          fingerprint=fingerprint, settings=settings, layers=layers, dense=dense, acts_file=acts_file,
-                         last=last,
-                         od=od)
+                         last=last, od=od)
         run_blocks(block_list, path, inputs, config, selection, options, _ShardStore(run), start=done + 1, last=last,
                    comm=comm, on_block_done=on_block_done, layers=[], dense=run.dense)
     layers = run.layers

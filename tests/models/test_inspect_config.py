@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from pyprune.cli import EXIT_OK, main
 from pyprune.models.pipeline import inspect_model

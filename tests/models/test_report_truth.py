@@ -161,3 +161,27 @@ def test_report_round_trip_keeps_dense_entries(tmp_path, rng):
     again = PruneReport.from_dict(json.loads(open(path).read()))
     assert again.dense == report.dense and again.outside == report.outside
     assert again.sparsity == pytest.approx(report.sparsity)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resumed_streamed_report_keeps_the_kept_matrices(rng, tmp_path):
+    model = tiny_model("qwen2_moe", rng)
+    src = tmp_path / "src"
+    model.save_pretrained(str(src))
+    ids = calibration(rng, 2, 16)
+    config = PruneConfig(block_size=16)
+    whole = prune_checkpoint(str(src), str(tmp_path / "whole"), ids, config, device="cpu")
+
+    def kill_after_0(i, reports):
+        if i == 0:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        prune_checkpoint(str(src), str(tmp_path / "resumed"), ids, config, device="cpu", on_block_done=kill_after_0)
+    resumed = prune_checkpoint(str(src), str(tmp_path / "resumed"), ids, config, device="cpu")
+    assert resumed.settings["resumed_after_block"] == 0
+    assert resumed.dense == whole.dense and len(resumed.dense) == 4
+    assert resumed.sparsity == pytest.approx(whole.sparsity)
