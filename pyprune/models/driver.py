@@ -653,6 +653,51 @@ def synthetic_batches(model) -> list[torch.Tensor]:
     return [torch.arange(SYNTHETIC_TOKENS).remainder(vocab).reshape(1, -1)]
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """One run, built and checked once before any slow work (``plan_run``): what ``prune_model`` and
+    ``streaming.prune_checkpoint`` both execute with ``run_blocks``, differing only in where blocks come from and go to
+    (the ``BlockStore``). The report's settings and the streamed resume fingerprint derive from it."""
+
+    config: PruneConfig
+    selection: Selection
+    options: Options
+    batches: tuple[torch.Tensor, ...]
+    device: torch.device
+    comm: object
+    blocks_path: str
+    num_blocks: int
+    last: int                                        # the last block to prune (the loop stops after it)
+    settings: dict = field(compare=False, hash=False)
+
+
+def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=None, dense=None, blocks=None,
+             device=None, batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
+             expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto", progress: bool = False,
+             comm=None, streaming: bool = False, **extra_settings) -> RunPlan:
+    """Check a run's choices against ``model`` (loaded, or on the meta device: nothing is run) and freeze them:
+    selection, device, calibration batches (token ids, windows no longer than the model's positions), options and
+    the settings the report records. Raises ``ValueError`` naming the option at fault."""
+    config = PruneConfig() if config is None else config
+    path, block_list = find_blocks(model)
+    selection = make_selection(modules, dense, blocks, len(block_list))
+    device = resolve_device(comm.device if comm is not None and device is None else device)
+    batches = as_batches(calibration, batch_size)
+    if not batches and config.method != "magnitude":
+        raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
+    if batches and getattr(model, "config", None) is not None:
+        from .io import check_seqlen
+        check_seqlen(model.config, int(batches[0].shape[1]), "the calibration window length")
+    if comm is not None and not comm.is_main:
+        progress = False
+    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
+    last = max(selection.blocks) if selection.blocks is not None else len(block_list) - 1
+    settings = run_settings(config, model_type=getattr(getattr(model, "config", None), "model_type", None),
+                            blocks_path=path, batches=batches, device=device, selection=selection, options=options,
+                            batch_size=batch_size, comm=comm, streaming=streaming, **extra_settings)
+    return RunPlan(config, selection, options, tuple(batches), device, comm, path, len(block_list), last, settings)
+
+
 def prune_model(model, calibration, config: PruneConfig | None = None, *, modules: Sequence[str] | None = None,
                 dense: Sequence[str] | None = None, blocks: Iterable[int] | None = None, device=None,
                 batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
@@ -690,39 +735,32 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
 
     If a block fails, the blocks before it are pruned and the failing one may be partly pruned; the error says which.
     """
-    config = PruneConfig() if config is None else config
+    plan = plan_run(model, calibration, config, modules=modules, dense=dense, blocks=blocks, device=device,
+                    batch_size=batch_size, true_sequential=true_sequential,
+                    calibrate_all_experts=calibrate_all_experts, expert_min_tokens=expert_min_tokens,
+                    hessian_budget=hessian_budget, progress=progress, comm=comm)
     path, block_list = find_blocks(model)
-    selection = make_selection(modules, dense, blocks, len(block_list))
-    device = resolve_device(comm.device if comm is not None and device is None else device)
-    batches = as_batches(calibration, batch_size)
-    if not batches and config.method != "magnitude":
-        raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
-    if batches and getattr(model, "config", None) is not None:
-        from .io import check_seqlen
-        check_seqlen(model.config, int(batches[0].shape[1]), "the calibration window length")
-    if comm is not None and not comm.is_main:
-        progress = False
-    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
+    device = plan.device
 
     reset_host_peak_rss()
     reset_device_peak_memory(device)
     t_start = time.perf_counter()
     was_training = model.training
     model.eval()
-    last = max(selection.blocks) if selection.blocks is not None else len(block_list) - 1
     times = {}
     try:
         with eager_experts(model):
             t0 = time.perf_counter()
             with MoveNonBlock(model, block_list, device):
-                inputs = capture_inputs(model, block_list, batches or synthetic_batches(model), device)
+                inputs = capture_inputs(model, block_list, list(plan.batches) or synthetic_batches(model), device)
             check_inputs_finite(inputs, model, block_list)
             times["capture"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             layers, dense = [], []
             try:
-                run_blocks(block_list, path, inputs, config, selection, options, BlockStore(block_list, device),
-                           last=last, comm=comm, on_block_done=on_block_done, layers=layers, dense=dense)
+                run_blocks(block_list, path, inputs, plan.config, plan.selection, plan.options,
+                           BlockStore(block_list, device), last=plan.last, comm=comm, on_block_done=on_block_done,
+                           layers=layers, dense=dense)
             except Exception as e:
                 done = sorted({r.block for r in layers})
                 e.add_note(f"pyprune: blocks {done[0]}-{done[-1]} of {path} were pruned before this error; the "
@@ -732,11 +770,8 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     finally:
         model.train(was_training)
     times["total"] = time.perf_counter() - t_start
-    settings = run_settings(config, model_type=getattr(model.config, "model_type", None), blocks_path=path,
-                            batches=batches, device=device, selection=selection, options=options,
-                            batch_size=batch_size, comm=comm)
-    return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), last + 1, dense,
-                       outside_matrices(model, block_list))
+    return PruneReport(dict(plan.settings), layers, times, device_peak_memory(device), host_peak_rss(), plan.last + 1,
+                       dense, outside_matrices(model, block_list))
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

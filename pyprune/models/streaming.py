@@ -27,9 +27,9 @@ from ..report import (DenseMatrix, LayerReport, PruneReport, atomic_open, atomic
                       host_peak_rss, reset_device_peak_memory, reset_host_peak_rss)
 from .capture import BlockInputs, capture_inputs
 from .discover import eager_experts, find_blocks
-from .driver import (BlockStore, MoveNonBlock, Options, as_batches, check_inputs_finite, make_selection,
-                     outside_matrices, resolve_device, run_blocks, run_settings, synthetic_batches)
-from .io import REPORT_NAME, ModelSource, check_seqlen, check_supported, meta_model
+from .driver import (BlockStore, MoveNonBlock, check_inputs_finite, outside_matrices, plan_run, run_blocks,
+                     synthetic_batches)
+from .io import REPORT_NAME, ModelSource, check_supported, meta_model
 from .keymap import KeyMap
 from .outdir import JOURNAL_NAME, MANIFEST_NAME, OutputDir
 from .resume import (STATE_DIR, ResumeMismatchError, ResumeState, acts_name, load_activations,  # noqa: F401
@@ -206,17 +206,21 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
         raise ValueError(f"the output directory {out!r} must not be the input directory {src!r}, inside it or "
                          "around it (the input is never modified)")
     ckpt = ShardedCheckpoint(src)
-    device = resolve_device(device)
-    batches = as_batches(calibration, batch_size)
-    if not batches and config.method != "magnitude":
-        raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
     hf_config = check_supported(ModelSource("hf", src))  # read and checked as everywhere (io.model_config)
-    if batches:
-        check_seqlen(hf_config, int(batches[0].shape[1]), "the calibration window length")
-
+    model = meta_model(hf_config)
+    # the run's choices, checked against the model before anything is written (as prune_model does)
+    plan = plan_run(model, calibration, config, modules=modules, dense=dense, blocks=blocks, device=device,
+                    batch_size=batch_size, true_sequential=true_sequential,
+                    calibrate_all_experts=calibrate_all_experts, expert_min_tokens=expert_min_tokens,
+                    hessian_budget=hessian_budget, progress=progress, comm=comm, streaming=True, source=src)
+    device, batches, settings, last = plan.device, list(plan.batches), plan.settings, plan.last
+    path, block_list = find_blocks(model)
+    num_blocks = len(block_list)
+    keymap = KeyMap(model, path, ckpt.weight_map)
+    missing_blocks = [i for i in range(num_blocks) if i not in keymap.block_keys]
+    if missing_blocks:
+        raise ValueError(f"checkpoint {src!r} has no tensors for blocks {missing_blocks[:8]}")
     main = comm is None or comm.is_main
-    if not main:
-        progress = False
 
     def on_main(fn):  # rank 0 decides, every rank gets its answer or its exception
         return fn() if comm is None else comm.on_main(fn)
@@ -235,20 +239,6 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     reset_host_peak_rss()
     reset_device_peak_memory(device)
     t_start = time.perf_counter()
-    model = meta_model(hf_config)
-    path, block_list = find_blocks(model)
-    num_blocks = len(block_list)
-    selection = make_selection(modules, dense, blocks, num_blocks)
-    keymap = KeyMap(model, path, ckpt.weight_map)
-    missing_blocks = [i for i in range(num_blocks) if i not in keymap.block_keys]
-    if missing_blocks:
-        raise ValueError(f"checkpoint {src!r} has no tensors for blocks {missing_blocks[:8]}")
-    last = max(selection.blocks) if selection.blocks is not None else num_blocks - 1
-
-    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
-    settings = run_settings(config, model_type=hf_config.model_type, blocks_path=path, batches=batches, device=device,
-                            selection=selection, options=options, batch_size=batch_size, comm=comm, streaming=True,
-                            source=src)
     calib_part = torch.cat([b.reshape(-1) for b in batches]) if batches else []
     if comm is not None:  # every rank's shard
         calib_part = comm.all_gather_object(run_fingerprint(calib_part))
@@ -291,8 +281,8 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
                          device=device, main=main, comm=comm, state_dir=state_dir, state_file=state_file,
                          fingerprint=fingerprint, settings=settings, layers=layers, dense=dense, acts_file=acts_file,
                          last=last, od=od)
-        run_blocks(block_list, path, inputs, config, selection, options, _ShardStore(run), start=done + 1, last=last,
-                   comm=comm, on_block_done=on_block_done, layers=[], dense=run.dense)
+        run_blocks(block_list, path, inputs, plan.config, plan.selection, plan.options, _ShardStore(run),
+                   start=done + 1, last=last, comm=comm, on_block_done=on_block_done, layers=[], dense=run.dense)
     layers = run.layers
     outside = outside_matrices(model, block_list)
     times["prune"] = time.perf_counter() - t0
