@@ -147,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
     i = sub.add_parser("inspect", help="show what would be pruned (no calibration)", formatter_class=fmt,
-                       description="Load MODEL and list its decoder blocks, every prunable matrix with its shape "
-                                   "(out x in), the matrices that share a Hessian (in brackets) and what stays "
-                                   "dense. Runs of identical blocks are folded.")
+                       description="List MODEL's decoder blocks, every prunable matrix with its shape (out x in), "
+                                   "the matrices that share a Hessian (in brackets) and what stays dense, built "
+                                   "from its config without reading a weight. Runs of identical blocks are folded.")
     i.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or 'builtin'")
     i.add_argument("--all", action="store_true", help="one entry per block (no folding)")
     i.add_argument("--device", default="cpu", help="where the blocks run for the observation")
@@ -228,7 +228,8 @@ def _prune_config(args):
 def cmd_prune(args) -> int:
     from .data import calibration_texts, calibration_windows
     from .models.driver import resolve_device
-    from .models.io import check_nm_shapes, check_supported, load_tokenizer, prepare_output_dir, resolve_model
+    from .models.io import (check_nm_shapes, check_seqlen, check_supported, check_weights, load_tokenizer,
+                            prepare_output_dir, resolve_model)
     from .models.outdir import check_output_vs_input
     from .models.pipeline import should_stream
     config = _prune_config(args)
@@ -237,6 +238,8 @@ def cmd_prune(args) -> int:
     out = os.path.abspath(args.output)
     check_output_vs_input(out, str(source))
     cfg = check_supported(source)  # the config or GGUF metadata only: no weight is loaded yet
+    check_seqlen(cfg, args.seqlen)
+    check_weights(source)  # every safetensors shard whole (a header read each)
     if config.backend != "auto":  # an unavailable backend fails now, not after loading
         from .ops._backend import resolve
         resolve(config.backend, "masked_solve", resolve_device(args.device))
@@ -327,7 +330,8 @@ def _print_prune_summary(args, report, out) -> None:
     print(report.table(per="layer" if args.per_layer else "block"))
     print(f"pruned model written to {out} (report: {os.path.join(out, 'pyprune_report.json')})")
     if args.json:
-        print(json.dumps({"output": out, "sparsity": report.sparsity, "total_loss": report.total_loss,
+        print(json.dumps({"output": out, "sparsity": report.sparsity, "pruned_sparsity": report.pruned_sparsity,
+                          "kept_dense": len(report.dense), "total_loss": report.total_loss,
                           "layers": len(report.layers), "times": report.times,
                           "peak_host_rss": report.peak_host_rss, "peak_device_memory": report.peak_device_memory}))
 
@@ -336,10 +340,11 @@ def cmd_eval(args) -> int:
     from .data import eval_windows, load_text, tokenize
     from .evaluate import perplexity
     from .models.driver import resolve_device
-    from .models.io import check_supported, load_model, load_tokenizer, resolve_model
+    from .models.io import check_seqlen, check_supported, check_weights, load_model, load_tokenizer, resolve_model
     source = resolve_model(args.model)
     device = resolve_device(args.device)
-    check_supported(source)
+    check_seqlen(check_supported(source), args.seqlen)
+    check_weights(source)
     text = load_text(args.text, split="eval")
     _quiet_transformers()
     t0 = time.perf_counter()

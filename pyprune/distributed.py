@@ -8,9 +8,10 @@ Two things are split over the ranks of a process group, block by block (docs/ALG
    single-process ``H`` up to float rounding.
 2. Solves: the block's linear modules, and row ranges of a big module (rows are independent given ``H`` and the
    mask rule, so a row-split solve equals the unsplit one where ``row_split_exact`` says so), are work units
-   assigned to ranks by ``plan_units``; each rank prunes its units with ``pyprune.algorithms.prune_layer`` and the
-   owners broadcast the pruned rows and the per-unit loss/sparsity, so every rank ends the block with identical
-   weights, identical reports, and (from them) identical outputs for its own samples.
+   assigned to ranks by ``plan_units``; each rank prunes its units with ``pyprune.algorithms.prune_group`` (the units
+   reading one Hessian together, one damped factor for them as in a single process) and the owners broadcast the
+   pruned rows and the per-unit loss/sparsity/damping/fallback, so every rank ends the block with identical weights,
+   identical reports, and (from them) identical outputs for its own samples.
 
 Running (every rank loads, or with ``--stream`` reads block by block, the model; rank 0 alone writes the output):
 
@@ -31,11 +32,11 @@ import datetime
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
-__all__ = ["Comm", "Unit", "init_from_env", "shard_samples", "plan_units", "row_split_exact", "prune_rows",
+__all__ = ["Comm", "Unit", "UnitStats", "init_from_env", "shard_samples", "plan_units", "row_split_exact", "prune_rows",
            "prune_units", "env_world_size"]
 
 
@@ -248,26 +249,43 @@ def prune_rows(W: torch.Tensor, H: torch.Tensor | None, config, bounds: Sequence
             float(sum(p.loss for p in parts)))
 
 
+class UnitStats(NamedTuple):
+    """What ``prune_units`` reports per module, the same on every rank."""
+    loss: float
+    sparsity: float           # pruned fraction
+    seconds: float
+    damp: float | None        # the largest damping a row range of it needed (None: not an OBS solve)
+    fallback: str | None      # why another method was used for a row range of it (``PruneResult.fallback``)
+
+
 def prune_units(comm: Comm, items: Sequence[tuple[str, torch.Tensor, torch.Tensor | None]], config,
-                setters: Sequence) -> list[tuple[float, float, float]]:
+                setters: Sequence) -> list[UnitStats]:
     """Prune the stage's modules over the ranks. ``items``: ``(name, W 2-D view, H)`` per module (identical on every
-    rank); ``setters[i](rows_slice, value)`` writes pruned rows into module i. Returns per module
-    ``(loss, pruned fraction, seconds)``, the same on every rank."""
-    from .algorithms import prune_layer
+    rank); ``setters[i](rows_slice, value)`` writes pruned rows into module i. A rank solves its units that share a
+    Hessian together (``prune_group``: one damped factor for all of them, as in a single process). Returns per
+    module ``UnitStats`` (loss, pruned fraction, seconds, damping, fallback), the same on every rank."""
+    from .algorithms import prune_group
     split = comm.split_rows and row_split_exact(config)
     units = plan_units([(name, W.shape[0], W.shape[1]) for name, W, _ in items], comm.world_size, split,
                        comm.min_split_rows)
-    mine = {}
-    for u in units:  # solve my units first (reading the original weights), then exchange
-        if u.owner != comm.rank:
-            continue
-        _, W, H = items[u.module]
+    by_hessian: dict[int, list[Unit]] = {}
+    for u in units:  # my units, grouped by the Hessian they read
+        if u.owner == comm.rank:
+            by_hessian.setdefault(id(items[u.module][2]), []).append(u)
+    mine, notes = {}, {}
+    for group in by_hessian.values():  # solve my units first (reading the original weights), then exchange
+        H = items[group[0].module][2]
         t0 = time.perf_counter()
-        result = prune_layer(W[u.start:u.stop].contiguous(), H, config)
-        mine[u] = (result.weight.to(W.dtype).contiguous(), float(result.loss), float(result.mask.sum()),
-                   time.perf_counter() - t0)
-        del result
-    stats = [[0.0, 0.0, 0.0] for _ in items]
+        results = prune_group([items[u.module][1][u.start:u.stop].contiguous() for u in group], H, config)
+        secs = (time.perf_counter() - t0) / len(group)
+        for u, result in zip(group, results):
+            W = items[u.module][1]
+            mine[u] = (result.weight.to(W.dtype).contiguous(), float(result.loss), float(result.mask.sum()), secs)
+            damp = None if result.damp is None or result.damp != result.damp else float(result.damp)
+            notes[(u.module, u.start)] = (damp, result.fallback)
+        del results
+    notes = {k: v for part in comm.all_gather_object(notes) for k, v in part.items()}
+    stats = [[0.0, 0.0, 0.0, None, None] for _ in items]
     for u in units:
         _, W, _ = items[u.module]
         if u.owner == comm.rank:
@@ -284,4 +302,8 @@ def prune_units(comm: Comm, items: Sequence[tuple[str, torch.Tensor, torch.Tenso
         s[0] += loss
         s[1] += pruned
         s[2] += secs
-    return [(s[0], s[1] / max(W.numel(), 1), s[2]) for s, (_, W, _) in zip(stats, items)]
+        damp, fallback = notes[(u.module, u.start)]
+        if damp is not None:
+            s[3] = damp if s[3] is None else max(s[3], damp)
+        s[4] = s[4] or fallback
+    return [UnitStats(s[0], s[1] / max(W.numel(), 1), s[2], s[3], s[4]) for s, (_, W, _) in zip(stats, items)]

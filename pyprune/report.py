@@ -30,6 +30,33 @@ class LayerReport:
 
 
 @dataclass
+class DenseMatrix:
+    """A weight matrix a run keeps dense, and why: a router or gate (found by its use), a parameter shared with an
+    earlier block (pruned there; not counted again), not selected (``modules``), or outside the blocks."""
+    name: str
+    block: int | None         # None: outside the blocks
+    shape: tuple[int, ...]
+    sparsity: float | None    # fraction of zeros it holds (None: not read, outside the blocks)
+    reason: str
+    counted: bool = True      # part of the blocks' achieved sparsity (False: shared, counted where pruned)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+def layer_from_dict(d: dict) -> LayerReport:
+    return LayerReport(**{**d, "shape": tuple(d["shape"]), "loss": float("nan") if d["loss"] is None else d["loss"]})
+
+
+def dense_from_dict(d: dict) -> DenseMatrix:
+    return DenseMatrix(**{**d, "shape": tuple(d["shape"])})
+
+
+@dataclass
 class PruneReport:
     settings: dict
     layers: list[LayerReport] = field(default_factory=list)
@@ -37,10 +64,21 @@ class PruneReport:
     peak_device_memory: int | None = None           # bytes (CUDA max allocated), None on CPU
     peak_host_rss: int | None = None                # bytes
     blocks: int = 0                                 # blocks processed (pruned or passed through)
+    dense: list[DenseMatrix] = field(default_factory=list)    # the pruned blocks' matrices kept dense, with why
+    outside: list[DenseMatrix] = field(default_factory=list)  # the weight matrices outside the blocks (dense)
 
     @property
     def sparsity(self) -> float:
-        """Achieved sparsity over all pruned weights (weighted by size)."""
+        """Achieved sparsity over every weight matrix of the pruned blocks, pruned or kept dense (weighted by size):
+        the zeros the saved blocks hold. A parameter shared between blocks counts once."""
+        kept = [d for d in self.dense if d.counted and d.sparsity is not None]
+        total = sum(layer.numel for layer in self.layers) + sum(d.numel for d in kept)
+        zeros = sum(layer.sparsity * layer.numel for layer in self.layers) + sum(d.sparsity * d.numel for d in kept)
+        return zeros / total if total else 0.0
+
+    @property
+    def pruned_sparsity(self) -> float:
+        """Achieved sparsity over the pruned matrices alone."""
         total = sum(layer.numel for layer in self.layers)
         return sum(layer.sparsity * layer.numel for layer in self.layers) / total if total else 0.0
 
@@ -49,19 +87,22 @@ class PruneReport:
         return float(sum(layer.loss for layer in self.layers))
 
     def to_dict(self) -> dict:
-        return {"settings": self.settings, "sparsity": self.sparsity, "total_loss": _finite(self.total_loss),
-                "times": self.times, "peak_device_memory": self.peak_device_memory,
-                "peak_host_rss": self.peak_host_rss, "blocks": self.blocks,
+        return {"settings": self.settings, "sparsity": self.sparsity, "pruned_sparsity": self.pruned_sparsity,
+                "total_loss": _finite(self.total_loss), "times": self.times,
+                "peak_device_memory": self.peak_device_memory, "peak_host_rss": self.peak_host_rss,
+                "blocks": self.blocks,
                 "layers": [{**asdict(layer), "shape": list(layer.shape), "loss": _finite(layer.loss)}
-                           for layer in self.layers]}
+                           for layer in self.layers],
+                "dense": [{**asdict(d), "shape": list(d.shape)} for d in self.dense],
+                "outside": [{**asdict(d), "shape": list(d.shape)} for d in self.outside]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruneReport":
-        layers = [LayerReport(**{**d, "shape": tuple(d["shape"]),
-                                 "loss": float("nan") if d["loss"] is None else d["loss"]}) for d in data["layers"]]
-        return cls(settings=data["settings"], layers=layers, times=data.get("times", {}),
-                   peak_device_memory=data.get("peak_device_memory"), peak_host_rss=data.get("peak_host_rss"),
-                   blocks=data.get("blocks", 0))
+        return cls(settings=data["settings"], layers=[layer_from_dict(d) for d in data["layers"]],
+                   times=data.get("times", {}), peak_device_memory=data.get("peak_device_memory"),
+                   peak_host_rss=data.get("peak_host_rss"), blocks=data.get("blocks", 0),
+                   dense=[dense_from_dict(d) for d in data.get("dense", [])],
+                   outside=[dense_from_dict(d) for d in data.get("outside", [])])
 
     def save(self, path: str) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -73,33 +114,58 @@ class PruneReport:
             raise ValueError(f"per must be 'layer', 'block' or 'none', got {per!r}")
         lines = []
         if per == "layer" and self.layers:
-            width = max(len(layer.name) for layer in self.layers)
+            width = max(len(x.name) for x in [*self.layers, *self.dense])
             lines.append(f"{'module':<{width}}  {'shape':>12}  {'sparsity':>8}  {'loss':>11}  {'tokens':>9}  "
                          f"{'time s':>7}  note")
             for layer in self.layers:
                 shape = f"{layer.shape[0]}x{layer.shape[1]}"
                 note = "; ".join(n for n in (layer.fallback, None if layer.damp is None or layer.damp ==
                                              self.settings.get("damp") else f"damp {layer.damp:g}") if n)
-                lines.append(f"{layer.name:<{width}}  {shape:>12}  {layer.sparsity:8.4f}  {layer.loss:11.4g}  "
+                loss = f"{layer.loss:11.4g}" if math.isfinite(layer.loss) else f"{'-':>11}"
+                lines.append(f"{layer.name:<{width}}  {shape:>12}  {layer.sparsity:8.4f}  {loss}  "
                              f"{layer.samples:9d}  {layer.seconds:7.2f}  {note}".rstrip())
+            for d in self.dense:
+                shape = "x".join(map(str, d.shape))
+                sp = f"{d.sparsity:8.4f}" if d.sparsity is not None else f"{'-':>8}"
+                lines.append(f"{d.name:<{width}}  {shape:>12}  {sp}  {'-':>11}  {'-':>9}  {'-':>7}  kept dense: "
+                             f"{d.reason}")
             lines.append("")
         elif per == "block" and self.layers:
-            lines.append(f"{'block':>5}  {'modules':>7}  {'weights':>10}  {'sparsity':>8}  {'loss':>11}  "
-                         f"{'worst module':<28}  {'time s':>7}")
+            lines.append(f"{'block':>5}  {'pruned':>6}  {'kept':>4}  {'weights':>10}  {'sparsity':>8}  {'loss':>11}  "
+                         f"{'worst module':<28}  {'time s':>7}  note")
             for b in sorted({layer.block for layer in self.layers}):
                 rows = [layer for layer in self.layers if layer.block == b]
-                numel = sum(r.numel for r in rows)
-                sp = sum(r.sparsity * r.numel for r in rows) / numel if numel else 0.0
-                worst = max(rows, key=lambda r: r.loss if math.isfinite(r.loss) else -1.0)
-                short = worst.name.rsplit(".", 2)
-                short = ".".join(short[-2:]) if len(short) > 2 else worst.name
-                lines.append(f"{b:5d}  {len(rows):7d}  {numel:10d}  {sp:8.4f}  {sum(r.loss for r in rows):11.4g}  "
-                             f"{short:<28}  {sum(r.seconds for r in rows):7.2f}")
+                kept = [d for d in self.dense if d.block == b and d.counted and d.sparsity is not None]
+                numel = sum(r.numel for r in rows) + sum(d.numel for d in kept)
+                zeros = sum(r.sparsity * r.numel for r in rows) + sum(d.sparsity * d.numel for d in kept)
+                with_loss = [r for r in rows if math.isfinite(r.loss)]
+                loss = f"{sum(r.loss for r in with_loss):11.4g}" if with_loss else f"{'-':>11}"
+                worst = max(with_loss, key=lambda r: r.loss).name if with_loss else "-"
+                short = worst.rsplit(".", 2)
+                short = ".".join(short[-2:]) if len(short) > 2 else worst
+                lines.append(f"{b:5d}  {len(rows):6d}  {len([d for d in self.dense if d.block == b]):4d}  "
+                             f"{numel:10d}  {zeros / numel if numel else 0.0:8.4f}  {loss}  {short:<28}  "
+                             f"{sum(r.seconds for r in rows):7.2f}  {_no_loss_note(rows)}".rstrip())
             lines.append("")
         s = self.settings
         lines.append(f"method {s.get('method')}  sparsity {s.get('sparsity')}  block size {s.get('block_size')}  "
                      f"modules pruned {len(self.layers)}  blocks {self.blocks}")
-        lines.append(f"achieved sparsity {self.sparsity:.4f}  total loss {self.total_loss:.6g}")
+        counted = [d for d in self.dense if d.counted]
+        shared = len(self.dense) - len(counted)
+        lines.append(f"achieved sparsity {self.sparsity:.4f} over every weight matrix of the pruned blocks "
+                     f"({self.pruned_sparsity:.4f} over the {len(self.layers)} pruned; {len(counted)} kept dense"
+                     + (f"; {shared} shared with an earlier block, counted there" if shared else "") + ")")
+        with_loss = [r for r in self.layers if math.isfinite(r.loss)]
+        if with_loss:
+            lines.append(f"total loss {sum(r.loss for r in with_loss):.6g}"
+                         + (f" ({_no_loss_note(self.layers)})" if len(with_loss) < len(self.layers) else ""))
+        else:
+            lines.append(f"total loss: none ({_no_loss_note(self.layers)})")
+        if self.dense:
+            lines.append("kept dense: " + _dense_summary(self.dense))
+        if self.outside:
+            lines.append(f"outside the blocks (dense): {len(self.outside)} matrices, "
+                         f"{sum(d.numel for d in self.outside):,} weights")
         fallbacks = [r for r in self.layers if r.fallback]
         damped = [r for r in self.layers if r.damp is not None and r.damp != s.get("damp")]
         if fallbacks or damped:
@@ -112,6 +178,29 @@ class PruneReport:
         lines.append(f"peak host RSS {format_bytes(self.peak_host_rss)}  peak device memory "
                      f"{format_bytes(self.peak_device_memory)}")
         return "\n".join(lines)
+
+
+def _no_loss_note(rows: list[LayerReport]) -> str:
+    """Why some matrices have no loss: pruned by magnitude without a Hessian (the magnitude method without
+    calibration, or an expert no calibration token reached)."""
+    missing = [r for r in rows if not math.isfinite(r.loss)]
+    if not missing:
+        return ""
+    why = sorted({r.fallback or (f"{r.method} without a Hessian" if r.method else "no Hessian") for r in missing})
+    return (f"{len(missing)} of {len(rows)} without a loss: " + "; ".join(why[:2])
+            + (f" and {len(why) - 2} more" if len(why) > 2 else ""))
+
+
+def _dense_summary(dense: list[DenseMatrix]) -> str:
+    """'4 router: its output chooses experts (topk) (mlp.gate), ...': the kept matrices by reason."""
+    by: dict[str, list[DenseMatrix]] = {}
+    for d in dense:
+        by.setdefault(d.reason.split(" (")[0] if d.reason.startswith("shared with") else d.reason, []).append(d)
+    parts = []
+    for reason, items in by.items():
+        names = sorted({d.name.split(".", 3)[-1] if d.block is not None else d.name for d in items})
+        parts.append(f"{len(items)} {reason} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    return "; ".join(parts)
 
 
 def _finite(x: float):

@@ -12,8 +12,12 @@ The rules, all of them:
   - the weight of an ``nn.Linear`` (or subclass) or of GPT-2's ``Conv1D`` module: pruned;
   - a part of a larger parameter (a fused 3-D expert tensor ``experts.gate_up_proj[e]``, in either layout): pruned,
     one matrix per expert, each with its own Hessian from the tokens routed to it;
-  - any other parameter used whole as a linear map (MoE routers such as ``TopKRouter.weight``), and ``nn.Linear``
-    routers and shared-expert gates (``out_features`` equal to the block's expert count, or 1): **dense**.
+  - any other parameter used whole as a linear map (MoE routers such as ``TopKRouter.weight``): **dense**;
+  - routers and gates, found by what the forward does with their output (``MatrixObserver.routers``), never by their
+    width: a matrix whose output, through shape-keeping elementwise steps (softmax, sigmoid, a bias, a cast, a view),
+    reaches a choice (``topk``, ``sort``, ``argsort``, ``argmax``/``argmin``, ``max``/``min`` over a dimension,
+    ``kthvalue``) chooses experts: a router; one whose output so derived is broadcast over another matrix's output
+    in a product (``sigmoid(shared_expert_gate(x)) * shared_expert(x)``) is a gate: both **dense**.
 
   Everything else stays dense because it is never a linear map's weight: embeddings and the LM head (outside the
   blocks), norms, biases, convolutions (Mamba's ``conv1d``) and state-space parameters (``A_log``, ``D``,
@@ -106,6 +110,7 @@ class BlockMatrices:
     groups: list[tuple[Site, ...]] = field(default_factory=list)
     dense: dict[str, str] = field(default_factory=dict)   # parameter or matrix name -> why it stays dense
     experts: int = 0                                       # experts in the block (0: not a MoE block)
+    kept: dict[str, Site] = field(default_factory=dict)   # the dense matrices by name, as the forward used them
 
     @property
     def sites(self) -> list[Site]:
@@ -118,6 +123,17 @@ _ADDMM_FUNCS = {torch.addmm, torch.Tensor.addmm}
 _BMM_FUNCS = {torch.bmm, torch.Tensor.bmm}
 _COPY_FUNCS = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type,
                torch.Tensor.contiguous, torch.Tensor.clone}
+# what a router's output is used for: choosing (the indices of the largest), and the multiplications a gate scales by
+_CHOOSE_FUNCS = {torch.topk, torch.Tensor.topk, torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort,
+                 torch.argmax, torch.Tensor.argmax, torch.argmin, torch.Tensor.argmin, torch.kthvalue,
+                 torch.Tensor.kthvalue}
+_MAX_FUNCS = {torch.max, torch.Tensor.max, torch.min, torch.Tensor.min}  # choices only when given a dimension
+_MUL_FUNCS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+# products that mix a tensor's elements with others (attention scores, a second linear map): a router's output does
+# not reach a choice through them, whatever the shapes (q @ k^T has as many elements as q when seqlen = head_dim)
+_MIXING_FUNCS = (_LINEAR_FUNCS | _RIGHT_FUNCS | _ADDMM_FUNCS | _BMM_FUNCS
+                 | {torch.Tensor.__rmatmul__, torch.einsum, torch.baddbmm, torch.Tensor.baddbmm, torch.tensordot,
+                    F.scaled_dot_product_attention, F.conv1d, F.conv2d, torch.conv1d, torch.conv2d})
 
 
 def _is_linear_module(module) -> bool:
@@ -138,6 +154,61 @@ class MatrixObserver(TorchFunctionMode):
         self.derived: dict[int, tuple] = {}  # id(copy) -> (param name, param, the view it copies, copy)
         self.events: list[tuple[Site, torch.Tensor]] = []
         self.enabled = True
+        # tensors derived from a matrix's output by shape-keeping steps: id -> (weak reference, the matrices)
+        self.tags: dict[int, tuple[weakref.ref, frozenset]] = {}
+        self.routers: dict[Site, str] = {}  # matrices whose output chooses experts or gates a tensor: why
+
+    def clear(self) -> None:
+        """Forget one forward pass's inputs and derived tensors (the routers found are kept)."""
+        self.events.clear()
+        self.derived.clear()
+        self.tags.clear()
+
+    def _tags_of(self, t) -> frozenset:
+        if not isinstance(t, torch.Tensor):
+            return frozenset()
+        hit = self.tags.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else frozenset()
+
+    def _tag(self, t, sites: frozenset) -> None:
+        if isinstance(t, torch.Tensor) and sites:
+            try:
+                self.tags[id(t)] = (weakref.ref(t), sites | self._tags_of(t))
+            except TypeError:  # a tensor type without weak references: not followed
+                pass
+
+    def _follow(self, func, args, kwargs, out, site) -> None:
+        """Routers by use: tag a matrix's output; carry the tags through steps that keep the number of elements (an
+        activation, a bias, a cast, a view), never through a product that mixes elements (``_MIXING_FUNCS``); a
+        tagged tensor that reaches a choice makes its matrices routers, one broadcast over another matrix's output in
+        a product makes them gates."""
+        if site is not None:
+            if site.expert is None:
+                self._tag(out, frozenset((site,)))
+            return
+        if func in _MIXING_FUNCS:
+            return
+        operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        tagged = [(a, self._tags_of(a)) for a in operands]
+        tagged = [(a, t) for a, t in tagged if t]
+        if not tagged:
+            return
+        if func in _CHOOSE_FUNCS or (func in _MAX_FUNCS and (len(args) > 1 or "dim" in kwargs)):
+            for a, t in tagged[:1]:
+                for s in t:
+                    self.routers.setdefault(s, f"router: its output chooses experts ({func.__name__})")
+            return
+        result = out if isinstance(out, torch.Tensor) else None
+        if result is None:
+            return
+        if func in _MUL_FUNCS:  # gate(x) * other_matrix(x), the gate broadcast over the other's output
+            full = frozenset().union(*(t for a, t in tagged if a.numel() == result.numel()))
+            for a, t in tagged:
+                if a.numel() < result.numel() and full - t:
+                    for s in t:
+                        self.routers.setdefault(s, "gate: its output scales another matrix's output")
+        same = frozenset().union(*(t for a, t in tagged if a.numel() == result.numel()))
+        self._tag(result, same)
 
     def _origin(self, t):
         """(param name, param, view of the param with t's layout) when ``t`` is a parameter, a view of one, or a cast
@@ -166,21 +237,22 @@ class MatrixObserver(TorchFunctionMode):
             src = self._origin(args[0])
             if src is not None and out._base is not src[1] and out is not src[1] and out.shape == src[2].shape:
                 self.derived[id(out)] = (*src, out)  # a cast or copy of the view: remember which view
-            return out
+                return out
+        site = None
         if func in _LINEAR_FUNCS:
             x = args[0] if args else kwargs.get("input")
             w = args[1] if len(args) > 1 else kwargs.get("weight")
-            self._see(w, x, transposed=False)
+            site = self._see(w, x, transposed=False)
         elif func in _RIGHT_FUNCS and not self._batched_param(args):
             a, b = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs.get("other", kwargs.get("mat2")))
             if self._origin(b) is not None and b.dim() == 2:
-                self._see(b, a, transposed=True)
+                site = self._see(b, a, transposed=True)
             elif self._origin(a) is not None and a.dim() == 2 and isinstance(b, torch.Tensor):
-                self._see(a, b.transpose(-1, -2), transposed=False)
+                site = self._see(a, b.transpose(-1, -2), transposed=False)
         elif func is torch.Tensor.__rmatmul__:
             b, a = args[0], args[1]
             if self._origin(b) is not None and b.dim() == 2:
-                self._see(b, a, transposed=True)
+                site = self._see(b, a, transposed=True)
         elif func in _BMM_FUNCS or func in _RIGHT_FUNCS:
             a, b = args[0], args[1]
             if self._origin(b) is not None and b.dim() == 3 and isinstance(a, torch.Tensor) and a.dim() == 3:
@@ -192,7 +264,8 @@ class MatrixObserver(TorchFunctionMode):
         elif func in _ADDMM_FUNCS:
             a, b = args[1], args[2]
             if self._origin(b) is not None and b.dim() == 2:
-                self._see(b, a, transposed=True)
+                site = self._see(b, a, transposed=True)
+        self._follow(func, args, kwargs, out, site)
         return out
 
     def _batched_param(self, args) -> bool:
@@ -200,13 +273,13 @@ class MatrixObserver(TorchFunctionMode):
         return (len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].dim() == 3
                 and self._origin(args[1]) is not None)
 
-    def _see(self, w, x, transposed: bool) -> None:
+    def _see(self, w, x, transposed: bool) -> Site | None:
         origin = self._origin(w)
         if origin is None or not isinstance(x, torch.Tensor) or w.dim() != 2:
-            return
+            return None
         name, p, view = origin
         if view.dim() != 2 or view.shape != w.shape:
-            return
+            return None
         if view.data_ptr() != 0 or p.data_ptr() != 0:
             offset = (view.data_ptr() - p.data_ptr()) // p.element_size()
         else:  # meta tensors: no addresses, but offsets are kept
@@ -221,7 +294,9 @@ class MatrixObserver(TorchFunctionMode):
                 raise UnsupportedModelError(f"{name}: a linear map reads a part of the parameter that is not a whole "
                                      f"matrix of it (offset {offset}, shape {shape}); pyprune cannot prune it")
         site = Site(name, int(offset), shape, stride, transposed, expert)
-        self.events.append((site, x.detach().reshape(-1, x.shape[-1])))
+        # (on the meta device the input itself, not a detached alias: its identity is what ``input_key`` compares)
+        self.events.append((site, (x if x.device.type == "meta" else x.detach()).reshape(-1, x.shape[-1])))
+        return site
 
 
 class PrunedParams:
@@ -241,16 +316,25 @@ class PrunedParams:
 
 
 def input_key(x: torch.Tensor):
-    """Identity of an input tensor within one forward pass (meta tensors have no addresses: the object itself)."""
-    if x.device.type == "meta":
+    """Identity of an input tensor within one forward pass: its memory and layout. Empty tensors share their address
+    (the inputs of all the experts no token reached in a batch): the object itself; meta tensors have none: the
+    tensor they view and their place in it."""
+    if x.numel() == 0:
         return ("id", id(x))
+    if x.device.type == "meta":  # the tensor it is a view of (kept alive by the view), and where in it
+        root = x
+        while root._base is not None:
+            root = root._base
+        return ("meta", id(root), x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype)
     return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
 
 
 def classify(block: torch.nn.Module, events: list[tuple[Site, torch.Tensor]],
-             shared: PrunedParams | None = None) -> BlockMatrices:
+             shared: PrunedParams | None = None, routers: dict[Site, str] | None = None) -> BlockMatrices:
     """Turn the observed linear uses of one forward pass into prunable groups and dense entries (the rules of the
-    module docstring). ``shared``: the parameters already pruned in an earlier block."""
+    module docstring). ``shared``: the parameters already pruned in an earlier block; ``routers``: the matrices the
+    observer saw choose experts or gate a tensor (``MatrixObserver.routers``), with why."""
+    routers = routers or {}
     owner = {}
     for mname, module in block.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -268,17 +352,18 @@ def classify(block: torch.nn.Module, events: list[tuple[Site, torch.Tensor]],
         module = owner.get(site.param)
         p = params[site.param]
         where = shared.where(p) if shared is not None else None
+        why = None
         if where is not None:
-            result.dense[site.name] = f"shared with {where}, pruned there"
+            why = f"shared with {where}, pruned there"
+        elif site.expert is None and site in routers:
+            why = routers[site]
+        elif site.expert is None and (module is None or not _is_linear_module(module)
+                                      or not site.param.endswith("weight")):
+            why = "not a linear module's weight"
+        if why is not None:
+            result.dense[site.name] = why
+            result.kept[site.name] = site
             continue
-        if site.expert is None:
-            if module is None or not _is_linear_module(module) or not site.param.endswith("weight"):
-                result.dense[site.name] = "not a linear module's weight (router)"
-                continue
-            rows = site.out_in[0]
-            if experts and (rows == experts or rows == 1):
-                result.dense[site.name] = "router or shared-expert gate"
-                continue
         key = input_key(x)
         if key not in by_input:
             by_input[key] = []

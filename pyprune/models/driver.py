@@ -24,7 +24,7 @@ import torch
 from ..algorithms import prune_group, prune_layer
 from ..config import PruneConfig
 from ..ops.hessian import accumulate_hessian
-from ..report import (LayerReport, PruneReport, device_peak_memory, host_peak_rss, reset_device_peak_memory,
+from ..report import (DenseMatrix, LayerReport, PruneReport, device_peak_memory, host_peak_rss, reset_device_peak_memory,
                       reset_host_peak_rss)
 from .architectures import get_submodule
 from .capture import BlockInputs, capture_inputs, run_block, run_block_all
@@ -131,6 +131,7 @@ class Observed:
     slots: list[_Slot] = field(default_factory=list)
     dense: dict[str, str] = field(default_factory=dict)
     experts: int = 0
+    kept: dict[str, Site] = field(default_factory=dict)  # the dense matrices, as the forward used them
 
 
 def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, backend: str = "auto",
@@ -149,13 +150,13 @@ def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, ba
     stats = all_experts_statistics(block, observer) if all_experts else contextlib.nullcontext()
     with torch.no_grad(), stats:
         for b in range(len(inputs.hidden)):
-            observer.events.clear()
-            observer.derived.clear()
+            observer.clear()
             call = inputs.calls[index][b]
             with observer:
                 run_block(block, inputs.hidden[b], call)
-            found = classify(block, observer.events, shared)
+            found = classify(block, observer.events, shared, observer.routers)
             result.dense.update(found.dense)
+            result.kept.update(found.kept)
             result.experts = max(result.experts, found.experts)
             x_of = {}
             for site, x in observer.events:
@@ -188,8 +189,7 @@ def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, ba
                         slot.n = accumulate_hessian(slot.H, slot.n, x, backend=backend)
                     except ValueError as e:
                         raise ValueError(f"block {index}, input of {', '.join(s.name for s in group)}: {e}") from e
-            observer.events.clear()
-            observer.derived.clear()
+            observer.clear()
     _add_unseen_experts(result, params, shared)
     return result
 
@@ -233,11 +233,22 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
     stage: set[Site] | None = None  # the matrices to collect in this pass (None: all remaining, within the budget)
     observed_all = None
     bar = None
-    budget = None if comm is not None else hessian_budget(options.hessian_budget, block)
+    budget = hessian_budget(options.hessian_budget, block)
+    # Distributed: every rank must make the same passes and reduce the same groups in each. The budget is the least
+    # of the ranks', and the groups of a pass are planned from the block's structure (the same on every rank: a
+    # discovery pass first), never from what one rank's tokens happened to reach first.
+    planned = None
+    if comm is not None:
+        known = [b for b in comm.all_gather_object(budget) if b is not None]
+        budget = min(known) if known else None
+        if budget is not None and needs_h and not options.true_sequential:
+            planned = budget
+        budget = None
     while True:
+        discover_only = planned is not None and stage is None
         obs = observe_block(block, inputs, index, backend=config.backend, shared=shared, budget=budget,
                             collect=(lambda s: wanted(s) and s not in done and (stage is None or s in stage))
-                            if needs_h else None,
+                            if needs_h and not discover_only else None,
                             all_experts=options.calibrate_all_experts or not needs_h)
         if observed_all is None:
             observed_all = obs
@@ -255,7 +266,12 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
                       key=lambda slot: (order[slot.sites[0].param], slot.sites[0].offset))  # the same on every rank
         if not todo:
             break
-        if not needs_h or (comm is not None and not options.true_sequential):
+        if discover_only:
+            stage = _fit_budget(todo, planned)
+            continue
+        if planned is not None:
+            ready = [slot for slot in todo if any(s in stage for s in slot.sites)]
+        elif not needs_h or (comm is not None and not options.true_sequential):
             ready = todo
         else:  # what this pass collected (experts no token reached have nothing to collect: ready too)
             ready = [slot for slot in todo if slot.H is not None or not slot.seen]
@@ -278,7 +294,8 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
             break
         # the next pass re-observes the partly pruned block: the next group alone (true_sequential), or every
         # remaining group within the Hessian memory budget
-        stage = set(rest[0].sites) if options.true_sequential else None
+        stage = (set(rest[0].sites) if options.true_sequential
+                 else _fit_budget(rest, planned) if planned is not None else None)
     try:
         for rel in selection.dense:
             reports.append(_prune_dense(block, rel, index, config, prefix))
@@ -288,6 +305,19 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
         if bar is not None:
             bar.close()
     return reports, observed_all
+
+
+def _fit_budget(slots: list[_Slot], budget: int) -> set[Site]:
+    """The matrices of the longest run of ``slots`` (in their order) whose fp32 Hessians fit in ``budget`` bytes (the
+    first always)."""
+    used, out = 0, set()
+    for slot in slots:
+        cols = slot.sites[0].out_in[1]
+        if out and used + cols * cols * 4 > budget:
+            break
+        used += cols * cols * 4
+        out.update(slot.sites)
+    return out
 
 
 def hessian_budget(setting, block) -> int | None:
@@ -385,9 +415,9 @@ def _prune_slots_distributed(block, index: int, slots: list[_Slot], wanted, conf
             setters.append(lambda rows, v, view=view: view[rows].copy_(v.to(view.dtype)))
             meta.append((slot.n, view))
     stats = prune_units(comm, items, config, setters) if items else []
-    reports = [LayerReport(name, index, tuple(W.shape), loss, float((view == 0).float().mean()), secs, config.method,
-                           n)
-               for (name, W, _), (loss, _sp, secs), (n, view) in zip(items, stats, meta)]
+    reports = [LayerReport(name, index, tuple(W.shape), st.loss, float((view == 0).float().mean()), st.seconds,
+                           config.method, n, st.fallback, st.damp)
+               for (name, W, _), st, (n, view) in zip(items, stats, meta)]
     for slot, site in fallbacks:
         reports += _prune_slot(block, index, _Slot((site,), slot.H, slot.n), wanted, config, options, prefix)
     return reports
@@ -494,11 +524,57 @@ class BlockStore:
         """Block ``i`` lies past the last block to prune: nothing to do in memory."""
 
 
+def kept_matrices(block: torch.nn.Module, index: int, obs: Observed, prefix: str,
+                  pruned: set[str]) -> list[DenseMatrix]:
+    """The matrices of an observed block that stay dense, with why and the zeros they hold: what ``classify`` kept
+    (routers, gates, parameters shared with an earlier block) and the prunable ones the selection left out."""
+    params = dict(block.named_parameters())
+    out = []
+    for name, site in obs.kept.items():
+        view = site.view(params)
+        out.append(DenseMatrix(f"{prefix}{name}", index, tuple(site.out_in), float((view == 0).float().mean()),
+                               obs.dense[name], counted=not obs.dense[name].startswith("shared with")))
+    for slot in obs.slots:
+        for site in slot.sites:
+            if f"{prefix}{site.name}" not in pruned:
+                view = site.view(params)
+                out.append(DenseMatrix(f"{prefix}{site.name}", index, tuple(site.out_in),
+                                       float((view == 0).float().mean()), "not selected (modules)"))
+    return out
+
+
+def outside_matrices(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> list[DenseMatrix]:
+    """The weight matrices outside the decoder blocks (embeddings, LM head): never pruned."""
+    inside = {id(p) for p in blocks.parameters()}
+    return [DenseMatrix(n, None, tuple(p.shape), None, "outside the blocks", counted=False)
+            for n, p in model.named_parameters() if id(p) not in inside and p.dim() >= 2]
+
+
+def run_settings(config: PruneConfig, *, model_type, blocks_path: str, batches: list[torch.Tensor], device,
+                 selection: Selection, options: Options, batch_size: int, comm=None, streaming: bool = False,
+                 **extra) -> dict:
+    """The settings a report records, the same for every way of running (in memory, streamed, distributed); the
+    streamed resume fingerprint is made from them too."""
+    nsamples = sum(b.shape[0] for b in batches)
+    return settings_dict(config, model_type=model_type, blocks_path=blocks_path,
+                         nsamples=nsamples if comm is None else comm.sum_int(nsamples),
+                         seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
+                         modules=list(selection.modules) if selection.modules else None,
+                         dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
+                         true_sequential=options.true_sequential, calibrate_all_experts=options.calibrate_all_experts,
+                         expert_min_tokens=options.expert_min_tokens, hessian_budget=options.hessian_budget,
+                         batch_size=batch_size, streaming=streaming,
+                         **({} if comm is None else {"world_size": comm.world_size}), **extra)
+
+
 def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, config: PruneConfig,
                selection: Selection, options: Options, store: BlockStore, *, start: int = 0, last: int,
-               comm=None, on_block_done=None, layers: list[LayerReport] | None = None) -> list[LayerReport]:
-    """The one block loop: for blocks ``start..`` load, prune (if selected), compute the next inputs, hand back."""
+               comm=None, on_block_done=None, layers: list[LayerReport] | None = None,
+               dense: list[DenseMatrix] | None = None) -> list[LayerReport]:
+    """The one block loop: for blocks ``start..`` load, prune (if selected), compute the next inputs, hand back.
+    ``layers`` and ``dense`` receive each pruned block's layer reports and kept matrices before ``store.done``."""
     layers = [] if layers is None else layers
+    dense = [] if dense is None else dense
     shared = PrunedParams()
     outer = _bar(len(blocks), "blocks") if options.progress else None
     if outer is not None:
@@ -524,6 +600,7 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
                     for s in slot.sites:
                         if f"{path}.{i}.{s.name}" in names:
                             shared.add(params[s.param], f"block {i}")
+                dense += kept_matrices(block, i, obs, f"{path}.{i}.", names)
             if i < last and inputs.hidden:
                 inputs.hidden = run_block_all(block, inputs, i)
             layers += new
@@ -576,6 +653,51 @@ def synthetic_batches(model) -> list[torch.Tensor]:
     return [torch.arange(SYNTHETIC_TOKENS).remainder(vocab).reshape(1, -1)]
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """One run, built and checked once before any slow work (``plan_run``): what ``prune_model`` and
+    ``streaming.prune_checkpoint`` both execute with ``run_blocks``, differing only in where blocks come from and go to
+    (the ``BlockStore``). The report's settings and the streamed resume fingerprint derive from it."""
+
+    config: PruneConfig
+    selection: Selection
+    options: Options
+    batches: tuple[torch.Tensor, ...]
+    device: torch.device
+    comm: object
+    blocks_path: str
+    num_blocks: int
+    last: int                                        # the last block to prune (the loop stops after it)
+    settings: dict = field(compare=False, hash=False)
+
+
+def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=None, dense=None, blocks=None,
+             device=None, batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
+             expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto", progress: bool = False,
+             comm=None, streaming: bool = False, **extra_settings) -> RunPlan:
+    """Check a run's choices against ``model`` (loaded, or on the meta device: nothing is run) and freeze them:
+    selection, device, calibration batches (token ids, windows no longer than the model's positions), options and
+    the settings the report records. Raises ``ValueError`` naming the option at fault."""
+    config = PruneConfig() if config is None else config
+    path, block_list = find_blocks(model)
+    selection = make_selection(modules, dense, blocks, len(block_list))
+    device = resolve_device(comm.device if comm is not None and device is None else device)
+    batches = as_batches(calibration, batch_size)
+    if not batches and config.method != "magnitude":
+        raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
+    if batches and getattr(model, "config", None) is not None:
+        from .io import check_seqlen
+        check_seqlen(model.config, int(batches[0].shape[1]), "the calibration window length")
+    if comm is not None and not comm.is_main:
+        progress = False
+    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
+    last = max(selection.blocks) if selection.blocks is not None else len(block_list) - 1
+    settings = run_settings(config, model_type=getattr(getattr(model, "config", None), "model_type", None),
+                            blocks_path=path, batches=batches, device=device, selection=selection, options=options,
+                            batch_size=batch_size, comm=comm, streaming=streaming, **extra_settings)
+    return RunPlan(config, selection, options, tuple(batches), device, comm, path, len(block_list), last, settings)
+
+
 def prune_model(model, calibration, config: PruneConfig | None = None, *, modules: Sequence[str] | None = None,
                 dense: Sequence[str] | None = None, blocks: Iterable[int] | None = None, device=None,
                 batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
@@ -605,43 +727,40 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     hessian_budget: bytes of Hessians a block may hold at once ("auto": half the free device memory on CUDA, no
                   limit on the CPU; None: no limit). Groups beyond it are collected in further passes over the
                   block, after the earlier ones are pruned (as true_sequential does); a MoE block of hundreds of
-                  experts needs this. Ignored with ``comm`` (ranks must agree on every pass).
+                  experts needs this. With ``comm`` the least of the ranks' budgets, the passes planned alike on
+                  every rank.
     on_block_done: called as ``f(block_index, layer_reports)`` after each block.
     comm:         a ``pyprune.distributed.Comm`` to prune on several ranks (torchrun): every rank calls this with the
                   same model and its own calibration shard; all ranks end with identical weights and reports.
 
     If a block fails, the blocks before it are pruned and the failing one may be partly pruned; the error says which.
     """
-    config = PruneConfig() if config is None else config
+    plan = plan_run(model, calibration, config, modules=modules, dense=dense, blocks=blocks, device=device,
+                    batch_size=batch_size, true_sequential=true_sequential,
+                    calibrate_all_experts=calibrate_all_experts, expert_min_tokens=expert_min_tokens,
+                    hessian_budget=hessian_budget, progress=progress, comm=comm)
     path, block_list = find_blocks(model)
-    selection = make_selection(modules, dense, blocks, len(block_list))
-    device = resolve_device(comm.device if comm is not None and device is None else device)
-    batches = as_batches(calibration, batch_size)
-    if not batches and config.method != "magnitude":
-        raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
-    if comm is not None and not comm.is_main:
-        progress = False
-    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
+    device = plan.device
 
     reset_host_peak_rss()
     reset_device_peak_memory(device)
     t_start = time.perf_counter()
     was_training = model.training
     model.eval()
-    last = max(selection.blocks) if selection.blocks is not None else len(block_list) - 1
     times = {}
     try:
         with eager_experts(model):
             t0 = time.perf_counter()
             with MoveNonBlock(model, block_list, device):
-                inputs = capture_inputs(model, block_list, batches or synthetic_batches(model), device)
+                inputs = capture_inputs(model, block_list, list(plan.batches) or synthetic_batches(model), device)
             check_inputs_finite(inputs, model, block_list)
             times["capture"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            layers = []
+            layers, dense = [], []
             try:
-                run_blocks(block_list, path, inputs, config, selection, options, BlockStore(block_list, device),
-                           last=last, comm=comm, on_block_done=on_block_done, layers=layers)
+                run_blocks(block_list, path, inputs, plan.config, plan.selection, plan.options,
+                           BlockStore(block_list, device), last=plan.last, comm=comm, on_block_done=on_block_done,
+                           layers=layers, dense=dense)
             except Exception as e:
                 done = sorted({r.block for r in layers})
                 e.add_note(f"pyprune: blocks {done[0]}-{done[-1]} of {path} were pruned before this error; the "
@@ -651,16 +770,8 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     finally:
         model.train(was_training)
     times["total"] = time.perf_counter() - t_start
-    nsamples = sum(b.shape[0] for b in batches)
-    extra = {} if comm is None else {"world_size": comm.world_size}
-    settings = settings_dict(config, model_type=getattr(model.config, "model_type", None), blocks_path=path,
-                             nsamples=nsamples if comm is None else comm.sum_int(nsamples),
-                             seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
-                             modules=list(selection.modules) if selection.modules else None,
-                             dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
-                             true_sequential=true_sequential, calibrate_all_experts=calibrate_all_experts,
-                             hessian_budget=hessian_budget, **extra)
-    return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), last + 1)
+    return PruneReport(dict(plan.settings), layers, times, device_peak_memory(device), host_peak_rss(), plan.last + 1,
+                       dense, outside_matrices(model, block_list))
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

@@ -71,73 +71,133 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
                             "'builtin')")
 
 
-def read_config(source: ModelSource) -> dict:
-    """The model's config as a dict, without loading any weight: config.json of an HF directory, or the metadata of
-    a GGUF file (read by transformers' GGUF reader without its tensors)."""
-    if source.kind == "hf":
-        path = os.path.join(source.path, "config.json")
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read the model config ({e})") from None
-    path = os.path.realpath(str(source))
-    st = os.stat(path)
-    return dict(_gguf_config(path, st.st_size, st.st_mtime_ns))
+def _version(source: ModelSource) -> tuple[str, str | None, int, int]:
+    """(directory, GGUF file name, size, mtime) of the file a model's config is read from: a cache key that changes
+    when the file does."""
+    directory = os.path.abspath(source.path)  # not the real path: a hub snapshot's config.json links into blobs/
+    path = os.path.join(directory, source.gguf_file or "config.json")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot read the model config ({e.strerror})") from None
+    return directory, source.gguf_file, st.st_size, st.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_config(path: str, size: int, mtime_ns: int) -> dict:
-    """A GGUF file's config (about 10 s for the built-in model's 49k-token vocabulary): read once per file version,
-    so the CLI's early check and the library call after it do not both pay it."""
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+def _config_dict(directory: str, gguf_file: str | None, size: int, mtime_ns: int) -> dict:
+    """A config file as transformers reads it (``PreTrainedConfig.get_config_dict``: its JSON decoding, with the
+    non-finite floats it writes as ``{"__float__": "Infinity"}``; a GGUF file's metadata, about 5 s for the built-in
+    model's 49k-token vocabulary): read once per file version, so every check and the run share one reading."""
+    from transformers import PretrainedConfig
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    path = os.path.join(directory, gguf_file or "config.json")
     try:
-        return dict(load_gguf_checkpoint(path, return_tensors=False)["config"])
-    except Exception as e:  # noqa: BLE001 - gguf's reader fails in many ways on a damaged file
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
+        with quiet_transformers():
+            config, _ = PretrainedConfig.get_config_dict(directory, local_files_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a damaged JSON or GGUF file fails in many ways
+        what = "not a readable GGUF file" if gguf_file else "cannot read the model config"
+        raise ValueError(f"{path}: {what} ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(config, dict) or not config:
+        raise ValueError(f"{path}: cannot read the model config (empty)")
+    return config
 
 
-def check_supported(source: ModelSource) -> dict:
-    """Fail early, before any weight is loaded: the model must be a decoder-only causal LM that transformers can
-    build, with a list of decoder blocks (found on a meta-device copy: no memory). Returns the config dict."""
-    cfg = read_config(source)
+def read_config(source: ModelSource) -> dict:
+    """The model's config as a dict, without loading any weight, read the way transformers reads it: config.json of
+    an HF directory (non-finite floats decoded), or the metadata of a GGUF file (without its tensors)."""
+    return copy.deepcopy(_config_dict(*_version(source)))
+
+
+def model_config(source: ModelSource):
+    """The model's transformers config (a ``PreTrainedConfig``), built as ``AutoConfig.from_pretrained`` builds it,
+    after the checks that need only its model type: the one place pyprune reads a model's config (prune, streaming,
+    inspect, eval). Raises ``UnsupportedModelError`` naming the file and the reason."""
+    return copy.deepcopy(_model_config(*_version(source)))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_config(directory: str, gguf_file: str | None, size: int, mtime_ns: int):
+    cfg = copy.deepcopy(_config_dict(directory, gguf_file, size, mtime_ns))
+    where = os.path.join(directory, gguf_file) if gguf_file else directory
     model_type = cfg.get("model_type")
     if not model_type:
-        raise UnsupportedModelError(f"{source}: the config names no model_type")
+        raise UnsupportedModelError(f"{where}: the config names no model_type")
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not cfg.get("is_decoder", False):
-        raise UnsupportedModelError(f"{source}: {model_type!r} is an encoder (masked-LM) model; pyprune prunes "
+        raise UnsupportedModelError(f"{where}: {model_type!r} is an encoder (masked-LM) model; pyprune prunes "
                                     "decoder-only causal LMs")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UnsupportedModelError(f"{source}: model type {model_type!r} has no causal-LM class in transformers "
+        raise UnsupportedModelError(f"{where}: model type {model_type!r} has no causal-LM class in transformers "
                                     f"(installed: {_transformers_version()}); pyprune prunes *ForCausalLM models")
-    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
     try:
-        config = AutoConfig.for_model(model_type, **kwargs)
+        with quiet_transformers():
+            if gguf_file:  # what from_pretrained(gguf_file=...) does with the metadata it reads
+                from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+                config = CONFIG_MAPPING[model_type].from_dict(cfg, name_or_path=directory)
+            else:
+                config = AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - a config transformers refuses
-        raise UnsupportedModelError(f"{source}: transformers cannot build a {model_type!r} config from it: "
+        raise UnsupportedModelError(f"{where}: transformers cannot build a {model_type!r} config from it: "
                                     f"{str(e)[:300]}") from None
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{source}: {model_type!r} is an encoder-decoder model; pyprune prunes "
+        raise UnsupportedModelError(f"{where}: {model_type!r} is an encoder-decoder model; pyprune prunes "
                                     "decoder-only causal LMs")
+    return config
+
+
+def check_supported(source: ModelSource):
+    """Fail early, before any weight is loaded: the model must be a decoder-only causal LM that transformers can
+    build, with a list of decoder blocks (found on a meta-device copy: no memory). Returns its transformers config
+    (``model_config``); checked once per version of the config file."""
+    config = model_config(source)
+    _check_blocks(*_version(source))
+    return config
+
+
+@functools.lru_cache(maxsize=8)
+def _check_blocks(directory: str, gguf_file: str | None, size: int, mtime_ns: int) -> None:
+    where = os.path.join(directory, gguf_file) if gguf_file else directory
     try:
-        find_blocks(meta_model(config))
+        find_blocks(meta_model(copy.deepcopy(_model_config(directory, gguf_file, size, mtime_ns))))
     except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{source}: {e}") from None
-    return cfg
+        raise UnsupportedModelError(f"{where}: {e}") from None
 
 
-def check_nm_shapes(source: ModelSource, cfg: dict, m: int, modules=None) -> None:
+def check_weights(source: ModelSource) -> None:
+    """Before any weight is read: every safetensors shard of an HF directory is whole (its header read and checked
+    against the file's size; ``shards.ShardedCheckpoint``), else a ``ValueError`` naming the file and the fault."""
+    if source.kind != "hf" or not any(f.endswith(".safetensors") for f in os.listdir(source.path)):
+        return
+    from .shards import ShardedCheckpoint
+    ShardedCheckpoint(source.path)
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model is built for: its config's ``max_position_embeddings`` (GPT-2's
+    ``n_positions`` under that name); None for models without such a limit (Mamba, Bloom's ALiBi)."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_seqlen(config, seqlen: int, what: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's positions (``max_positions``) before any slow work, naming ``what``
+    (the option or argument that set the length) and the limit."""
+    limit = max_positions(config)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"{what} {seqlen} is more than the {limit} positions the model is built for "
+                         f"(max_position_embeddings of its {getattr(config, 'model_type', '?')} config): give "
+                         f"{what} {limit} or less")
+
+
+def check_nm_shapes(source: ModelSource, config, m: int, modules=None) -> None:
     """Before any weight loads: N:M sparsity needs every pruned linear module's input width to be a multiple of M
     (checked on a meta-device copy of the model built from its config; fused expert tensors are checked when their
     layout is seen). ``modules``: the fnmatch patterns of a selection (None: all)."""
     import fnmatch
 
-    from transformers import AutoConfig
-    config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
-    path, blocks = find_blocks(meta_model(config))
+    path, blocks = find_blocks(meta_model(copy.deepcopy(config)))
     for i, block in enumerate(blocks):
         for name, mod in block.named_modules():
             if not isinstance(mod, torch.nn.Linear):
@@ -198,6 +258,7 @@ def load_model(spec: str | ModelSource, *, dtype: torch.dtype | str | None = Non
         if output_state(source.path) == "unfinished":
             raise ValueError(f"{source} is the output of a pyprune run that did not finish (it holds "
                              "pyprune_unfinished.json): resume or redo that run before loading it")
+        check_weights(source)
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(source.path, local_files_only=True, **kwargs)

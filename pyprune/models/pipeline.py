@@ -6,6 +6,7 @@ the safetensors shards (``prune_checkpoint``), by the size of the weights agains
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -170,35 +171,132 @@ def matrix_views(model, *, device=None) -> dict[str, torch.Tensor]:
 
 
 def inspect_model(model, *, device=None) -> Inspection:
-    """What ``prune_model`` would prune in ``model`` (a loaded model, or a path / "builtin" that is loaded): every
-    block is run once on a short synthetic batch, every expert on every token, under the same observer the pruning
-    run uses; no Hessian is collected and nothing is changed."""
+    """What ``prune_model`` would prune in ``model``: every block is run once on a short synthetic batch, every expert
+    on every token, under the same observer the pruning run uses; no Hessian is collected and nothing is changed.
+
+    ``model``: a loaded model, or a path / "builtin": then no weight is read. The model is built from its config on
+    the meta device (``io.meta_model``, as streaming builds it) and observed there, buffers included (seconds for a
+    70B model: benchmarks/results/inspect_config.md); a model whose forward needs values (the data-dependent expert
+    dispatch of MoE blocks) is observed with zero-filled weights instead, one block at a time, each block getting
+    memory of its own shapes and dtypes for its turn (what a block does with its weights does not depend on their
+    values: every expert runs, routers and gates are found by their use); a block of the same class and parameter
+    shapes as an observed one (sharing no parameter with another block) is not run again."""
     if isinstance(model, (str, os.PathLike)):
-        from .io import check_supported, load_model, resolve_model
-        source = resolve_model(model)
-        if source.kind == "hf":  # a GGUF file's metadata costs about what loading it does (10 s of 30 s, builtin)
-            check_supported(source)
-        model = load_model(source)
+        from .io import check_supported, meta_model, resolve_model
+        model = meta_model(check_supported(resolve_model(model)))
+        model.tie_weights()  # as loading ties them: a tied LM head is the embedding, not a matrix of its own
+        return _observe_all(model, device, views=False, skeleton=True)
     return _observe_all(model, device, views=False)
 
 
-def _observe_all(model, device, views: bool):
-    """Observe every block once (see ``inspect_model``); the matrices as views, or an ``Inspection``."""
-    from .capture import capture_inputs, run_block_all
+def _meta_tree(obj, memo: dict):
+    """A block's arguments with every tensor on the meta device (shared objects stay shared)."""
+    from .capture import Call
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        out = obj.to("meta")
+    elif isinstance(obj, Call):
+        out = Call(_meta_tree(obj.args, memo), _meta_tree(obj.kwargs, memo), obj.hidden_kw)
+    elif isinstance(obj, (tuple, list)):
+        out = type(obj)(_meta_tree(x, memo) for x in obj)
+    elif isinstance(obj, dict):
+        out = {k: _meta_tree(v, memo) for k, v in obj.items()}
+    else:
+        out = obj
+    memo[id(obj)] = out
+    return out
+
+
+@contextlib.contextmanager
+def _buffers_on_meta(block: torch.nn.Module):
+    """The block's buffers on the meta device for a while (its parameters are there already)."""
+    saved = [(sub, name, b) for sub in block.modules() for name, b in sub._buffers.items() if b is not None]
+    for sub, name, b in saved:
+        sub._buffers[name] = b.to("meta")
+    try:
+        yield
+    finally:
+        for sub, name, b in saved:
+            sub._buffers[name] = b
+
+
+def _zero_fill(module: torch.nn.Module, device, skip: set[int] = frozenset()) -> None:
+    """Give ``module``'s meta parameters (but those in ``skip``, by id) zero-filled memory of their shapes and dtypes
+    on ``device``; a parameter held by several modules (tied weights) stays one."""
+    memo: dict[int, torch.nn.Parameter] = {}
+    for sub in module.modules():
+        for attr, p in list(sub._parameters.items()):
+            if p is not None and p.device.type == "meta" and id(p) not in skip:
+                if id(p) not in memo:
+                    memo[id(p)] = torch.nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=device),
+                                                     requires_grad=False)
+                sub._parameters[attr] = memo[id(p)]
+
+
+def _drop(module: torch.nn.Module, last_use: dict[int, int], index: int) -> None:
+    """Back to the meta device: the parameters of the modules no later block uses."""
+    for sub in module.modules():
+        if last_use.get(id(sub), index) > index:
+            continue
+        for attr, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[attr] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+
+
+def _observe_all(model, device, views: bool, skeleton: bool = False):
+    """Observe every block once (see ``inspect_model``); the matrices as views, or an ``Inspection``. ``skeleton``:
+    the model's parameters are on the meta device; each block gets zero-filled ones for its turn."""
+    from .capture import BlockInputs, capture_inputs, run_block_all
     from .discover import PrunedParams, eager_experts, find_blocks
     from .driver import BlockStore, MoveNonBlock, observe_block, resolve_device, synthetic_batches
     device = resolve_device(device)
     found: dict[str, torch.Tensor] = {}
     path, blocks = find_blocks(model)
     rows = []
+    last_use: dict[int, int] = {}
+    users: dict[int, set[int]] = {}
+    for i, block in enumerate(blocks):
+        for sub in block.modules():
+            last_use[id(sub)] = i
+            users.setdefault(id(sub), set()).add(i)
+    inside = {id(p) for p in blocks.parameters()}
+    outside = [(n, tuple(p.shape)) for n, p in model.named_parameters() if id(p) not in inside]
+    if skeleton:  # the parts outside the blocks, zero-filled, for the capture pass
+        _zero_fill(model, device, skip=inside)
     with torch.no_grad(), eager_experts(model):
         with MoveNonBlock(model, blocks, device):
             inputs = capture_inputs(model, blocks, synthetic_batches(model), device)
         store = BlockStore(blocks, device)
         shared = PrunedParams()
+        if skeleton:
+            memo: dict = {}
+            meta_inputs = BlockInputs([h.to("meta") for h in inputs.hidden],
+                                      [[_meta_tree(c, memo) for c in calls] for calls in inputs.calls],
+                                      inputs.output_format)
+        seen: dict[tuple, BlockView] = {}
         for i in range(len(blocks)):
-            block = store.load(i)
-            obs = observe_block(block, inputs, i, all_experts=True, shared=shared)
+            key, obs = None, None
+            if skeleton:
+                alone = all(len(users[id(sub)]) == 1 for sub in blocks[i].modules())
+                key = (type(blocks[i]).__name__, tuple((n, tuple(p.shape), p.dtype)
+                                                       for n, p in blocks[i].named_parameters())) if alone else None
+                if key is not None and key in seen:
+                    rows.append(BlockView(i, seen[key].kind, seen[key].groups, dict(seen[key].dense),
+                                          seen[key].experts))
+                    continue
+                if all(p.device.type == "meta" for p in blocks[i].parameters()):
+                    try:  # on the meta device: no memory, no arithmetic
+                        with _buffers_on_meta(blocks[i]):
+                            obs = observe_block(blocks[i], meta_inputs, i, all_experts=True, shared=shared)
+                    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
+                        obs = None  # a step that needs values (an MoE dispatch's nonzero): zero-filled weights
+                if obs is None:
+                    _zero_fill(blocks[i], device)
+            on_meta = obs is not None
+            block = blocks[i] if on_meta else store.load(i)
+            if not on_meta:
+                obs = observe_block(block, inputs, i, all_experts=True, shared=shared)
             params = dict(block.named_parameters())
             for slot in obs.slots:
                 for s in slot.sites:
@@ -208,13 +306,16 @@ def _observe_all(model, device, views: bool):
             rows.append(BlockView(i, type(block).__name__,
                                    [[(s.name, s.out_in) for s in slot.sites] for slot in obs.slots],
                                    dict(obs.dense), obs.experts))
-            if i + 1 < len(blocks):
+            if key is not None:
+                seen[key] = rows[-1]
+            if i + 1 < len(blocks) and not skeleton:  # skeleton: every block's input is the zeros captured
                 inputs.hidden = run_block_all(block, inputs, i)
-            store.done(i, block, inputs, [])
+            if not on_meta:
+                store.done(i, block, inputs, [])
+            if skeleton:
+                _drop(block, last_use, i)
     if views:
         return found
-    inside = {id(p) for p in blocks.parameters()}
-    outside = [(n, tuple(p.shape)) for n, p in model.named_parameters() if id(p) not in inside]
     return Inspection(getattr(model.config, "model_type", "?"), path, rows, outside)
 
 

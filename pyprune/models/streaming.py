@@ -13,194 +13,37 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 
 from ..config import PruneConfig
-from ..report import (LayerReport, PruneReport, atomic_open, atomic_write_text, device_peak_memory,
+from ..report import (DenseMatrix, LayerReport, PruneReport, atomic_open, atomic_write_text, device_peak_memory,
                       host_peak_rss, reset_device_peak_memory, reset_host_peak_rss)
 from .capture import BlockInputs, capture_inputs
 from .discover import eager_experts, find_blocks
-from .driver import (BlockStore, MoveNonBlock, Options, as_batches, check_inputs_finite, make_selection,
-                     resolve_device, run_blocks, settings_dict, synthetic_batches)
-from .io import REPORT_NAME, meta_model, quiet_transformers
+from .driver import (BlockStore, MoveNonBlock, check_inputs_finite, outside_matrices, plan_run, run_blocks,
+                     synthetic_batches)
+from .io import REPORT_NAME, ModelSource, check_supported, meta_model
+from .keymap import KeyMap
 from .outdir import JOURNAL_NAME, MANIFEST_NAME, OutputDir
+from .resume import (STATE_DIR, ResumeMismatchError, ResumeState, acts_name, load_activations,  # noqa: F401
+                     partial_run, save_activations)
+from .resume import fingerprint as run_fingerprint
+from .shards import (INDEX_NAME, ShardedCheckpoint, atomic_save_safetensors, checkpoint_bytes,  # noqa: F401
+                     read_safetensors)
 
-STATE_DIR = ".pyprune-partial"
-INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
-
-
-class ResumeMismatchError(ValueError):
-    """A partial output exists but was made with other settings, input or calibration."""
-
-
-# --------------------------------------------------------------------------------------------------- checkpoint
-class ShardedCheckpoint:
-    """Read-only view of a safetensors checkpoint: which tensor lives in which shard; reads tensors by name."""
-
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        index = os.path.join(self.path, INDEX_NAME)
-        if os.path.isfile(index):
-            with open(index) as f:
-                self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
-        else:
-            files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{self.path!r} holds no safetensors weights (streaming needs *.safetensors "
-                                        "shards; convert .bin checkpoints first)")
-            self.weight_map = {}
-            for name in files:
-                with open(os.path.join(self.path, name), "rb") as f:
-                    header, _ = _safetensors_header(f)
-                for key in header:
-                    if key != "__metadata__":
-                        self.weight_map[key] = name
-        for shard in set(self.weight_map.values()):
-            if not os.path.isfile(os.path.join(self.path, shard)):
-                raise FileNotFoundError(f"shard {shard!r} named in the index of {self.path!r} is missing")
-
-    def read(self, keys: Iterable[str], device="cpu") -> dict[str, torch.Tensor]:
-        """The named tensors, read with plain file reads into fresh tensors (no memory map, so the resident set
-        holds each tensor once), one shard open at a time."""
-        by_shard: dict[str, list[str]] = {}
-        for k in keys:
-            by_shard.setdefault(self.weight_map[k], []).append(k)
-        out = {}
-        for shard, names in sorted(by_shard.items()):
-            out.update(read_safetensors(os.path.join(self.path, shard), names, device))
-        return out
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for shard in sorted(set(self.weight_map.values())):
-            st = os.stat(os.path.join(self.path, shard))
-            h.update(f"{shard}:{st.st_size}:{st.st_mtime_ns};".encode())
-        h.update(json.dumps(sorted(self.weight_map.items())).encode())
-        return h.hexdigest()
-
-    def total_bytes(self) -> int:
-        return sum(os.path.getsize(os.path.join(self.path, s)) for s in set(self.weight_map.values()))
-
-
-def checkpoint_bytes(path: str) -> int:
-    return ShardedCheckpoint(path).total_bytes()
-
-
-# ---------------------------------------------------------------------------------------------------- file writes
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
-_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-def _safetensors_header(f) -> tuple[dict, int]:
-    n = int.from_bytes(f.read(8), "little")
-    if not 0 < n < 1 << 30:
-        raise ValueError(f"{getattr(f, 'name', 'file')}: not a safetensors file")
-    return json.loads(f.read(n)), 8 + n
-
-
-def read_safetensors(path: str, names: Iterable[str] | None = None, device="cpu") -> dict[str, torch.Tensor]:
-    """Tensors of one safetensors file (all, or the given names), each read straight into its own buffer."""
-    out = {}
-    with open(path, "rb") as f:
-        header, start = _safetensors_header(f)
-        header.pop("__metadata__", None)
-        for name in (sorted(header) if names is None else names):
-            info = header[name]
-            dtype = _DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            b0, b1 = info["data_offsets"]
-            t = torch.empty(info["shape"], dtype=dtype)
-            view = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
-            if b1 - b0 != (view.size if view is not None else 0):
-                raise ValueError(f"{path}: tensor {name!r} has {b1 - b0} bytes, expected "
-                                 f"{0 if view is None else view.size}")
-            if view is not None:
-                f.seek(start + b0)
-                if f.readinto(view) != b1 - b0:
-                    raise ValueError(f"{path}: file ends inside tensor {name!r}")
-            out[name] = t if torch.device(device).type == "cpu" else t.to(device)
-    return out
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
-    """Write a safetensors file tensor by tensor from the tensors' own memory (no serialised copy in between), to a
-    temporary name, fsync, rename."""
-    items = []
-    offset = 0
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        if t.dtype not in _NAMES:
-            raise ValueError(f"cannot write tensor {name!r} of dtype {t.dtype} to safetensors")
-        t = t.to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        items.append(t)
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with atomic_open(path) as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for t in items:
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
-def _save_activations(hidden: list[torch.Tensor], path: str) -> None:
-    """Raw dump, one batch at a time on the host: a JSON header line, then each tensor's bytes."""
-    header = {"shapes": [list(h.shape) for h in hidden], "dtype": str(hidden[0].dtype).replace("torch.", "")}
-    with atomic_open(path) as f:
-        f.write((json.dumps(header) + "\n").encode())
-        for h in hidden:
-            f.write(h.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-
-
-def _load_activations(path: str, device) -> list[torch.Tensor]:
-    with open(path, "rb") as f:
-        header = json.loads(f.readline())
-        dtype = getattr(torch, header["dtype"])
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        out = []
-        for shape in header["shapes"]:
-            n = 1
-            for s in shape:
-                n *= s
-            buf = bytearray(f.read(n * itemsize))
-            out.append(torch.frombuffer(buf, dtype=dtype).reshape(shape).to(device))
-    return out
 
 
 def _copy_atomic(src: str, dst: str) -> None:
     with open(src, "rb") as fin, atomic_open(dst) as f:
         shutil.copyfileobj(fin, f)
-
-
-# ------------------------------------------------------------------------------------------------------- helpers
-def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    path, _, attr = name.rpartition(".")
-    module = root.get_submodule(path) if path else root
-    if attr in module._parameters:
-        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-    elif attr in module._buffers:
-        module._buffers[attr] = value
-    else:
-        raise KeyError(name)
 
 
 def release_host_memory() -> None:
@@ -221,91 +64,6 @@ def _to_meta(module: torch.nn.Module, skip: set[int] | None = None) -> None:
                 sub._parameters[attr] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
 
 
-class _KeyMap:
-    """Checkpoint keys <-> model names. Usually identical; checkpoints saved from the base model lack its prefix; and
-    where transformers converts a checkpoint layout when it loads one (per-expert tensors fused into 3-D experts,
-    renamed modules), ``load`` and ``save_form`` apply its own conversion and its reverse, one block at a time."""
-
-    def __init__(self, model, blocks_path: str, keys: Iterable[str]):
-        keys = list(keys)
-        self.model = model
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        try:
-            self.mapping = [m for m in (get_model_conversion_mapping(model, add_legacy=True) or [])
-                            if type(m).__name__ != "PrefixChange"]
-        except Exception:  # noqa: BLE001 - models without a mapping
-            self.mapping = []
-        names = set(model.state_dict().keys())
-        base = getattr(model, "base_model_prefix", "") or ""
-        self.prefix = ""
-        if base and not any(k in names for k in keys) and any(f"{base}.{k}" in names for k in keys):
-            self.prefix = base + "."
-        self.to_model = {}
-        for k in keys:
-            n = self.prefix + k
-            if n in names:
-                self.to_model[k] = n
-        self.converts = bool(self.mapping) and any(k not in self.to_model for k in keys)
-        rename = self._renamer(names, base) if self.converts else (lambda k: self.prefix + k)
-        block_prefix = blocks_path + "."
-        self.block_keys: dict[int, list[str]] = {}
-        self.other_keys: list[str] = []
-        for k in keys:
-            n = rename(k)  # the model's name of a checkpoint key (renamed modules: NemotronH's backbone -> model)
-            if n.startswith(block_prefix):
-                idx = n[len(block_prefix):].split(".", 1)[0]
-                if idx.isdigit():
-                    self.block_keys.setdefault(int(idx), []).append(k)
-                    continue
-            self.other_keys.append(k)
-
-    def _renamer(self, names: set[str], base: str):
-        """A checkpoint key -> the model's name for it, by transformers' own renaming rules."""
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
-        meta = dict.fromkeys(names, True)
-        return lambda k: rename_source_key(k, renamings, converters, base or None, meta)[0]
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Put checkpoint tensors into the (meta) model; returns those the model has no place for (written back
-        as they were)."""
-        if not self.converts:
-            raw = {}
-            for k, v in tensors.items():
-                if k in self.to_model:
-                    _set_tensor(self.model, self.to_model[k], v)
-                else:
-                    raw[k] = v
-            return raw
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-        with quiet_transformers():
-            convert_and_load_state_dict_in_model(model=self.model, state_dict=dict(tensors),
-                                                 load_config=LoadStateDictConfig(weight_mapping=self.mapping))
-        return {}
-
-    def save_form(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Model-named tensors -> checkpoint-named ones (the layout of the input checkpoint)."""
-        if not self.converts:
-            back = {v: k for k, v in self.to_model.items()}
-            return {back.get(k, k): v for k, v in state.items()}
-        from transformers.core_model_loading import revert_weight_conversion
-        return dict(revert_weight_conversion(self.model, state))
-
-
-def _fingerprint(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, torch.Tensor):
-            h.update(str(tuple(p.shape)).encode())
-            h.update(p.contiguous().view(torch.uint8).numpy().tobytes() if p.numel() else b"")
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"|")
-    return h.hexdigest()
-
-
 def _block_file(i: int) -> str:
     return f"model-block-{i:05d}.safetensors"
 
@@ -313,23 +71,7 @@ def _block_file(i: int) -> str:
 NONBLOCK_FILE = "model-nonblock.safetensors"
 
 
-def _acts_name(i: int, comm=None, rank: int | None = None) -> str:
-    """The activations entering block i + 1 (one file per rank in a distributed run)."""
-    if comm is None:
-        return f"acts-{i:05d}.bin"
-    return f"acts-{i:05d}-rank{comm.rank if rank is None else rank:05d}.bin"
-
-
 # ----------------------------------------------------------------------------------------------------- the run
-def partial_run(out: str) -> int | None:
-    """The last finished block of an unfinished streamed run in ``out`` (None when there is none)."""
-    try:
-        with open(os.path.join(out, STATE_DIR, "state.json")) as f:
-            return int(json.load(f)["done"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 class _ShardStore(BlockStore):
     """The streamed ``BlockStore``: a block's tensors are read from the input shards when its turn comes; when it is
     done it is written to its own output shard, the activations entering the next block and the state naming them
@@ -376,11 +118,29 @@ class _ShardStore(BlockStore):
         r.persist(i, None)
 
 
+@dataclass
 class _StreamRun:
     """The books of one streamed run: input checkpoint, output directory, resume state."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    src: str
+    out: str
+    ckpt: ShardedCheckpoint
+    keymap: KeyMap
+    model: torch.nn.Module
+    path: str                        # the blocks' path in the model
+    block_list: torch.nn.ModuleList
+    device: torch.device
+    main: bool                       # this process writes the output (rank 0, or no comm)
+    comm: object                     # a pyprune.distributed.Comm or None
+    state_dir: str
+    state_file: str
+    fingerprint: str
+    settings: dict
+    layers: list[LayerReport]
+    dense: list[DenseMatrix]
+    acts_file: str | None            # the activations entering the block after the last finished one
+    last: int                        # the last block to prune
+    od: OutputDir | None             # rank 0's output directory
 
     def claim(self, name: str) -> str:
         """The path to write output file ``name`` at, claimed in the output directory's journal (rank 0)."""
@@ -392,20 +152,19 @@ class _StreamRun:
         comm = self.comm
         new_acts = None
         if inputs is not None and inputs.hidden:
-            new_acts = _acts_name(i, comm)
+            new_acts = acts_name(i, comm)
             if self.od is not None:  # every rank's file is pyprune's own: rank 0 claims them all ...
-                self.od.claim_all([f"{STATE_DIR}/{_acts_name(i, comm, r)}"
+                self.od.claim_all([f"{STATE_DIR}/{acts_name(i, comm, r)}"
                                    for r in range(1 if comm is None else comm.world_size)])
             if comm is not None:  # ... before any rank writes its own
                 comm.barrier()
-            _save_activations(inputs.hidden, os.path.join(self.state_dir, new_acts))
+            save_activations(inputs.hidden, os.path.join(self.state_dir, new_acts))
         if comm is not None:  # every rank's activations are on disk before the state names them
             comm.barrier()
         if self.main:
             self.claim(f"{STATE_DIR}/state.json")
-            atomic_write_text(self.state_file, json.dumps({
-                "fingerprint": self.fingerprint, "done": i, "activations": new_acts,
-                "layers": PruneReport(self.settings, self.layers).to_dict()["layers"]}))
+            atomic_write_text(self.state_file, ResumeState(self.fingerprint, i, new_acts, self.layers,
+                                                           self.dense).to_json(self.settings))
         if comm is not None:  # ... and the state names the new ones before the old ones go
             comm.barrier()
         if self.acts_file is not None and self.acts_file != new_acts:
@@ -414,7 +173,7 @@ class _StreamRun:
                 os.unlink(old)
             if self.od is not None:
                 for r in range(1 if comm is None else comm.world_size):
-                    name = f"{STATE_DIR}/{_acts_name(i - 1, comm, r)}"
+                    name = f"{STATE_DIR}/{acts_name(i - 1, comm, r)}"
                     if name in self.od.files:
                         self.od.discard(name)
         self.acts_file = new_acts
@@ -437,8 +196,6 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     comm: a ``pyprune.distributed.Comm``: every rank calls this with its calibration shard and reads each block from
     ``src``; rank 0 alone writes the output and the state; each rank persists its own activations in the state
     directory (which must therefore be on a file system that every rank sees for a resume)."""
-    from transformers import AutoConfig
-
     config = PruneConfig() if config is None else config
     src = os.path.abspath(src)
     out = os.path.abspath(out)
@@ -449,14 +206,21 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
         raise ValueError(f"the output directory {out!r} must not be the input directory {src!r}, inside it or "
                          "around it (the input is never modified)")
     ckpt = ShardedCheckpoint(src)
-    device = resolve_device(device)
-    batches = as_batches(calibration, batch_size)
-    if not batches and config.method != "magnitude":
-        raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
-
+    hf_config = check_supported(ModelSource("hf", src))  # read and checked as everywhere (io.model_config)
+    model = meta_model(hf_config)
+    # the run's choices, checked against the model before anything is written (as prune_model does)
+    plan = plan_run(model, calibration, config, modules=modules, dense=dense, blocks=blocks, device=device,
+                    batch_size=batch_size, true_sequential=true_sequential,
+                    calibrate_all_experts=calibrate_all_experts, expert_min_tokens=expert_min_tokens,
+                    hessian_budget=hessian_budget, progress=progress, comm=comm, streaming=True, source=src)
+    device, batches, settings, last = plan.device, list(plan.batches), plan.settings, plan.last
+    path, block_list = find_blocks(model)
+    num_blocks = len(block_list)
+    keymap = KeyMap(model, path, ckpt.weight_map)
+    missing_blocks = [i for i in range(num_blocks) if i not in keymap.block_keys]
+    if missing_blocks:
+        raise ValueError(f"checkpoint {src!r} has no tensors for blocks {missing_blocks[:8]}")
     main = comm is None or comm.is_main
-    if not main:
-        progress = False
 
     def on_main(fn):  # rank 0 decides, every rank gets its answer or its exception
         return fn() if comm is None else comm.on_main(fn)
@@ -475,47 +239,22 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     reset_host_peak_rss()
     reset_device_peak_memory(device)
     t_start = time.perf_counter()
-    hf_config = AutoConfig.from_pretrained(src, local_files_only=True)
-    model = meta_model(hf_config)
-    path, block_list = find_blocks(model)
-    num_blocks = len(block_list)
-    selection = make_selection(modules, dense, blocks, num_blocks)
-    keymap = _KeyMap(model, path, ckpt.weight_map)
-    missing_blocks = [i for i in range(num_blocks) if i not in keymap.block_keys]
-    if missing_blocks:
-        raise ValueError(f"checkpoint {src!r} has no tensors for blocks {missing_blocks[:8]}")
-    last = max(selection.blocks) if selection.blocks is not None else num_blocks - 1
-
-    nsamples = sum(b.shape[0] for b in batches)
-    settings = settings_dict(config, model_type=hf_config.model_type, blocks_path=path,
-                             nsamples=nsamples if comm is None else comm.sum_int(nsamples),
-                             seqlen=int(batches[0].shape[1]) if batches else 0, device=str(device),
-                             modules=list(selection.modules) if selection.modules else None,
-                             dense=list(selection.dense), blocks=sorted(selection.blocks) if selection.blocks else None,
-                             true_sequential=true_sequential, calibrate_all_experts=calibrate_all_experts,
-                             expert_min_tokens=expert_min_tokens, batch_size=batch_size, streaming=True, source=src,
-                             **({} if comm is None else {"world_size": comm.world_size}))
     calib_part = torch.cat([b.reshape(-1) for b in batches]) if batches else []
     if comm is not None:  # every rank's shard
-        calib_part = comm.all_gather_object(_fingerprint(calib_part))
-    fingerprint = _fingerprint({k: v for k, v in settings.items() if k != "device"}, ckpt.fingerprint(), calib_part)
+        calib_part = comm.all_gather_object(run_fingerprint(calib_part))
+    fingerprint = run_fingerprint({k: v for k, v in settings.items() if k != "device"}, ckpt.fingerprint(),
+                                  calib_part)
 
-    done, layers, acts_file = -1, [], None
+    done, layers, dense, acts_file = -1, [], [], None
     if partial:
-        def read_state():
-            with open(state_file) as f:
-                return json.load(f)
-        state = on_main(read_state)
-        if state.get("fingerprint") != fingerprint:
+        state = on_main(lambda: ResumeState.read(state_file))
+        if state.fingerprint != fingerprint:
             raise ResumeMismatchError(f"{out!r} holds a partial run made with other settings, input or calibration; "
                                       "use the same ones to resume, or another output directory")
-        done = int(state["done"])
-        resumed_after = done
-        layers = [LayerReport(**{**d, "shape": tuple(d["shape"]),
-                                 "loss": float("nan") if d["loss"] is None else d["loss"]}) for d in state["layers"]]
-        acts_file = state.get("activations")
+        done = resumed_after = state.done
+        layers, dense, acts_file = state.layers, state.dense, state.activations
         if acts_file is not None and comm is not None:
-            acts_file = _acts_name(done, comm)
+            acts_file = acts_name(done, comm)
     os.makedirs(state_dir, exist_ok=True)
 
     times = {}
@@ -525,7 +264,6 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     if main and (not os.path.isfile(nonblock_path) or NONBLOCK_FILE not in od.files):
         atomic_save_safetensors(ckpt.read(keymap.other_keys), od.claim(NONBLOCK_FILE))
     inputs = BlockInputs([])
-    options = Options(true_sequential, calibrate_all_experts, expert_min_tokens, progress, hessian_budget)
     with eager_experts(model):
         if done < last:
             keymap.load(ckpt.read(keymap.other_keys))
@@ -535,23 +273,25 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
             _to_meta(model)
             release_host_memory()
             if acts_file is not None:
-                inputs.hidden = _load_activations(os.path.join(state_dir, acts_file), device)
+                inputs.hidden = load_activations(os.path.join(state_dir, acts_file), device)
         times["capture"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         run = _StreamRun(src=src, out=out, ckpt=ckpt, keymap=keymap, model=model, path=path, block_list=block_list,
                          device=device, main=main, comm=comm, state_dir=state_dir, state_file=state_file,
-                         fingerprint=fingerprint, settings=settings, layers=layers, acts_file=acts_file, last=last,
-                         od=od)
-        run_blocks(block_list, path, inputs, config, selection, options, _ShardStore(run), start=done + 1, last=last,
-                   comm=comm, on_block_done=on_block_done, layers=[])
+                         fingerprint=fingerprint, settings=settings, layers=layers, dense=dense, acts_file=acts_file,
+                         last=last, od=od)
+        run_blocks(block_list, path, inputs, plan.config, plan.selection, plan.options, _ShardStore(run),
+                   start=done + 1, last=last, comm=comm, on_block_done=on_block_done, layers=[], dense=run.dense)
     layers = run.layers
+    outside = outside_matrices(model, block_list)
     times["prune"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
     if comm is not None:
         comm.barrier()
         if not main:
-            return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks)
+            return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks,
+                               run.dense, outside)
 
     # Finish: index, config and tokenizer files, report; removing the state directory marks completion.
     weight_map = {k: NONBLOCK_FILE for k in keymap.other_keys}
@@ -570,7 +310,8 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
             od.discard(name)
     if os.path.isdir(state_dir) and not os.listdir(state_dir):
         os.rmdir(state_dir)
-    report = PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks)
+    report = PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks, run.dense,
+                         outside)
     if partial:
         report.settings["resumed_after_block"] = resumed_after
     report.settings["replaced_files"] = sorted(set(od.replaced) - set(od.files))

@@ -76,7 +76,9 @@ def test_module_patterns_and_true_sequential(rng):
     assert {r.name.split(".", 3)[3] for r in report.layers} == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     after = model.state_dict()
     assert torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
-    assert report.sparsity == 0.5
+    assert report.pruned_sparsity == 0.5  # the attention matrices, not selected, are kept dense and counted
+    attn, mlp = 2 * (64 * 64 + 32 * 64), 3 * 64 * 128
+    assert report.sparsity == pytest.approx(0.5 * mlp / (mlp + attn))
     with pytest.raises(ValueError, match="matches none"):
         prune_model(model, calibration(rng), PruneConfig(), modules=["attn.nothing"])
     assert torch.equal(model.state_dict()["model.layers.0.self_attn.q_proj.weight"],

@@ -31,7 +31,12 @@ _SHRINK = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num
                kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                sliding_window=8, rotary_dim=8, ffn_hidden_size=128, mamba_dt_rank=8, time_step_rank=8,
                attention_head_dim=16, mamba_headdim=16, mamba_d_conv=4, n_mamba_heads=8, mamba_n_heads=8,
-               num_heads=8, n_groups=1, mamba_n_groups=1)
+               num_heads=8, n_groups=1, mamba_n_groups=1,
+               # hybrids' own names for their Mamba and shared-expert sizes (Falcon-H1, Nemotron-H, Granite-4.0-H,
+               # Qwen3-Next): a default of 8192 inputs made one Cholesky take 25 s
+               mamba_d_ssm=128, mamba_d_head=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=8,
+               moe_shared_expert_intermediate_size=64, shared_intermediate_size=64, linear_key_head_dim=16,
+               linear_value_head_dim=16)
 _PER_TYPE = {
     "mamba2": dict(head_dim=16),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
