@@ -404,6 +404,9 @@ def cmd_demo(args) -> int:
         ("achieved sparsity", f"{report.sparsity:.4f} (of the pruned linear layers)"),
         ("wall time", f"load {t_load:.1f} s, tokenize {t_tok:.1f} s, calibrate+prune {report.times['total']:.1f} s, "
                       f"eval {dense['seconds']:.1f} + {pruned['seconds']:.1f} s"),
+        *([("exchanges", f"{sum(r.exchanges for r in report.layers):,} made in "
+                         f"{sum(r.exchange_seconds for r in report.layers):.1f} s of the prune (--swaps 0 skips "
+                         "them)")] if config.swaps else []),
         ("peak memory", f"host RSS {report.peak_host_rss / 2**20:.0f} MiB" + (
             f", device {report.peak_device_memory / 2**20:.0f} MiB" if report.peak_device_memory else "")),
     ]

@@ -23,6 +23,8 @@ class LayerReport:
     samples: int = 0     # calibration tokens behind the Hessian
     fallback: str | None = None  # why another method than the run's was used (an expert with too few tokens)
     damp: float | None = None    # the relative damping actually used (larger than asked after a Cholesky retry)
+    exchanges: int = 0           # the joint method's mask exchanges (PruneConfig.swaps) made in this matrix
+    exchange_seconds: float = 0.0  # seconds in the op that makes them and solves the final set (part of seconds)
 
     @property
     def numel(self) -> int:
@@ -175,6 +177,13 @@ class PruneReport:
                 lines[-1] += (f"  damping raised for {len(damped)} matrices (max {max(r.damp for r in damped):g}; "
                               "the Cholesky of the damped Hessian failed at the asked damping)")
         lines.append("time s: " + "  ".join(f"{k} {v:.1f}" for k, v in self.times.items()))
+        if any(r.exchanges or r.exchange_seconds for r in self.layers):
+            made = sum(r.exchanges for r in self.layers)
+            rows = sum(r.shape[0] * -(-r.shape[1] // max(1, int(s.get("block_size") or 1))) for r in self.layers
+                       if r.exchange_seconds)
+            lines.append(f"exchanges {made:,} made ({made / max(rows, 1):.2f} per row of a block, at most "
+                         f"{s.get('swaps')}) in {sum(r.exchange_seconds for r in self.layers):.1f} s of the prune "
+                         "(with the solve of their final set; --swaps 0 skips them)")
         lines.append(f"peak host RSS {format_bytes(self.peak_host_rss)}  peak device memory "
                      f"{format_bytes(self.peak_device_memory)}")
         return "\n".join(lines)

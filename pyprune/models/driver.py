@@ -375,7 +375,8 @@ def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, opt
                 view.copy_(result.weight.to(view.dtype))
             out[site] = LayerReport(f"{prefix}{site.name}", index, tuple(view.shape), float(result.loss),
                                     float((view == 0).float().mean()), secs, cfg.method, slot.n,
-                                    fallback or result.fallback, _finite_or_none(result.damp))
+                                    fallback or result.fallback, _finite_or_none(result.damp), result.exchanges,
+                                    result.exchange_s)
         del results
     return [out[s] for s in sites]
 
