@@ -20,17 +20,7 @@ import time
 import torch
 
 from _timing import bench, bench_main, measure_peaks, sync, try_run
-
-
-def layer_problem(rows: int, cols: int, device, gen: torch.Generator):
-    """W (bf16) and a data-like H = 2/n X^T X (log-normal column scales, a shared low-rank part)."""
-    n = min(4096, 2 * cols)
-    scale = torch.exp(0.7 * torch.randn(cols, generator=gen))
-    shared = torch.randn(n, 16, generator=gen) @ torch.randn(16, cols, generator=gen) * 0.3
-    X = (torch.randn(n, cols, generator=gen) + shared) * scale
-    H = ((2.0 / n) * (X.T @ X)).to(device)
-    W = (0.02 * torch.randn(rows, cols, generator=gen)).to(device=device, dtype=torch.bfloat16)
-    return W, H.float()
+from bench_prune_layer import layer_problem  # W (bf16) and a data-like H, the same layers
 
 
 def block_problem(rows: int, H: torch.Tensor, W: torch.Tensor, sparsity: str):

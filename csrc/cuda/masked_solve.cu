@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/launchers.h"
+#include "cuda/tiers.cuh"
 #include "kernels/masked_solve.cuh"
 #include "kernels/team.cuh"
 
@@ -43,33 +44,12 @@ size_t ms_bytes(int kcap) { return MS_SCRATCH_BYTES + 4 * ms_smem_words(kcap); }
 template <class T>
 cudaError_t launch(const float* G, const float* U, const T* W, const uint8_t* mask, float* E, float* loss,
                    int32_t* status, int rows, int B, cudaStream_t stream) {
-  int dev = 0, nsm = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
-    return err;
-  const int split = ms_split(B);
-  const int tiers[2][2] = {{0, split}, {split + 1, B}};
-  for (int tier = 0; tier < (split < B ? 2 : 1); ++tier) {
-    const int kmin = tiers[tier][0], kmax = tiers[tier][1];
-    const size_t bytes = ms_bytes(kmax);
-    if (bytes > (size_t)optin) return cudaErrorInvalidValue;
-    const int threads = kmax <= 64 ? 128 : 256;
-    if ((err = cudaFuncSetAttribute(masked_solve_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)bytes)) != cudaSuccess)
-      return err;
-    int per_sm = 0;
-    if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, masked_solve_kernel<T>, threads, bytes)) !=
-        cudaSuccess)
-      return err;
-    const long long want = (long long)(per_sm > 0 ? per_sm : 1) * nsm;
-    const int grid = (int)(want < rows ? want : rows);
-    masked_solve_kernel<T><<<grid, threads, bytes, stream>>>(G, U, W, mask, E, loss, status, rows, B, kmin,
-                                                                       kmax);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return launch_tiers(
+      masked_solve_kernel<T>, rows, B, [](int kmax) { return ms_bytes(kmax); },
+      [&](int grid, int threads, size_t bytes, int kmin, int kmax) {
+        masked_solve_kernel<T><<<grid, threads, bytes, stream>>>(G, U, W, mask, E, loss, status, rows, B, kmin,
+                                                                 kmax);
+      });
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/launchers.h"
+#include "cuda/tiers.cuh"
 #include "kernels/refine_solve.cuh"
 #include "kernels/team.cuh"
 
@@ -42,33 +43,12 @@ template <class T>
 cudaError_t launch(const float* G, const float* U, const T* W, const uint8_t* mask, int rounds, int m, float tol,
                    float* E, float* loss, int32_t* status, uint8_t* mout, int32_t* nswaps, int rows, int B,
                    cudaStream_t stream) {
-  int dev = 0, nsm = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
-    return err;
-  const int split = ms_split(B);
-  const int tiers[2][2] = {{0, split}, {split + 1, B}};
-  for (int tier = 0; tier < (split < B ? 2 : 1); ++tier) {
-    const int kmin = tiers[tier][0], kmax = tiers[tier][1];
-    const size_t bytes = rs_bytes(kmax, B, m);
-    if (bytes > (size_t)optin) return cudaErrorInvalidValue;
-    const int threads = kmax <= 64 ? 128 : 256;
-    if ((err = cudaFuncSetAttribute(refine_solve_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)bytes)) != cudaSuccess)
-      return err;
-    int per_sm = 0;
-    if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, refine_solve_kernel<T>, threads, bytes)) !=
-        cudaSuccess)
-      return err;
-    const long long want = (long long)(per_sm > 0 ? per_sm : 1) * nsm;
-    const int grid = (int)(want < rows ? want : rows);
-    refine_solve_kernel<T><<<grid, threads, bytes, stream>>>(G, U, W, mask, rounds, m, tol, E, loss, status, mout,
-                                                             nswaps, rows, B, kmin, kmax);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return launch_tiers(
+      refine_solve_kernel<T>, rows, B, [&](int kmax) { return rs_bytes(kmax, B, m); },
+      [&](int grid, int threads, size_t bytes, int kmin, int kmax) {
+        refine_solve_kernel<T><<<grid, threads, bytes, stream>>>(G, U, W, mask, rounds, m, tol, E, loss, status,
+                                                                 mout, nswaps, rows, B, kmin, kmax);
+      });
 }
 
 }  // namespace
