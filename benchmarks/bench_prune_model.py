@@ -549,6 +549,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparsity", default="0.5")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--swaps", type=int, default=16, help="the joint method's exchanges per row of a block, set "
+                   "explicitly whatever pyprune's default (default: %(default)s; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run on a tiny model")
     p.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results)")
@@ -558,6 +560,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     return args
+
+
+def method_config(method: str, args):
+    """The run's PruneConfig for ``method``: the joint method with ``--swaps`` exchanges set explicitly."""
+    from pyprune import PruneConfig
+    extra = {"swaps": args.swaps} if method == "joint" else {}
+    return PruneConfig(method=method, sparsity=args.sparsity, block_size=args.block_size, backend=args.backend,
+                       **extra)
 
 
 def main(argv=None) -> dict:
@@ -591,8 +601,7 @@ def main(argv=None) -> dict:
         ids = torch.randint(0, tiny["vocab"], (2, tiny["seqlen"]), generator=torch.Generator().manual_seed(1))
         for m in methods:
             init_weights(wm, args.seed, device)
-            pyprune.prune_model(wm, ids, PruneConfig(method=m, sparsity=args.sparsity, block_size=args.block_size,
-                                                     backend=args.backend), device=device)
+            pyprune.prune_model(wm, ids, method_config(m, args), device=device)
         del wm
         warm = time.perf_counter() - t0
 
@@ -617,7 +626,7 @@ def main(argv=None) -> dict:
             init_weights(model, args.seed, device)  # the same dense weights for every method
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        config = PruneConfig(method=method, sparsity=args.sparsity, block_size=args.block_size, backend=args.backend)
+        config = method_config(method, args)
         ph = Phases(device)
         t0 = time.perf_counter()
         try:
