@@ -553,13 +553,13 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
     for (int i = wp; i < c; i += NW) {  // Ainv' = D + v v^T / s_k
       const float ca = -av[i] * ia, cv = vv[i] * is;
       float* Ar = Ai + (size_t)i * cs;
-      if constexpr (Team::kSerial) {
 #if !defined(__CUDACC__)
+      if constexpr (Team::kSerial) {
         rs_axpy2_host(Ar, ca, av, cv, vv, c);
-#endif
-      } else {
-        for (int l = ln; l < c; l += W) Ar[l] = rs_fma(ca, av[l], rs_fma(cv, vv[l], Ar[l]));
+        continue;
       }
+#endif
+      for (int l = ln; l < c; l += W) Ar[l] = rs_fma(ca, av[l], rs_fma(cv, vv[l], Ar[l]));
     }
     const float vgq_is = vg[q] * is;
     for (int qq = R; qq < K; qq += S)
@@ -575,16 +575,16 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
         const float ca = -av[i] * ia, cv = vv[i] * is;
         const float colq = vv[i] * vgq_is - av[i] * ia + (i == p ? 1.f : 0.f);
         float* Ur = Y + (size_t)i * K;
-        if constexpr (Team::kSerial) {
 #if !defined(__CUDACC__)
+        if constexpr (Team::kSerial) {
           rs_axpy2_host(Ur, ca, urow, cv, vg, K);
           Ur[q] = colq;
+          continue;
+        }
 #endif
-        } else {
-          for (int qq = ln; qq < K; qq += W) {
-            const float upd = rs_fma(ca, urow[qq], rs_fma(cv, vg[qq], Ur[qq]));
-            Ur[qq] = qq == q ? colq : upd;
-          }
+        for (int qq = ln; qq < K; qq += W) {
+          const float upd = rs_fma(ca, urow[qq], rs_fma(cv, vg[qq], Ur[qq]));
+          Ur[qq] = qq == q ? colq : upd;
         }
       }
     }
