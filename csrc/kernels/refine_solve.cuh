@@ -120,6 +120,38 @@ inline void rs_axpy_host_r8(float* __restrict__ y, float a, const float* __restr
   for (int j = 0; j < n; j += 8) rs_store8(y + j, rs_fma8(av, rs_load8(x + j), rs_load8(y + j)));
 }
 
+// y[0..len) = sum over i < n of coef[i] row_i[0..len), row_i = base + (idx ? idx[i] : i) * ld: 64 outputs at a
+// time held in eight vector registers across every row (one load per 8 multiply-adds, no store until the end), so
+// y may be one of the rows (each chunk is read before it is written).
+inline void rs_gemv_host(float* y, const float* base, size_t ld, const int* idx, const float* coef, int n, int len) {
+  int j0 = 0;
+  for (; j0 + 64 <= len; j0 += 64) {
+    rs_v8 acc[8];
+    for (int v = 0; v < 8; ++v) acc[v] = rs_v8{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < n; ++i) {
+      const float* x = base + (size_t)(idx ? idx[i] : i) * ld + j0;
+      const float c = coef[i];
+      const rs_v8 cv = {c, c, c, c, c, c, c, c};
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) acc[v] = rs_fma8(cv, rs_load8(x + 8 * v), acc[v]);
+    }
+    for (int v = 0; v < 8; ++v) rs_store8(y + j0 + 8 * v, acc[v]);
+  }
+  for (; j0 + 8 <= len; j0 += 8) {
+    rs_v8 acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < n; ++i) {
+      const float c = coef[i];
+      acc = rs_fma8(rs_v8{c, c, c, c, c, c, c, c}, rs_load8(base + (size_t)(idx ? idx[i] : i) * ld + j0), acc);
+    }
+    rs_store8(y + j0, acc);
+  }
+  for (; j0 < len; ++j0) {
+    float acc = 0.f;
+    for (int i = 0; i < n; ++i) acc = rs_fma(coef[i], base[(size_t)(idx ? idx[i] : i) * ld + j0], acc);
+    y[j0] = acc;
+  }
+}
+
 // min over x[0..n) (NaN entries never win; +inf when every entry is NaN or n == 0)
 inline float rs_min_host(const float* x, int n) {
   const float inf = pp_inf();
@@ -204,8 +236,7 @@ PP_HD void rs_combine(Team& t, float* y, const float* base, size_t ld, const int
                       int len) {
   if constexpr (Team::kSerial) {
 #if !defined(__CUDACC__)
-    for (int j = 0; j < len; ++j) y[j] = 0.f;
-    for (int i = 0; i < n; ++i) rs_axpy_host(y, coef[i], base + (size_t)(idx ? idx[i] : i) * ld, len);
+    rs_gemv_host(y, base, ld, idx, coef, n, len);
     return;
 #endif
   }
@@ -359,11 +390,14 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
   // X = L^-1 in place, row by row: row i of L is read only to make row i of L^-1.
   for (int i = 0; i < c; ++i) {
     float* Xi = X + (size_t)i * cs;
-    for (int l = R; l < i; l += S) tmp[l] = 0.f;
-    for (int q = 0; q < i; ++q) {
-      const float liq = Xi[q];
-      const float* Xq = X + (size_t)q * cs;
-      rs_axpy_team(t, tmp, liq, Xq, 0, q + 1, true);  // rounded: X rows are zero past their end
+#if !defined(__CUDACC__)
+    if constexpr (Team::kSerial) {  // tmp = sum over q < i of L[i][q] X[q] (X rows are zero past their end)
+      rs_gemv_host(tmp, X, cs, nullptr, Xi, i, ((i + 7) / 8) * 8);
+    } else
+#endif
+    {
+      for (int l = R; l < i; l += S) tmp[l] = 0.f;
+      for (int q = 0; q < i; ++q) rs_axpy_team(t, tmp, Xi[q], X + (size_t)q * cs, 0, q + 1);
     }
     t.sync();
     const float di = rdiag[i];
@@ -376,12 +410,15 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
   // Ainv = X^T X: row i (lower part) = sum over q >= i of X[q][i] X[q][0..i]; then mirrored.
   for (int i = R; i < c; i += S) {
     float* Ar = Ai + (size_t)i * cs;
-    for (int l = 0; l <= i; ++l) Ar[l] = 0.f;
-    for (int q = i; q < c; ++q) {
-      const float xqi = X[(size_t)q * cs + i];
-      const float* Xq = X + (size_t)q * cs;
-      rs_axpy_one(Ar, xqi, Xq, i + 1, Team::kSerial);  // past i: scratch, overwritten by the mirror
+#if !defined(__CUDACC__)
+    if constexpr (Team::kSerial) {  // past i: scratch, overwritten by the mirror
+      for (int q = i; q < c; ++q) tmp[q] = X[(size_t)q * cs + i];
+      rs_gemv_host(Ar, X + (size_t)i * cs, cs, nullptr, tmp + i, c - i, ((i + 8) / 8) * 8);
+      continue;
     }
+#endif
+    for (int l = 0; l <= i; ++l) Ar[l] = 0.f;
+    for (int q = i; q < c; ++q) rs_axpy_one(Ar, X[(size_t)q * cs + i], X + (size_t)q * cs, i + 1);
   }
   t.sync();
   for (int i = R; i < c; i += S)
@@ -391,13 +428,15 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
   for (int i = c - 1; i >= 0; --i) {
     const float* Xi = X + (size_t)i * cs;
     float* Yi = Y + (size_t)i * K;
+#if !defined(__CUDACC__)
+    if constexpr (Team::kSerial) {  // row i = sum over l <= i of X[i][l] G[M_l, K] (rows <= i still G's)
+      rs_gemv_host(Yi, Y, K, nullptr, Xi, i + 1, K);
+      continue;
+    }
+#endif
     const float xii = Xi[i];
     for (int q = R; q < K; q += S) Yi[q] *= xii;
-    for (int l = 0; l < i; ++l) {
-      const float x = Xi[l];
-      const float* Yl = Y + (size_t)l * K;
-      rs_axpy_team(t, Yi, x, Yl, 0, K);
-    }
+    for (int l = 0; l < i; ++l) rs_axpy_team(t, Yi, Xi[l], Y + (size_t)l * K, 0, K);
   }
   // s_k = G_kk - |Y[:, k]|^2
   for (int q = R; q < K; q += S) s[q] = G[(size_t)iK[q] * B + iK[q]];
@@ -418,13 +457,16 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
     // U = X^T Y in place, top-down (row i needs rows >= i of Y); each thread owns columns.
     for (int i = 0; i < c; ++i) {
       float* Yi = Y + (size_t)i * K;
+#if !defined(__CUDACC__)
+      if constexpr (Team::kSerial) {  // row i = sum over l >= i of X[l][i] Y[l] (rows >= i still Y's)
+        for (int l = i; l < c; ++l) tmp[l] = X[(size_t)l * cs + i];
+        rs_gemv_host(Yi, Yi, K, nullptr, tmp + i, c - i, K);
+        continue;
+      }
+#endif
       const float xii = X[(size_t)i * cs + i];
       for (int q = R; q < K; q += S) Yi[q] *= xii;
-      for (int l = i + 1; l < c; ++l) {
-        const float x = X[(size_t)l * cs + i];
-        const float* Yl = Y + (size_t)l * K;
-        rs_axpy_team(t, Yi, x, Yl, 0, K);
-      }
+      for (int l = i + 1; l < c; ++l) rs_axpy_team(t, Yi, X[(size_t)l * cs + i], Y + (size_t)l * K, 0, K);
     }
   }
   t.sync();
