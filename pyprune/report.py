@@ -24,7 +24,8 @@ class LayerReport:
     fallback: str | None = None  # why another method than the run's was used (an expert with too few tokens)
     damp: float | None = None    # the relative damping actually used (larger than asked after a Cholesky retry)
     exchanges: int = 0           # the joint method's mask exchanges (PruneConfig.swaps) made in this matrix
-    exchange_seconds: float = 0.0  # seconds in the op that makes them and solves the final set (part of seconds)
+    exchange_seconds: float = 0.0  # seconds in the op that makes them and solves the final set (within the time
+    #                                of the matrix's group, which `seconds` shares out evenly over the group)
 
     @property
     def numel(self) -> int:

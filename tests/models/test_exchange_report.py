@@ -18,7 +18,9 @@ def test_exchanges_in_the_report_and_summary():
     assert sum(made) > 0 and all(0 <= x for x in made)
     # at most 4 per row of each 128-column block (64 columns here: one block)
     assert all(r.exchanges <= 4 * r.shape[0] * -(-r.shape[1] // 128) for r in rep.layers)
-    assert all(0 <= r.exchange_seconds <= r.seconds + 1e-6 for r in rep.layers)
+    # a matrix's seconds are its group's (q/k/v, gate/up) shared out evenly, so compare the sums
+    assert all(r.exchange_seconds >= 0 for r in rep.layers)
+    assert sum(r.exchange_seconds for r in rep.layers) <= sum(r.seconds for r in rep.layers) + 1e-6
     line = next(x for x in rep.table().splitlines() if x.startswith("exchanges "))
     assert f"{sum(made):,} made" in line and "at most 4" in line
     again = PruneReport.from_dict(rep.to_dict())
