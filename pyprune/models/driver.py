@@ -670,15 +670,24 @@ class RunPlan:
     num_blocks: int
     last: int                                        # the last block to prune (the loop stops after it)
     settings: dict = field(compare=False, hash=False)
+    labels: tuple[str, ...] = ()                     # settings that only label the report (e.g. the text's name)
+
+    def fingerprint_settings(self) -> dict:
+        """The settings a streamed run's resume fingerprint is made from: all but the device (a run may resume on
+        another one) and the labels (they describe the calibration, whose tokens the fingerprint holds)."""
+        return {k: v for k, v in self.settings.items() if k != "device" and k not in self.labels}
 
 
 def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=None, dense=None, blocks=None,
              device=None, batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
              expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto", progress: bool = False,
-             comm=None, streaming: bool = False, **extra_settings) -> RunPlan:
+             comm=None, streaming: bool = False, labels: dict | None = None, **extra_settings) -> RunPlan:
     """Check a run's choices against ``model`` (loaded, or on the meta device: nothing is run) and freeze them:
     selection, device, calibration batches (token ids, windows no longer than the model's positions), options and
-    the settings the report records. Raises ``ValueError`` naming the option at fault."""
+    the settings the report records (``extra_settings`` and ``labels`` among them: the labels, e.g. the calibration
+    text's name and seed, are left out of the resume fingerprint). Raises ``ValueError`` naming the option at
+    fault."""
+    labels = dict(labels or {})
     config = PruneConfig() if config is None else config
     path, block_list = find_blocks(model)
     selection = make_selection(modules, dense, blocks, len(block_list))
@@ -695,8 +704,9 @@ def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=N
     last = max(selection.blocks) if selection.blocks is not None else len(block_list) - 1
     settings = run_settings(config, model_type=getattr(getattr(model, "config", None), "model_type", None),
                             blocks_path=path, batches=batches, device=device, selection=selection, options=options,
-                            batch_size=batch_size, comm=comm, streaming=streaming, **extra_settings)
-    return RunPlan(config, selection, options, tuple(batches), device, comm, path, len(block_list), last, settings)
+                            batch_size=batch_size, comm=comm, streaming=streaming, **{**extra_settings, **labels})
+    return RunPlan(config, selection, options, tuple(batches), device, comm, path, len(block_list), last, settings,
+                   tuple(labels))
 
 
 def prune_model(model, calibration, config: PruneConfig | None = None, *, modules: Sequence[str] | None = None,
@@ -704,7 +714,7 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
                 batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
                 expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto",
                 progress: bool = False, on_block_done: Callable[[int, list[LayerReport]], None] | None = None,
-                comm=None) -> PruneReport:
+                comm=None, labels: dict | None = None) -> PruneReport:
     """Prune a transformers causal LM in place, one decoder block at a time, and return a ``PruneReport``.
 
     model:        any ``*ForCausalLM`` (decoder-only) that transformers builds: its blocks, their weight matrices and
@@ -733,13 +743,14 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     on_block_done: called as ``f(block_index, layer_reports)`` after each block.
     comm:         a ``pyprune.distributed.Comm`` to prune on several ranks (torchrun): every rank calls this with the
                   same model and its own calibration shard; all ranks end with identical weights and reports.
+    labels:       further settings for the report to record as given (e.g. the source, the calibration text's name).
 
     If a block fails, the blocks before it are pruned and the failing one may be partly pruned; the error says which.
     """
     plan = plan_run(model, calibration, config, modules=modules, dense=dense, blocks=blocks, device=device,
                     batch_size=batch_size, true_sequential=true_sequential,
                     calibrate_all_experts=calibrate_all_experts, expert_min_tokens=expert_min_tokens,
-                    hessian_budget=hessian_budget, progress=progress, comm=comm)
+                    hessian_budget=hessian_budget, progress=progress, comm=comm, labels=labels)
     path, block_list = find_blocks(model)
     device = plan.device
 

@@ -52,42 +52,41 @@ def should_stream(source, stream: str = "auto", copies: int = 1) -> bool:
     return available is not None and size * copies > available // 2
 
 
-def prune_pretrained(model: str, out: str, calibration, config: PruneConfig | None = None, *,
+def prune_pretrained(model: str, out, calibration, config: PruneConfig | None = None, *,
                      stream: str = "auto", tokenizer=None, dtype=None, overwrite: bool = False, resume: bool = True,
-                     copies: int = 1, **kwargs) -> PruneReport:
+                     copies: int = 1, labels: dict | None = None, times: dict | None = None,
+                     **kwargs) -> PruneReport:
     """Prune the model at ``model`` (HF directory, .gguf file or "builtin") into the directory ``out`` and return
-    the report (also written there as ``pyprune_report.json``). ``stream``: "auto" | "on" | "off" (see
-    ``should_stream``); ``tokenizer`` is saved with the model when given (streamed runs copy the input's tokenizer
-    files); ``dtype`` the dtype to load in (in-memory runs); ``overwrite``/``resume`` as ``save_model`` /
-    ``prune_checkpoint``; other keyword arguments go to ``prune_model`` / ``prune_checkpoint`` (modules, dense,
-    blocks, device, batch_size, true_sequential, calibrate_all_experts, expert_min_tokens, progress, comm)."""
-    from .io import check_supported, load_model, prepare_output_dir, resolve_model, save_model
-    from .outdir import check_output_vs_input
+    the report (also written there as ``pyprune_report.json``, once, complete). ``stream``: "auto" | "on" | "off"
+    (see ``should_stream``); ``tokenizer`` is saved with the model when given (streamed runs copy the input's
+    tokenizer files); ``dtype`` the dtype to load in (in-memory runs); ``overwrite``/``resume`` as ``save_model`` /
+    ``prune_checkpoint``; ``labels``: further settings the report records as given (e.g. the calibration text's
+    name and seed); ``times``: seconds spent before the call (e.g. tokenizing), first among the report's times.
+    ``out`` may be an ``outdir.OutputDir`` already checked against the input (not yet prepared). Other keyword
+    arguments go to ``prune_model`` / ``prune_checkpoint`` (modules, dense, blocks, device, batch_size,
+    true_sequential, calibrate_all_experts, expert_min_tokens, progress, comm)."""
+    from .io import check_supported, load_model, resolve_model, save_model
+    from .outdir import OutputDir
     source = resolve_model(model)
-    check_output_vs_input(out, str(source))
+    od = out if isinstance(out, OutputDir) else OutputDir(out, input_path=str(source))  # checks it, once
     check_supported(source)
     comm = kwargs.get("comm")
     main = comm is None or comm.is_main
     if should_stream(source, stream, copies):
         from .streaming import prune_checkpoint
-        return prune_checkpoint(source.path, out, calibration, config, resume=resume, overwrite=overwrite, **kwargs)
+        return prune_checkpoint(source.path, od, calibration, config, resume=resume, overwrite=overwrite,
+                                labels=labels, times=times, **kwargs)
     if main:
-        prepare_output_dir(os.path.abspath(out), overwrite=overwrite, input_path=str(source))
+        od.check(overwrite)
     from .driver import prune_model
     import time
     t0 = time.perf_counter()
     loaded = load_model(source, dtype=dtype)
     t_load = time.perf_counter() - t0
-    report = prune_model(loaded, calibration, config, **kwargs)
-    report.settings.update(source=str(source))
-    report.times = {"load": t_load, **report.times}
+    report = prune_model(loaded, calibration, config, labels={"source": str(source), **(labels or {})}, **kwargs)
+    report.times = {**(times or {}), "load": t_load, **report.times}
     if main:
-        t0 = time.perf_counter()
-        saved = save_model(loaded, out, tokenizer=tokenizer, report=report, overwrite=overwrite,
-                           input_path=str(source))
-        report.times["save"] = time.perf_counter() - t0
-        report.settings["replaced_files"] = list(saved.removed)
-        report.save(os.path.join(os.path.abspath(out), "pyprune_report.json"))
+        save_model(loaded, od, tokenizer=tokenizer, report=report, overwrite=overwrite)
     return report
 
 
