@@ -279,11 +279,10 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
                 ready = ready[:1]
             if not ready:
                 raise RuntimeError(f"block {index}: no Hessian was collected for {todo[0].sites[0].name}")
-        if comm is not None:
-            reports += _prune_slots_distributed(block, index, ready, wanted, config, options, comm, prefix)
-        else:
-            for slot in ready:
-                reports += _prune_slot(block, index, slot, wanted, config, options, prefix)
+        for slot in ready:
+            if comm is not None and needs_h:
+                _reduce_slot(slot, comm)
+            reports += _prune_slot(block, index, slot, wanted, config, options, prefix, comm)
         for slot in ready:
             done.update(slot.sites)
             slot.H = None
@@ -348,10 +347,24 @@ def _layer_config(site: Site, n: int, H, config: PruneConfig, options: Options):
     return config.replace(method="wanda", mask=None, mask_scope=None), f"{n} tokens < {least}: wanda"
 
 
+def _reduce_slot(slot: _Slot, comm) -> None:
+    """Distributed: the group's Hessian summed over the ranks (every rank reduces every group in the same order; an
+    expert this rank's tokens never reached joins with an empty Hessian (n = 0); one that no rank's tokens reached
+    keeps none, and falls back in ``_layer_config``)."""
+    if slot.H is None:
+        cols = slot.sites[0].out_in[1]
+        slot.H = torch.zeros(cols, cols, dtype=torch.float32, device=comm.device)
+    if comm.sum_int(slot.n) == 0:
+        slot.H, slot.n = None, 0
+    else:
+        slot.H, slot.n = comm.reduce_hessian(slot.H, slot.n)
+
+
 def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, options: Options,
-                prefix: str) -> list[LayerReport]:
+                prefix: str, comm=None) -> list[LayerReport]:
     """Prune the wanted matrices of one group: those on the run's method together (``prune_group``: one damped
-    factor of the shared Hessian for all), the ones falling back alone."""
+    factor of the shared Hessian for all; with ``comm`` the group's rows split over the ranks, each calling
+    ``prune_group`` on its share: ``distributed.solve_group``), the ones falling back alone (on every rank alike)."""
     params = dict(block.named_parameters())
     sites = [s for s in slot.sites if wanted(s)]
     H = slot.H
@@ -367,9 +380,15 @@ def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, opt
     for (cfg, fallback), members in plans.items():
         t0 = time.perf_counter()
         views = [s.view(params) for s in members]
-        results = prune_group([v.detach().contiguous() for v in views], H if cfg.method != "magnitude" else None,
-                              cfg)
+        Hc = H if cfg.method != "magnitude" else None
+        if comm is None or fallback is not None:
+            results = prune_group([v.detach().contiguous() for v in views], Hc, cfg)
+        else:
+            from ..distributed import solve_group
+            results = solve_group(comm, [v.detach() for v in views], Hc, cfg)
         secs = (time.perf_counter() - t0) / len(members)
+        if comm is not None:  # rank 0's seconds: every rank's report the same
+            secs = comm.broadcast_object(secs)
         for site, view, result in zip(members, views, results):
             with torch.no_grad():
                 view.copy_(result.weight.to(view.dtype))
@@ -383,45 +402,6 @@ def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, opt
 
 def _finite_or_none(x: float) -> float | None:
     return x if x == x else None
-
-
-def _prune_slots_distributed(block, index: int, slots: list[_Slot], wanted, config: PruneConfig, options: Options,
-                             comm, prefix: str) -> list[LayerReport]:
-    """The block's groups over the ranks of ``comm``: reduce each group's Hessian, then split the solves. Matrices that
-    fall back to another method (experts with few tokens) are pruned on every rank alike."""
-    from ..distributed import prune_units
-    params = dict(block.named_parameters())
-    items, setters, meta = [], [], []
-    fallbacks = []
-    for slot in slots:
-        if config.method != "magnitude":
-            # every rank reduces every group in the same order; an expert this rank's tokens never reached joins
-            # with an empty Hessian (n = 0), one that no rank's tokens reached falls back below
-            if slot.H is None:
-                cols = slot.sites[0].out_in[1]
-                slot.H = torch.zeros(cols, cols, dtype=torch.float32, device=comm.device)
-            if comm.sum_int(slot.n) == 0:
-                slot.H, slot.n = None, 0
-            else:
-                slot.H, slot.n = comm.reduce_hessian(slot.H, slot.n)
-        for site in slot.sites:
-            if not wanted(site):
-                continue
-            view = site.view(params)
-            cfg, fallback = _layer_config(site, slot.n, slot.H, config, options)
-            if fallback is not None:
-                fallbacks.append((slot, site))
-                continue
-            items.append((f"{prefix}{site.name}", view.detach(), slot.H))
-            setters.append(lambda rows, v, view=view: view[rows].copy_(v.to(view.dtype)))
-            meta.append((slot.n, view))
-    stats = prune_units(comm, items, config, setters) if items else []
-    reports = [LayerReport(name, index, tuple(W.shape), st.loss, float((view == 0).float().mean()), st.seconds,
-                           config.method, n, st.fallback, st.damp)
-               for (name, W, _), st, (n, view) in zip(items, stats, meta)]
-    for slot, site in fallbacks:
-        reports += _prune_slot(block, index, _Slot((site,), slot.H, slot.n), wanted, config, options, prefix)
-    return reports
 
 
 def _prune_dense(block, rel: str, index: int, config: PruneConfig, prefix: str) -> LayerReport:
