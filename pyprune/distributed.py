@@ -266,8 +266,8 @@ def solve_group(comm: Comm, weights: Sequence[torch.Tensor], H: torch.Tensor | N
     mine = [u for u in units if u.owner == comm.rank]
     solved = dict(zip(mine, prune_group([weights[u.module][u.start:u.stop].contiguous() for u in mine], H, config)
                            if mine else []))
-    fallbacks = {k: v for part in comm.all_gather_object({(u.module, u.start): r.fallback for u, r in solved.items()})
-                 for k, v in part.items()}
+    notes = {k: v for part in comm.all_gather_object({(u.module, u.start): (r.fallback, r.row_loss.dtype)
+                                                      for u, r in solved.items()}) for k, v in part.items()}
     pieces: list[list] = [[] for _ in weights]
     for u in units:  # every rank in the same order: the owner sends, the others receive
         W, rows = weights[u.module], u.stop - u.start
@@ -283,14 +283,15 @@ def solve_group(comm: Comm, weights: Sequence[torch.Tensor], H: torch.Tensor | N
             info = torch.empty(4 + rows, dtype=torch.float64, device=comm.device)
         for t in (weight, mask, info):
             comm.broadcast_(t, u.owner)
-        pieces[u.module].append((weight, mask, info, fallbacks[(u.module, u.start)]))
+        fallback, row_dtype = notes[(u.module, u.start)]
+        pieces[u.module].append((weight, mask, info, fallback, row_dtype))
     out = []
     for W, parts in zip(weights, pieces):
         damps = [float(p[2][1]) for p in parts if p[2][1] == p[2][1]]
         out.append(PruneResult(weight=torch.cat([p[0] for p in parts]).to(W.device),
                                mask=torch.cat([p[1] for p in parts]).bool().to(W.device),
                                loss=float(sum(float(p[2][0]) for p in parts)),
-                               row_loss=torch.cat([p[2][4:] for p in parts]).to(W.device),
+                               row_loss=torch.cat([p[2][4:].to(p[4]) for p in parts]).to(W.device),
                                damp=max(damps) if damps else float("nan"),
                                fallback=next((p[3] for p in parts if p[3]), None),
                                exchanges=int(sum(float(p[2][2]) for p in parts)),
