@@ -548,19 +548,18 @@ def run_settings(config: PruneConfig, *, model_type, blocks_path: str, batches: 
                          **({} if comm is None else {"world_size": comm.world_size}), **extra)
 
 
-def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, config: PruneConfig,
-               selection: Selection, options: Options, store: BlockStore, *, start: int = 0, last: int,
-               comm=None, on_block_done=None, layers: list[LayerReport] | None = None,
-               dense: list[DenseMatrix] | None = None) -> list[LayerReport]:
-    """The one block loop: for blocks ``start..`` load, prune (if selected), compute the next inputs, hand back.
-    ``layers`` and ``dense`` receive each pruned block's layer reports and kept matrices before ``store.done``."""
+def walk_blocks(blocks: torch.nn.ModuleList, inputs: BlockInputs, store: BlockStore, step, *, start: int = 0,
+                last: int | None = None, advance: bool = True, progress: bool = False, on_block_done=None,
+                layers: list[LayerReport] | None = None) -> list[LayerReport]:
+    """The one block loop of every run (prune in memory, streamed, distributed; inspect): for blocks ``start..``
+    load (``store``), ``step(i, block, inputs)`` (prune it, or observe it: returns its layer reports), compute the
+    next block's inputs (``advance``), hand it back (``store.done``). Blocks past ``last`` are ``store.skip``-ped.
+    ``layers`` receives each block's layer reports before ``store.done``."""
     layers = [] if layers is None else layers
-    dense = [] if dense is None else dense
-    shared = PrunedParams()
-    outer = _bar(len(blocks), "blocks") if options.progress else None
+    last = len(blocks) - 1 if last is None else last
+    outer = _bar(len(blocks), "blocks") if progress else None
     if outer is not None:
         outer.update(start)
-    checked = False
     try:
         for i in range(start, len(blocks)):
             if i > last:
@@ -569,20 +568,8 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
                     outer.update(1)
                 continue
             block = store.load(i)
-            check_finite(block, f"{path}.{i}")
-            new: list[LayerReport] = []
-            if selection.wants_block(i):
-                new, obs = prune_block(block, i, inputs, config, selection, options, prefix=f"{path}.{i}.",
-                                       comm=comm, shared=shared, check_patterns=not checked)
-                checked = True
-                names = {r.name for r in new}
-                params = dict(block.named_parameters())
-                for slot in obs.slots:
-                    for s in slot.sites:
-                        if f"{path}.{i}.{s.name}" in names:
-                            shared.add(params[s.param], f"block {i}")
-                dense += kept_matrices(block, i, obs, f"{path}.{i}.", names)
-            if i < last and inputs.hidden:
+            new = step(i, block, inputs)
+            if advance and i < last and inputs.hidden:
                 inputs.hidden = run_block_all(block, inputs, i)
             layers += new
             store.done(i, block, inputs, new)
@@ -594,6 +581,38 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
         if outer is not None:
             outer.close()
     return layers
+
+
+def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, config: PruneConfig,
+               selection: Selection, options: Options, store: BlockStore, *, start: int = 0, last: int,
+               comm=None, on_block_done=None, layers: list[LayerReport] | None = None,
+               dense: list[DenseMatrix] | None = None) -> list[LayerReport]:
+    """A prune's walk over the blocks (``walk_blocks``) with the prune step: each block's weights checked finite, a
+    selected block pruned (``prune_block``). ``layers`` and ``dense`` receive each pruned block's layer reports and
+    kept matrices before ``store.done``."""
+    dense = [] if dense is None else dense
+    shared = PrunedParams()
+    checked = False
+
+    def prune_step(i: int, block: torch.nn.Module, inputs: BlockInputs) -> list[LayerReport]:
+        nonlocal checked
+        check_finite(block, f"{path}.{i}")
+        if not selection.wants_block(i):
+            return []
+        new, obs = prune_block(block, i, inputs, config, selection, options, prefix=f"{path}.{i}.", comm=comm,
+                               shared=shared, check_patterns=not checked)
+        checked = True
+        names = {r.name for r in new}
+        params = dict(block.named_parameters())
+        for slot in obs.slots:
+            for s in slot.sites:
+                if f"{path}.{i}.{s.name}" in names:
+                    shared.add(params[s.param], f"block {i}")
+        dense.extend(kept_matrices(block, i, obs, f"{path}.{i}.", names))
+        return new
+
+    return walk_blocks(blocks, inputs, store, prune_step, start=start, last=last, progress=options.progress,
+                       on_block_done=on_block_done, layers=layers)
 
 
 def nonfinite_params(module: torch.nn.Module, skip: set[int] | None = None) -> list[str]:

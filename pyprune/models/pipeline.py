@@ -243,12 +243,30 @@ def _drop(module: torch.nn.Module, last_use: dict[int, int], index: int) -> None
                 sub._parameters[attr] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
 
 
+class _SkeletonStore:
+    """Inspect's ``BlockStore`` for a model on the meta device: a block stays where it is for its turn (the step gives
+    it memory if it must run on values), and after it the parameters no later block uses go back to meta."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, last_use: dict[int, int]):
+        self.blocks, self.last_use = blocks, last_use
+
+    def load(self, i: int):
+        return self.blocks[i]
+
+    def done(self, i: int, block, inputs, reports) -> None:
+        _drop(block, self.last_use, i)
+
+    def skip(self, i: int) -> None:
+        pass
+
+
 def _observe_all(model, device, views: bool, skeleton: bool = False):
-    """Observe every block once (see ``inspect_model``); the matrices as views, or an ``Inspection``. ``skeleton``:
-    the model's parameters are on the meta device; each block gets zero-filled ones for its turn."""
-    from .capture import BlockInputs, capture_inputs, run_block_all
+    """Observe every block once (see ``inspect_model``), walking the blocks with the prune's loop
+    (``driver.walk_blocks``) and a step that prunes nothing; the matrices as views, or an ``Inspection``.
+    ``skeleton``: the model's parameters are on the meta device; each block gets zero-filled ones for its turn."""
+    from .capture import BlockInputs, capture_inputs
     from .discover import PrunedParams, eager_experts, find_blocks
-    from .driver import BlockStore, MoveNonBlock, observe_block, resolve_device, synthetic_batches
+    from .driver import BlockStore, MoveNonBlock, observe_block, resolve_device, synthetic_batches, walk_blocks
     device = resolve_device(device)
     found: dict[str, torch.Tensor] = {}
     path, blocks = find_blocks(model)
@@ -263,56 +281,54 @@ def _observe_all(model, device, views: bool, skeleton: bool = False):
     outside = [(n, tuple(p.shape)) for n, p in model.named_parameters() if id(p) not in inside]
     if skeleton:  # the parts outside the blocks, zero-filled, for the capture pass
         _zero_fill(model, device, skip=inside)
+    shared = PrunedParams()
+    seen: dict[tuple, BlockView] = {}
+    meta_inputs = None
+
+    def observe_step(i: int, block: torch.nn.Module, inputs: BlockInputs) -> list:
+        key, obs = None, None
+        if skeleton:
+            alone = all(len(users[id(sub)]) == 1 for sub in block.modules())
+            key = (type(block).__name__, tuple((n, tuple(p.shape), p.dtype)
+                                               for n, p in block.named_parameters())) if alone else None
+            if key is not None and key in seen:
+                rows.append(BlockView(i, seen[key].kind, seen[key].groups, dict(seen[key].dense), seen[key].experts))
+                return []
+            if all(p.device.type == "meta" for p in block.parameters()):
+                try:  # on the meta device: no memory, no arithmetic
+                    with _buffers_on_meta(block):
+                        obs = observe_block(block, meta_inputs, i, all_experts=True, shared=shared)
+                except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
+                    obs = None  # a step that needs values (an MoE dispatch's nonzero): zero-filled weights
+            if obs is None:
+                _zero_fill(block, device)
+        if obs is None:
+            obs = observe_block(block, inputs, i, all_experts=True, shared=shared)
+        params = dict(block.named_parameters())
+        for slot in obs.slots:
+            for s in slot.sites:
+                shared.add(params[s.param], f"block {i}")
+                if views:
+                    found[f"{path}.{i}.{s.name}"] = s.view(params)
+        rows.append(BlockView(i, type(block).__name__, [[(s.name, s.out_in) for s in slot.sites]
+                                                         for slot in obs.slots], dict(obs.dense), obs.experts))
+        if key is not None:
+            seen[key] = rows[-1]
+        return []
+
     with torch.no_grad(), eager_experts(model):
         with MoveNonBlock(model, blocks, device):
             inputs = capture_inputs(model, blocks, synthetic_batches(model), device)
-        store = BlockStore(blocks, device)
-        shared = PrunedParams()
         if skeleton:
             memo: dict = {}
             meta_inputs = BlockInputs([h.to("meta") for h in inputs.hidden],
                                       [[_meta_tree(c, memo) for c in calls] for calls in inputs.calls],
                                       inputs.output_format)
-        seen: dict[tuple, BlockView] = {}
-        for i in range(len(blocks)):
-            key, obs = None, None
-            if skeleton:
-                alone = all(len(users[id(sub)]) == 1 for sub in blocks[i].modules())
-                key = (type(blocks[i]).__name__, tuple((n, tuple(p.shape), p.dtype)
-                                                       for n, p in blocks[i].named_parameters())) if alone else None
-                if key is not None and key in seen:
-                    rows.append(BlockView(i, seen[key].kind, seen[key].groups, dict(seen[key].dense),
-                                          seen[key].experts))
-                    continue
-                if all(p.device.type == "meta" for p in blocks[i].parameters()):
-                    try:  # on the meta device: no memory, no arithmetic
-                        with _buffers_on_meta(blocks[i]):
-                            obs = observe_block(blocks[i], meta_inputs, i, all_experts=True, shared=shared)
-                    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
-                        obs = None  # a step that needs values (an MoE dispatch's nonzero): zero-filled weights
-                if obs is None:
-                    _zero_fill(blocks[i], device)
-            on_meta = obs is not None
-            block = blocks[i] if on_meta else store.load(i)
-            if not on_meta:
-                obs = observe_block(block, inputs, i, all_experts=True, shared=shared)
-            params = dict(block.named_parameters())
-            for slot in obs.slots:
-                for s in slot.sites:
-                    shared.add(params[s.param], f"block {i}")
-                    if views:
-                        found[f"{path}.{i}.{s.name}"] = s.view(params)
-            rows.append(BlockView(i, type(block).__name__,
-                                   [[(s.name, s.out_in) for s in slot.sites] for slot in obs.slots],
-                                   dict(obs.dense), obs.experts))
-            if key is not None:
-                seen[key] = rows[-1]
-            if i + 1 < len(blocks) and not skeleton:  # skeleton: every block's input is the zeros captured
-                inputs.hidden = run_block_all(block, inputs, i)
-            if not on_meta:
-                store.done(i, block, inputs, [])
-            if skeleton:
-                _drop(block, last_use, i)
+            store = _SkeletonStore(blocks, last_use)
+        else:
+            store = BlockStore(blocks, device)
+        # skeleton: every block's input is the zeros captured (no block runs on values it would pass on)
+        walk_blocks(blocks, inputs, store, observe_step, advance=not skeleton)
     if views:
         return found
     return Inspection(getattr(model.config, "model_type", "?"), path, rows, outside)

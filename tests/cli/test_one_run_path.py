@@ -82,3 +82,33 @@ def test_checked_once_and_reported_once(ws, tmp_path, counted, stream):
         assert list(report["times"])[1] == "load" and report["times"]["save"] > 0
     manifest = json.load(open(out / "pyprune_manifest.json"))
     assert "pyprune_report.json" in manifest["files"]
+
+
+def test_prune_and_inspect_walk_the_blocks_with_one_loop(ws, monkeypatch):
+    """Inspect (from the config on meta, and of a loaded model) and prune go through ``driver.walk_blocks``, each
+    block once; inspect's step prunes nothing."""
+    import pyprune.models.driver as driver
+    from pyprune.config import PruneConfig
+    from pyprune.models.io import load_model, resolve_model
+    from pyprune.models.pipeline import inspect_model
+    walked = []
+    walk = driver.walk_blocks
+
+    def counting_walk(blocks, inputs, store, step, **kw):
+        def counted_step(i, block, inputs):
+            walked.append(i)
+            return step(i, block, inputs)
+        return walk(blocks, inputs, store, counted_step, **kw)
+
+    monkeypatch.setattr(driver, "walk_blocks", counting_walk)
+    skeleton = inspect_model(ws["model"])
+    assert walked == [0, 1] and [b.index for b in skeleton.blocks] == [0, 1]
+    model = load_model(resolve_model(ws["model"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    walked.clear()
+    loaded = inspect_model(model, device="cpu")
+    assert walked == [0, 1] and loaded.to_dict() == skeleton.to_dict()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned
+    walked.clear()
+    report = driver.prune_model(model, torch.randint(0, model.config.vocab_size, (2, 16)), PruneConfig(block_size=16), device="cpu")
+    assert walked == [0, 1] and {r.block for r in report.layers} == {0, 1}
