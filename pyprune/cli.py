@@ -228,15 +228,14 @@ def _prune_config(args):
 def cmd_prune(args) -> int:
     from .data import calibration_texts, calibration_windows
     from .models.driver import resolve_device
-    from .models.io import (check_nm_shapes, check_seqlen, check_supported, check_weights, load_tokenizer,
-                            prepare_output_dir, resolve_model)
-    from .models.outdir import check_output_vs_input
+    from .models.io import check_nm_shapes, check_seqlen, check_supported, check_weights, load_tokenizer, resolve_model
+    from .models.outdir import OutputDir
     from .models.pipeline import should_stream
     config = _prune_config(args)
     source = resolve_model(args.model)
     resolve_device(args.device)  # before any slow work: --device cuda on a machine without CUDA
     out = os.path.abspath(args.output)
-    check_output_vs_input(out, str(source))
+    od = OutputDir(out, input_path=str(source))  # the output-versus-input check of the whole run, here only
     cfg = check_supported(source)  # the config or GGUF metadata only: no weight is loaded yet
     check_seqlen(cfg, args.seqlen)
     check_weights(source)  # every safetensors shard whole (a header read each)
@@ -248,7 +247,7 @@ def cmd_prune(args) -> int:
     distributed = args.distributed or _env_world_size() > 1
     # distributed: every rank of this node holds the model unless it streams
     stream = should_stream(source, args.stream, copies=_local_world_size() if distributed else 1)
-    prepare_output_dir(out, overwrite=args.overwrite, input_path=str(source), resume=stream and not args.no_resume)
+    od.check(args.overwrite, resume=stream and not args.no_resume)  # what the directory holds: writes nothing
     texts = calibration_texts(args.calib_text)  # a missing text fails before the model loads
     _quiet_transformers()
     t0 = time.perf_counter()
@@ -256,21 +255,23 @@ def cmd_prune(args) -> int:
     samples = calibration_windows(tokenizer, texts, args.nsamples, args.seqlen, seed=args.seed)
     t_tok = time.perf_counter() - t0
     if not distributed:
-        return _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, stream)
+        return _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream)
     from .distributed import init_from_env
     comm = init_from_env(device=args.device, timeout_s=args.dist_timeout)
     try:
         if args.nsamples < comm.world_size:
             raise _BadInput(f"--nsamples {args.nsamples} is smaller than the {comm.world_size} ranks")
-        return _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, stream, comm)
+        return _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream, comm)
     finally:
         comm.close()
 
 
-def _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, stream, comm=None) -> int:
-    """``prune_pretrained``, in memory or streamed. Distributed (``comm``): every rank prunes with its calibration
-    shard and the same weights; rank 0 alone writes the output and prints the summary."""
+def _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream, comm=None) -> int:
+    """``prune_pretrained``, in memory or streamed, into the checked output directory ``od``; the run writes the
+    report, whole. Distributed (``comm``): every rank prunes with its calibration shard and the same weights; rank 0
+    alone writes the output and prints the summary."""
     from .models.pipeline import prune_pretrained
+    out = os.path.abspath(od.given)
     main = comm is None or comm.is_main
     if comm is not None:
         from .distributed import shard_samples
@@ -282,7 +283,7 @@ def _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, strea
              + (f" on {comm.world_size} ranks" if comm is not None else "")
              + (f"; resuming the unfinished run there after block {done}" if done is not None and
                 not args.no_resume else ""))
-    report = prune_pretrained(str(source) if source.kind != "builtin" else "builtin", out, samples, config,
+    report = prune_pretrained(str(source) if source.kind != "builtin" else "builtin", od, samples, config,
                               stream="on" if stream else "off", tokenizer=tokenizer, dtype=_dtype(args.dtype),
                               overwrite=args.overwrite, resume=not args.no_resume, modules=args.modules,
                               dense=args.dense, blocks=args.blocks,
@@ -290,12 +291,10 @@ def _prune_and_write(args, source, tokenizer, samples, config, out, t_tok, strea
                               true_sequential=args.true_sequential,
                               calibrate_all_experts=args.calibrate_all_experts,
                               expert_min_tokens=args.expert_min_tokens, hessian_budget=args.hessian_budget,
-                              progress=not args.quiet and main, comm=comm)
+                              progress=not args.quiet and main, comm=comm,
+                              labels={"calib_text": args.calib_text, "seed": args.seed}, times={"tokenize": t_tok})
     if not main:
         return EXIT_OK
-    report.settings.update(source=str(source), calib_text=args.calib_text, seed=args.seed)
-    report.times = {"tokenize": t_tok, **report.times}
-    report.save(os.path.join(out, "pyprune_report.json"))
     _print_prune_summary(args, report, out)
     removed = report.settings.get("replaced_files") or []
     if removed:

@@ -6,12 +6,14 @@ Two things are split over the ranks of a process group, block by block (docs/ALG
    the current block and accumulates the Hessians of its linear layers from them; ``Comm.reduce_hessian`` then sums
    ``n_r H_r`` and ``n_r`` over the ranks, so every rank holds ``H = 2/N sum X^T X`` of all ``N`` tokens: the
    single-process ``H`` up to float rounding.
-2. Solves: the block's linear modules, and row ranges of a big module (rows are independent given ``H`` and the
-   mask rule, so a row-split solve equals the unsplit one where ``row_split_exact`` says so), are work units
-   assigned to ranks by ``plan_units``; each rank prunes its units with ``pyprune.algorithms.prune_group`` (the units
-   reading one Hessian together, one damped factor for them as in a single process) and the owners broadcast the
-   pruned rows and the per-unit loss/sparsity/damping/fallback, so every rank ends the block with identical weights,
-   identical reports, and (from them) identical outputs for its own samples.
+2. Solves, group by group (the modules reading one Hessian, ``solve_group``): the group's modules, and row ranges
+   of a big module (rows are independent given ``H`` and the mask rule, so a row-split solve equals the unsplit one
+   where ``row_split_exact`` says so), are work units assigned to ranks by ``plan_units``; each rank prunes its
+   units with one ``pyprune.algorithms.prune_group`` call (the group's shared Hessian setup, one damped factor, as in
+   a single process) and the owners broadcast the pruned rows, masks and per-unit loss/damping/exchanges/fallback,
+   so every rank ends the block with identical weights, identical reports, and (from them) identical outputs for
+   its own samples. The driver (``models.driver``) calls ``solve_group`` where a single process calls
+   ``prune_group``.
 
 Running (every rank loads, or with ``--stream`` reads block by block, the model; rank 0 alone writes the output):
 
@@ -37,7 +39,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 __all__ = ["Comm", "Unit", "UnitStats", "init_from_env", "shard_samples", "plan_units", "row_split_exact", "prune_rows",
-           "prune_units", "env_world_size"]
+           "solve_group", "prune_units", "env_world_size"]
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,54 @@ def prune_rows(W: torch.Tensor, H: torch.Tensor | None, config, bounds: Sequence
             float(sum(p.loss for p in parts)))
 
 
+def solve_group(comm: Comm, weights: Sequence[torch.Tensor], H: torch.Tensor | None, config) -> list:
+    """Prune the weights of one group (modules reading one Hessian ``H``, identical on every rank) over the ranks of
+    ``comm``: ``plan_units`` splits the group's rows into units (row ranges only where ``row_split_exact``), each
+    rank prunes its units with one ``prune_group`` call (the group's shared Hessian setup, once per rank), and the
+    owners broadcast their pruned rows, masks, row losses and notes. Returns one ``PruneResult`` per weight, the same
+    on every rank: the stitched weight and mask, the row losses and their sum, the largest damping a unit needed
+    (NaN where none recorded one), the first fallback, the exchanges and their seconds summed."""
+    from .algorithms import prune_group
+    from .algorithms.common import PruneResult
+    split = comm.split_rows and row_split_exact(config)
+    units = plan_units([(str(i), W.shape[0], W.shape[1]) for i, W in enumerate(weights)], comm.world_size, split,
+                       comm.min_split_rows)
+    mine = [u for u in units if u.owner == comm.rank]
+    solved = dict(zip(mine, prune_group([weights[u.module][u.start:u.stop].contiguous() for u in mine], H, config)
+                           if mine else []))
+    notes = {k: v for part in comm.all_gather_object({(u.module, u.start): (r.fallback, r.row_loss.dtype)
+                                                      for u, r in solved.items()}) for k, v in part.items()}
+    pieces: list[list] = [[] for _ in weights]
+    for u in units:  # every rank in the same order: the owner sends, the others receive
+        W, rows = weights[u.module], u.stop - u.start
+        if u.owner == comm.rank:
+            r = solved.pop(u)
+            weight = r.weight.to(W.dtype).contiguous()
+            mask = r.mask.to(torch.uint8).contiguous()
+            info = torch.cat([torch.tensor([float(r.loss), float(r.damp), float(r.exchanges), float(r.exchange_s)],
+                                           dtype=torch.float64), r.row_loss.detach().double().cpu()]).to(comm.device)
+        else:
+            weight = torch.empty(rows, W.shape[1], dtype=W.dtype, device=comm.device)
+            mask = torch.empty(rows, W.shape[1], dtype=torch.uint8, device=comm.device)
+            info = torch.empty(4 + rows, dtype=torch.float64, device=comm.device)
+        for t in (weight, mask, info):
+            comm.broadcast_(t, u.owner)
+        fallback, row_dtype = notes[(u.module, u.start)]
+        pieces[u.module].append((weight, mask, info, fallback, row_dtype))
+    out = []
+    for W, parts in zip(weights, pieces):
+        damps = [float(p[2][1]) for p in parts if p[2][1] == p[2][1]]
+        out.append(PruneResult(weight=torch.cat([p[0] for p in parts]).to(W.device),
+                               mask=torch.cat([p[1] for p in parts]).bool().to(W.device),
+                               loss=float(sum(float(p[2][0]) for p in parts)),
+                               row_loss=torch.cat([p[2][4:].to(p[4]) for p in parts]).to(W.device),
+                               damp=max(damps) if damps else float("nan"),
+                               fallback=next((p[3] for p in parts if p[3]), None),
+                               exchanges=int(sum(float(p[2][2]) for p in parts)),
+                               exchange_s=float(sum(float(p[2][3]) for p in parts))))
+    return out
+
+
 class UnitStats(NamedTuple):
     """What ``prune_units`` reports per module, the same on every rank."""
     loss: float
@@ -260,50 +310,22 @@ class UnitStats(NamedTuple):
 
 def prune_units(comm: Comm, items: Sequence[tuple[str, torch.Tensor, torch.Tensor | None]], config,
                 setters: Sequence) -> list[UnitStats]:
-    """Prune the stage's modules over the ranks. ``items``: ``(name, W 2-D view, H)`` per module (identical on every
-    rank); ``setters[i](rows_slice, value)`` writes pruned rows into module i. A rank solves its units that share a
-    Hessian together (``prune_group``: one damped factor for all of them, as in a single process). Returns per
-    module ``UnitStats`` (loss, pruned fraction, seconds, damping, fallback), the same on every rank."""
-    from .algorithms import prune_group
-    split = comm.split_rows and row_split_exact(config)
-    units = plan_units([(name, W.shape[0], W.shape[1]) for name, W, _ in items], comm.world_size, split,
-                       comm.min_split_rows)
-    by_hessian: dict[int, list[Unit]] = {}
-    for u in units:  # my units, grouped by the Hessian they read
-        if u.owner == comm.rank:
-            by_hessian.setdefault(id(items[u.module][2]), []).append(u)
-    mine, notes = {}, {}
-    for group in by_hessian.values():  # solve my units first (reading the original weights), then exchange
-        H = items[group[0].module][2]
+    """Prune several modules over the ranks, group by group: ``items``: ``(name, W 2-D view, H)`` per module
+    (identical on every rank); the modules reading one Hessian (the same ``H`` object) form a group, solved by
+    ``solve_group``; ``setters[i](rows_slice, value)`` writes module i's pruned rows. Returns per module
+    ``UnitStats`` (loss, pruned fraction, seconds per module of its group's solve, damping, fallback), the same on
+    every rank."""
+    groups: dict[int, list[int]] = {}
+    for i, (_, _, H) in enumerate(items):
+        groups.setdefault(id(H), []).append(i)
+    stats: list = [None] * len(items)
+    for members in groups.values():
         t0 = time.perf_counter()
-        results = prune_group([items[u.module][1][u.start:u.stop].contiguous() for u in group], H, config)
-        secs = (time.perf_counter() - t0) / len(group)
-        for u, result in zip(group, results):
-            W = items[u.module][1]
-            mine[u] = (result.weight.to(W.dtype).contiguous(), float(result.loss), float(result.mask.sum()), secs)
-            damp = None if result.damp is None or result.damp != result.damp else float(result.damp)
-            notes[(u.module, u.start)] = (damp, result.fallback)
-        del results
-    notes = {k: v for part in comm.all_gather_object(notes) for k, v in part.items()}
-    stats = [[0.0, 0.0, 0.0, None, None] for _ in items]
-    for u in units:
-        _, W, _ = items[u.module]
-        if u.owner == comm.rank:
-            rows, loss, pruned, secs = mine.pop(u)
-            info = torch.tensor([loss, pruned, secs], dtype=torch.float64, device=comm.device)
-        else:
-            rows = torch.empty(u.stop - u.start, W.shape[1], dtype=W.dtype, device=comm.device)
-            info = torch.empty(3, dtype=torch.float64, device=comm.device)
-        comm.broadcast_(rows, u.owner)
-        comm.broadcast_(info, u.owner)
-        setters[u.module](slice(u.start, u.stop), rows)
-        loss, pruned, secs = info.tolist()
-        s = stats[u.module]
-        s[0] += loss
-        s[1] += pruned
-        s[2] += secs
-        damp, fallback = notes[(u.module, u.start)]
-        if damp is not None:
-            s[3] = damp if s[3] is None else max(s[3], damp)
-        s[4] = s[4] or fallback
-    return [UnitStats(s[0], s[1] / max(W.numel(), 1), s[2], s[3], s[4]) for s, (_, W, _) in zip(stats, items)]
+        results = solve_group(comm, [items[i][1].detach() for i in members], items[members[0]][2], config)
+        secs = (time.perf_counter() - t0) / len(members)
+        for i, r in zip(members, results):
+            W = items[i][1]
+            setters[i](slice(0, W.shape[0]), r.weight)
+            stats[i] = UnitStats(r.loss, float(r.mask.sum()) / max(W.numel(), 1), secs,
+                                 None if r.damp != r.damp else r.damp, r.fallback)
+    return stats

@@ -279,11 +279,10 @@ def prune_block(block: torch.nn.Module, index: int, inputs: BlockInputs, config:
                 ready = ready[:1]
             if not ready:
                 raise RuntimeError(f"block {index}: no Hessian was collected for {todo[0].sites[0].name}")
-        if comm is not None:
-            reports += _prune_slots_distributed(block, index, ready, wanted, config, options, comm, prefix)
-        else:
-            for slot in ready:
-                reports += _prune_slot(block, index, slot, wanted, config, options, prefix)
+        for slot in ready:
+            if comm is not None and needs_h:
+                _reduce_slot(slot, comm)
+            reports += _prune_slot(block, index, slot, wanted, config, options, prefix, comm)
         for slot in ready:
             done.update(slot.sites)
             slot.H = None
@@ -348,10 +347,24 @@ def _layer_config(site: Site, n: int, H, config: PruneConfig, options: Options):
     return config.replace(method="wanda", mask=None, mask_scope=None), f"{n} tokens < {least}: wanda"
 
 
+def _reduce_slot(slot: _Slot, comm) -> None:
+    """Distributed: the group's Hessian summed over the ranks (every rank reduces every group in the same order; an
+    expert this rank's tokens never reached joins with an empty Hessian (n = 0); one that no rank's tokens reached
+    keeps none, and falls back in ``_layer_config``)."""
+    if slot.H is None:
+        cols = slot.sites[0].out_in[1]
+        slot.H = torch.zeros(cols, cols, dtype=torch.float32, device=comm.device)
+    if comm.sum_int(slot.n) == 0:
+        slot.H, slot.n = None, 0
+    else:
+        slot.H, slot.n = comm.reduce_hessian(slot.H, slot.n)
+
+
 def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, options: Options,
-                prefix: str) -> list[LayerReport]:
+                prefix: str, comm=None) -> list[LayerReport]:
     """Prune the wanted matrices of one group: those on the run's method together (``prune_group``: one damped
-    factor of the shared Hessian for all), the ones falling back alone."""
+    factor of the shared Hessian for all; with ``comm`` the group's rows split over the ranks, each calling
+    ``prune_group`` on its share: ``distributed.solve_group``), the ones falling back alone (on every rank alike)."""
     params = dict(block.named_parameters())
     sites = [s for s in slot.sites if wanted(s)]
     H = slot.H
@@ -367,9 +380,15 @@ def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, opt
     for (cfg, fallback), members in plans.items():
         t0 = time.perf_counter()
         views = [s.view(params) for s in members]
-        results = prune_group([v.detach().contiguous() for v in views], H if cfg.method != "magnitude" else None,
-                              cfg)
+        Hc = H if cfg.method != "magnitude" else None
+        if comm is None or fallback is not None:
+            results = prune_group([v.detach().contiguous() for v in views], Hc, cfg)
+        else:
+            from ..distributed import solve_group
+            results = solve_group(comm, [v.detach() for v in views], Hc, cfg)
         secs = (time.perf_counter() - t0) / len(members)
+        if comm is not None:  # rank 0's seconds: every rank's report the same
+            secs = comm.broadcast_object(secs)
         for site, view, result in zip(members, views, results):
             with torch.no_grad():
                 view.copy_(result.weight.to(view.dtype))
@@ -383,45 +402,6 @@ def _prune_slot(block, index: int, slot: _Slot, wanted, config: PruneConfig, opt
 
 def _finite_or_none(x: float) -> float | None:
     return x if x == x else None
-
-
-def _prune_slots_distributed(block, index: int, slots: list[_Slot], wanted, config: PruneConfig, options: Options,
-                             comm, prefix: str) -> list[LayerReport]:
-    """The block's groups over the ranks of ``comm``: reduce each group's Hessian, then split the solves. Matrices that
-    fall back to another method (experts with few tokens) are pruned on every rank alike."""
-    from ..distributed import prune_units
-    params = dict(block.named_parameters())
-    items, setters, meta = [], [], []
-    fallbacks = []
-    for slot in slots:
-        if config.method != "magnitude":
-            # every rank reduces every group in the same order; an expert this rank's tokens never reached joins
-            # with an empty Hessian (n = 0), one that no rank's tokens reached falls back below
-            if slot.H is None:
-                cols = slot.sites[0].out_in[1]
-                slot.H = torch.zeros(cols, cols, dtype=torch.float32, device=comm.device)
-            if comm.sum_int(slot.n) == 0:
-                slot.H, slot.n = None, 0
-            else:
-                slot.H, slot.n = comm.reduce_hessian(slot.H, slot.n)
-        for site in slot.sites:
-            if not wanted(site):
-                continue
-            view = site.view(params)
-            cfg, fallback = _layer_config(site, slot.n, slot.H, config, options)
-            if fallback is not None:
-                fallbacks.append((slot, site))
-                continue
-            items.append((f"{prefix}{site.name}", view.detach(), slot.H))
-            setters.append(lambda rows, v, view=view: view[rows].copy_(v.to(view.dtype)))
-            meta.append((slot.n, view))
-    stats = prune_units(comm, items, config, setters) if items else []
-    reports = [LayerReport(name, index, tuple(W.shape), st.loss, float((view == 0).float().mean()), st.seconds,
-                           config.method, n, st.fallback, st.damp)
-               for (name, W, _), st, (n, view) in zip(items, stats, meta)]
-    for slot, site in fallbacks:
-        reports += _prune_slot(block, index, _Slot((site,), slot.H, slot.n), wanted, config, options, prefix)
-    return reports
 
 
 def _prune_dense(block, rel: str, index: int, config: PruneConfig, prefix: str) -> LayerReport:
@@ -568,19 +548,18 @@ def run_settings(config: PruneConfig, *, model_type, blocks_path: str, batches: 
                          **({} if comm is None else {"world_size": comm.world_size}), **extra)
 
 
-def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, config: PruneConfig,
-               selection: Selection, options: Options, store: BlockStore, *, start: int = 0, last: int,
-               comm=None, on_block_done=None, layers: list[LayerReport] | None = None,
-               dense: list[DenseMatrix] | None = None) -> list[LayerReport]:
-    """The one block loop: for blocks ``start..`` load, prune (if selected), compute the next inputs, hand back.
-    ``layers`` and ``dense`` receive each pruned block's layer reports and kept matrices before ``store.done``."""
+def walk_blocks(blocks: torch.nn.ModuleList, inputs: BlockInputs, store: BlockStore, step, *, start: int = 0,
+                last: int | None = None, advance: bool = True, progress: bool = False, on_block_done=None,
+                layers: list[LayerReport] | None = None) -> list[LayerReport]:
+    """The one block loop of every run (prune in memory, streamed, distributed; inspect): for blocks ``start..``
+    load (``store``), ``step(i, block, inputs)`` (prune it, or observe it: returns its layer reports), compute the
+    next block's inputs (``advance``), hand it back (``store.done``). Blocks past ``last`` are ``store.skip``-ped.
+    ``layers`` receives each block's layer reports before ``store.done``."""
     layers = [] if layers is None else layers
-    dense = [] if dense is None else dense
-    shared = PrunedParams()
-    outer = _bar(len(blocks), "blocks") if options.progress else None
+    last = len(blocks) - 1 if last is None else last
+    outer = _bar(len(blocks), "blocks") if progress else None
     if outer is not None:
         outer.update(start)
-    checked = False
     try:
         for i in range(start, len(blocks)):
             if i > last:
@@ -589,20 +568,8 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
                     outer.update(1)
                 continue
             block = store.load(i)
-            check_finite(block, f"{path}.{i}")
-            new: list[LayerReport] = []
-            if selection.wants_block(i):
-                new, obs = prune_block(block, i, inputs, config, selection, options, prefix=f"{path}.{i}.",
-                                       comm=comm, shared=shared, check_patterns=not checked)
-                checked = True
-                names = {r.name for r in new}
-                params = dict(block.named_parameters())
-                for slot in obs.slots:
-                    for s in slot.sites:
-                        if f"{path}.{i}.{s.name}" in names:
-                            shared.add(params[s.param], f"block {i}")
-                dense += kept_matrices(block, i, obs, f"{path}.{i}.", names)
-            if i < last and inputs.hidden:
+            new = step(i, block, inputs)
+            if advance and i < last and inputs.hidden:
                 inputs.hidden = run_block_all(block, inputs, i)
             layers += new
             store.done(i, block, inputs, new)
@@ -614,6 +581,38 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
         if outer is not None:
             outer.close()
     return layers
+
+
+def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, config: PruneConfig,
+               selection: Selection, options: Options, store: BlockStore, *, start: int = 0, last: int,
+               comm=None, on_block_done=None, layers: list[LayerReport] | None = None,
+               dense: list[DenseMatrix] | None = None) -> list[LayerReport]:
+    """A prune's walk over the blocks (``walk_blocks``) with the prune step: each block's weights checked finite, a
+    selected block pruned (``prune_block``). ``layers`` and ``dense`` receive each pruned block's layer reports and
+    kept matrices before ``store.done``."""
+    dense = [] if dense is None else dense
+    shared = PrunedParams()
+    checked = False
+
+    def prune_step(i: int, block: torch.nn.Module, inputs: BlockInputs) -> list[LayerReport]:
+        nonlocal checked
+        check_finite(block, f"{path}.{i}")
+        if not selection.wants_block(i):
+            return []
+        new, obs = prune_block(block, i, inputs, config, selection, options, prefix=f"{path}.{i}.", comm=comm,
+                               shared=shared, check_patterns=not checked)
+        checked = True
+        names = {r.name for r in new}
+        params = dict(block.named_parameters())
+        for slot in obs.slots:
+            for s in slot.sites:
+                if f"{path}.{i}.{s.name}" in names:
+                    shared.add(params[s.param], f"block {i}")
+        dense.extend(kept_matrices(block, i, obs, f"{path}.{i}.", names))
+        return new
+
+    return walk_blocks(blocks, inputs, store, prune_step, start=start, last=last, progress=options.progress,
+                       on_block_done=on_block_done, layers=layers)
 
 
 def nonfinite_params(module: torch.nn.Module, skip: set[int] | None = None) -> list[str]:
@@ -670,15 +669,24 @@ class RunPlan:
     num_blocks: int
     last: int                                        # the last block to prune (the loop stops after it)
     settings: dict = field(compare=False, hash=False)
+    labels: tuple[str, ...] = ()                     # settings that only label the report (e.g. the text's name)
+
+    def fingerprint_settings(self) -> dict:
+        """The settings a streamed run's resume fingerprint is made from: all but the device (a run may resume on
+        another one) and the labels (they describe the calibration, whose tokens the fingerprint holds)."""
+        return {k: v for k, v in self.settings.items() if k != "device" and k not in self.labels}
 
 
 def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=None, dense=None, blocks=None,
              device=None, batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
              expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto", progress: bool = False,
-             comm=None, streaming: bool = False, **extra_settings) -> RunPlan:
+             comm=None, streaming: bool = False, labels: dict | None = None, **extra_settings) -> RunPlan:
     """Check a run's choices against ``model`` (loaded, or on the meta device: nothing is run) and freeze them:
     selection, device, calibration batches (token ids, windows no longer than the model's positions), options and
-    the settings the report records. Raises ``ValueError`` naming the option at fault."""
+    the settings the report records (``extra_settings`` and ``labels`` among them: the labels, e.g. the calibration
+    text's name and seed, are left out of the resume fingerprint). Raises ``ValueError`` naming the option at
+    fault."""
+    labels = dict(labels or {})
     config = PruneConfig() if config is None else config
     path, block_list = find_blocks(model)
     selection = make_selection(modules, dense, blocks, len(block_list))
@@ -695,8 +703,9 @@ def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=N
     last = max(selection.blocks) if selection.blocks is not None else len(block_list) - 1
     settings = run_settings(config, model_type=getattr(getattr(model, "config", None), "model_type", None),
                             blocks_path=path, batches=batches, device=device, selection=selection, options=options,
-                            batch_size=batch_size, comm=comm, streaming=streaming, **extra_settings)
-    return RunPlan(config, selection, options, tuple(batches), device, comm, path, len(block_list), last, settings)
+                            batch_size=batch_size, comm=comm, streaming=streaming, **{**extra_settings, **labels})
+    return RunPlan(config, selection, options, tuple(batches), device, comm, path, len(block_list), last, settings,
+                   tuple(labels))
 
 
 def prune_model(model, calibration, config: PruneConfig | None = None, *, modules: Sequence[str] | None = None,
@@ -704,7 +713,7 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
                 batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
                 expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto",
                 progress: bool = False, on_block_done: Callable[[int, list[LayerReport]], None] | None = None,
-                comm=None) -> PruneReport:
+                comm=None, labels: dict | None = None) -> PruneReport:
     """Prune a transformers causal LM in place, one decoder block at a time, and return a ``PruneReport``.
 
     model:        any ``*ForCausalLM`` (decoder-only) that transformers builds: its blocks, their weight matrices and
@@ -733,13 +742,14 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     on_block_done: called as ``f(block_index, layer_reports)`` after each block.
     comm:         a ``pyprune.distributed.Comm`` to prune on several ranks (torchrun): every rank calls this with the
                   same model and its own calibration shard; all ranks end with identical weights and reports.
+    labels:       further settings for the report to record as given (e.g. the source, the calibration text's name).
 
     If a block fails, the blocks before it are pruned and the failing one may be partly pruned; the error says which.
     """
     plan = plan_run(model, calibration, config, modules=modules, dense=dense, blocks=blocks, device=device,
                     batch_size=batch_size, true_sequential=true_sequential,
                     calibrate_all_experts=calibrate_all_experts, expert_min_tokens=expert_min_tokens,
-                    hessian_budget=hessian_budget, progress=progress, comm=comm)
+                    hessian_budget=hessian_budget, progress=progress, comm=comm, labels=labels)
     path, block_list = find_blocks(model)
     device = plan.device
 

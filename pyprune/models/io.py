@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -352,7 +353,7 @@ def _loaded_from(model) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(name), "*.gguf")))
 
 
-def save_model(model, out_dir: str, *, tokenizer=None, report=None, overwrite: bool = False,
+def save_model(model, out_dir, *, tokenizer=None, report=None, overwrite: bool = False,
                input_path=None) -> SavedOutput:
     """Write a Hugging Face directory: config, safetensors with the pruned weights' exact zeros, the tokenizer when
     ``tokenizer`` is given, the report as ``pyprune_report.json``, and last ``pyprune_manifest.json`` listing them.
@@ -361,15 +362,20 @@ def save_model(model, out_dir: str, *, tokenizer=None, report=None, overwrite: b
     ``overwrite=True``, replacing or removing only the files its manifest lists (other files are kept untouched);
     never a directory holding files pyprune did not write without a manifest, never where the input lives
     (``input_path``; by default the local directory the model was loaded from). Checked before anything is written.
+    ``out_dir`` may be an ``outdir.OutputDir`` already checked against the input (not yet prepared): it is used as is.
 
     Everything is first written into ``out_dir/.pyprune-tmp-<pid>-*/``, then moved into place file by file (each
     a rename), then the stale files of the earlier output are removed and the manifest is written. A run killed at
     any point leaves either the earlier output intact or a directory marked unfinished (``pyprune_unfinished.json``),
-    never something that reads as finished; the next run removes the leftovers. Returns the path as a
+    never something that reads as finished; the next run removes the leftovers. The report (a ``PruneReport``) is
+    completed with the save's seconds (``times["save"]``) and the earlier pyprune files it removes
+    (``settings["replaced_files"]``) and written once, atomically, after the model's files. Returns the path as a
     ``SavedOutput`` (a str carrying ``files`` and ``removed``)."""
-    od = OutputDir(out_dir, input_path=input_path)
-    for source in (_loaded_from(model) if input_path is None else []):
-        check_output_vs_input(out_dir, source)
+    t0 = time.perf_counter()
+    od = out_dir if isinstance(out_dir, OutputDir) else OutputDir(out_dir, input_path=input_path)
+    if input_path is None and od.input_path is None:
+        for source in _loaded_from(model):
+            check_output_vs_input(od.given, source)
     od.check(overwrite)
     created = not os.path.lexists(od.path)
     os.makedirs(od.path, exist_ok=True)
@@ -379,8 +385,6 @@ def save_model(model, out_dir: str, *, tokenizer=None, report=None, overwrite: b
             serializable(model).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if report is not None:
-            report.save(os.path.join(tmp, REPORT_NAME))
         mask = os.umask(0)
         os.umask(mask)
         names = []
@@ -394,6 +398,11 @@ def save_model(model, out_dir: str, *, tokenizer=None, report=None, overwrite: b
         for name, path in zip(names, od.claim_all(names)):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.replace(os.path.join(tmp, *name.split("/")), path)
+        if report is not None:
+            path = od.claim(REPORT_NAME)
+            report.settings["replaced_files"] = od.to_remove()
+            report.times["save"] = time.perf_counter() - t0
+            report.save(path)
         removed = od.finish()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -167,6 +167,7 @@ class OutputDir:
     def __init__(self, path, *, input_path=None):
         self.given = os.fspath(path)
         self.path = _real(path)
+        self.input_path = None if input_path is None else os.fspath(input_path)  # checked against, once, here
         if input_path is not None:
             check_output_vs_input(path, input_path)
         self.replaced: list[str] = []   # earlier pyprune files this run replaces (set by prepare)
@@ -411,6 +412,13 @@ class OutputDir:
                 break
             parent = os.path.dirname(parent)
         return True
+
+    def to_remove(self) -> list[str]:
+        """What this run has removed and ``finish`` would remove now (relative names, sorted): the leftovers
+        ``prepare`` cleared and the earlier output's files this run has not rewritten (so far)."""
+        self._require()
+        stale = [n for n in self.replaced if n not in self._written and os.path.lexists(self._path(n))]
+        return sorted(dict.fromkeys(self.removed + stale))
 
     def finish(self) -> list[str]:
         """Complete the output: remove the earlier output's files this run did not rewrite (so no stale weights

@@ -52,42 +52,41 @@ def should_stream(source, stream: str = "auto", copies: int = 1) -> bool:
     return available is not None and size * copies > available // 2
 
 
-def prune_pretrained(model: str, out: str, calibration, config: PruneConfig | None = None, *,
+def prune_pretrained(model: str, out, calibration, config: PruneConfig | None = None, *,
                      stream: str = "auto", tokenizer=None, dtype=None, overwrite: bool = False, resume: bool = True,
-                     copies: int = 1, **kwargs) -> PruneReport:
+                     copies: int = 1, labels: dict | None = None, times: dict | None = None,
+                     **kwargs) -> PruneReport:
     """Prune the model at ``model`` (HF directory, .gguf file or "builtin") into the directory ``out`` and return
-    the report (also written there as ``pyprune_report.json``). ``stream``: "auto" | "on" | "off" (see
-    ``should_stream``); ``tokenizer`` is saved with the model when given (streamed runs copy the input's tokenizer
-    files); ``dtype`` the dtype to load in (in-memory runs); ``overwrite``/``resume`` as ``save_model`` /
-    ``prune_checkpoint``; other keyword arguments go to ``prune_model`` / ``prune_checkpoint`` (modules, dense,
-    blocks, device, batch_size, true_sequential, calibrate_all_experts, expert_min_tokens, progress, comm)."""
-    from .io import check_supported, load_model, prepare_output_dir, resolve_model, save_model
-    from .outdir import check_output_vs_input
+    the report (also written there as ``pyprune_report.json``, once, complete). ``stream``: "auto" | "on" | "off"
+    (see ``should_stream``); ``tokenizer`` is saved with the model when given (streamed runs copy the input's
+    tokenizer files); ``dtype`` the dtype to load in (in-memory runs); ``overwrite``/``resume`` as ``save_model`` /
+    ``prune_checkpoint``; ``labels``: further settings the report records as given (e.g. the calibration text's
+    name and seed); ``times``: seconds spent before the call (e.g. tokenizing), first among the report's times.
+    ``out`` may be an ``outdir.OutputDir`` already checked against the input (not yet prepared). Other keyword
+    arguments go to ``prune_model`` / ``prune_checkpoint`` (modules, dense, blocks, device, batch_size,
+    true_sequential, calibrate_all_experts, expert_min_tokens, progress, comm)."""
+    from .io import check_supported, load_model, resolve_model, save_model
+    from .outdir import OutputDir
     source = resolve_model(model)
-    check_output_vs_input(out, str(source))
+    od = out if isinstance(out, OutputDir) else OutputDir(out, input_path=str(source))  # checks it, once
     check_supported(source)
     comm = kwargs.get("comm")
     main = comm is None or comm.is_main
     if should_stream(source, stream, copies):
         from .streaming import prune_checkpoint
-        return prune_checkpoint(source.path, out, calibration, config, resume=resume, overwrite=overwrite, **kwargs)
+        return prune_checkpoint(source.path, od, calibration, config, resume=resume, overwrite=overwrite,
+                                labels=labels, times=times, **kwargs)
     if main:
-        prepare_output_dir(os.path.abspath(out), overwrite=overwrite, input_path=str(source))
+        od.check(overwrite)
     from .driver import prune_model
     import time
     t0 = time.perf_counter()
     loaded = load_model(source, dtype=dtype)
     t_load = time.perf_counter() - t0
-    report = prune_model(loaded, calibration, config, **kwargs)
-    report.settings.update(source=str(source))
-    report.times = {"load": t_load, **report.times}
+    report = prune_model(loaded, calibration, config, labels={"source": str(source), **(labels or {})}, **kwargs)
+    report.times = {**(times or {}), "load": t_load, **report.times}
     if main:
-        t0 = time.perf_counter()
-        saved = save_model(loaded, out, tokenizer=tokenizer, report=report, overwrite=overwrite,
-                           input_path=str(source))
-        report.times["save"] = time.perf_counter() - t0
-        report.settings["replaced_files"] = list(saved.removed)
-        report.save(os.path.join(os.path.abspath(out), "pyprune_report.json"))
+        save_model(loaded, od, tokenizer=tokenizer, report=report, overwrite=overwrite)
     return report
 
 
@@ -244,12 +243,30 @@ def _drop(module: torch.nn.Module, last_use: dict[int, int], index: int) -> None
                 sub._parameters[attr] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
 
 
+class _SkeletonStore:
+    """Inspect's ``BlockStore`` for a model on the meta device: a block stays where it is for its turn (the step gives
+    it memory if it must run on values), and after it the parameters no later block uses go back to meta."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, last_use: dict[int, int]):
+        self.blocks, self.last_use = blocks, last_use
+
+    def load(self, i: int):
+        return self.blocks[i]
+
+    def done(self, i: int, block, inputs, reports) -> None:
+        _drop(block, self.last_use, i)
+
+    def skip(self, i: int) -> None:
+        pass
+
+
 def _observe_all(model, device, views: bool, skeleton: bool = False):
-    """Observe every block once (see ``inspect_model``); the matrices as views, or an ``Inspection``. ``skeleton``:
-    the model's parameters are on the meta device; each block gets zero-filled ones for its turn."""
-    from .capture import BlockInputs, capture_inputs, run_block_all
+    """Observe every block once (see ``inspect_model``), walking the blocks with the prune's loop
+    (``driver.walk_blocks``) and a step that prunes nothing; the matrices as views, or an ``Inspection``.
+    ``skeleton``: the model's parameters are on the meta device; each block gets zero-filled ones for its turn."""
+    from .capture import BlockInputs, capture_inputs
     from .discover import PrunedParams, eager_experts, find_blocks
-    from .driver import BlockStore, MoveNonBlock, observe_block, resolve_device, synthetic_batches
+    from .driver import BlockStore, MoveNonBlock, observe_block, resolve_device, synthetic_batches, walk_blocks
     device = resolve_device(device)
     found: dict[str, torch.Tensor] = {}
     path, blocks = find_blocks(model)
@@ -264,56 +281,54 @@ def _observe_all(model, device, views: bool, skeleton: bool = False):
     outside = [(n, tuple(p.shape)) for n, p in model.named_parameters() if id(p) not in inside]
     if skeleton:  # the parts outside the blocks, zero-filled, for the capture pass
         _zero_fill(model, device, skip=inside)
+    shared = PrunedParams()
+    seen: dict[tuple, BlockView] = {}
+    meta_inputs = None
+
+    def observe_step(i: int, block: torch.nn.Module, inputs: BlockInputs) -> list:
+        key, obs = None, None
+        if skeleton:
+            alone = all(len(users[id(sub)]) == 1 for sub in block.modules())
+            key = (type(block).__name__, tuple((n, tuple(p.shape), p.dtype)
+                                               for n, p in block.named_parameters())) if alone else None
+            if key is not None and key in seen:
+                rows.append(BlockView(i, seen[key].kind, seen[key].groups, dict(seen[key].dense), seen[key].experts))
+                return []
+            if all(p.device.type == "meta" for p in block.parameters()):
+                try:  # on the meta device: no memory, no arithmetic
+                    with _buffers_on_meta(block):
+                        obs = observe_block(block, meta_inputs, i, all_experts=True, shared=shared)
+                except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
+                    obs = None  # a step that needs values (an MoE dispatch's nonzero): zero-filled weights
+            if obs is None:
+                _zero_fill(block, device)
+        if obs is None:
+            obs = observe_block(block, inputs, i, all_experts=True, shared=shared)
+        params = dict(block.named_parameters())
+        for slot in obs.slots:
+            for s in slot.sites:
+                shared.add(params[s.param], f"block {i}")
+                if views:
+                    found[f"{path}.{i}.{s.name}"] = s.view(params)
+        rows.append(BlockView(i, type(block).__name__, [[(s.name, s.out_in) for s in slot.sites]
+                                                         for slot in obs.slots], dict(obs.dense), obs.experts))
+        if key is not None:
+            seen[key] = rows[-1]
+        return []
+
     with torch.no_grad(), eager_experts(model):
         with MoveNonBlock(model, blocks, device):
             inputs = capture_inputs(model, blocks, synthetic_batches(model), device)
-        store = BlockStore(blocks, device)
-        shared = PrunedParams()
         if skeleton:
             memo: dict = {}
             meta_inputs = BlockInputs([h.to("meta") for h in inputs.hidden],
                                       [[_meta_tree(c, memo) for c in calls] for calls in inputs.calls],
                                       inputs.output_format)
-        seen: dict[tuple, BlockView] = {}
-        for i in range(len(blocks)):
-            key, obs = None, None
-            if skeleton:
-                alone = all(len(users[id(sub)]) == 1 for sub in blocks[i].modules())
-                key = (type(blocks[i]).__name__, tuple((n, tuple(p.shape), p.dtype)
-                                                       for n, p in blocks[i].named_parameters())) if alone else None
-                if key is not None and key in seen:
-                    rows.append(BlockView(i, seen[key].kind, seen[key].groups, dict(seen[key].dense),
-                                          seen[key].experts))
-                    continue
-                if all(p.device.type == "meta" for p in blocks[i].parameters()):
-                    try:  # on the meta device: no memory, no arithmetic
-                        with _buffers_on_meta(blocks[i]):
-                            obs = observe_block(blocks[i], meta_inputs, i, all_experts=True, shared=shared)
-                    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
-                        obs = None  # a step that needs values (an MoE dispatch's nonzero): zero-filled weights
-                if obs is None:
-                    _zero_fill(blocks[i], device)
-            on_meta = obs is not None
-            block = blocks[i] if on_meta else store.load(i)
-            if not on_meta:
-                obs = observe_block(block, inputs, i, all_experts=True, shared=shared)
-            params = dict(block.named_parameters())
-            for slot in obs.slots:
-                for s in slot.sites:
-                    shared.add(params[s.param], f"block {i}")
-                    if views:
-                        found[f"{path}.{i}.{s.name}"] = s.view(params)
-            rows.append(BlockView(i, type(block).__name__,
-                                   [[(s.name, s.out_in) for s in slot.sites] for slot in obs.slots],
-                                   dict(obs.dense), obs.experts))
-            if key is not None:
-                seen[key] = rows[-1]
-            if i + 1 < len(blocks) and not skeleton:  # skeleton: every block's input is the zeros captured
-                inputs.hidden = run_block_all(block, inputs, i)
-            if not on_meta:
-                store.done(i, block, inputs, [])
-            if skeleton:
-                _drop(block, last_use, i)
+            store = _SkeletonStore(blocks, last_use)
+        else:
+            store = BlockStore(blocks, device)
+        # skeleton: every block's input is the zeros captured (no block runs on values it would pass on)
+        walk_blocks(blocks, inputs, store, observe_step, advance=not skeleton)
     if views:
         return found
     return Inspection(getattr(model.config, "model_type", "?"), path, rows, outside)

@@ -179,7 +179,7 @@ class _StreamRun:
         self.acts_file = new_acts
 
 
-def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None = None, *,
+def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = None, *,
                      modules: Sequence[str] | None = None, dense: Sequence[str] | None = None,
                      blocks: Iterable[int] | None = None, device=None, batch_size: int = 1,
                      true_sequential: bool = False, calibrate_all_experts: bool = False,
@@ -187,24 +187,27 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
                      progress: bool = False, resume: bool = True,
                      overwrite: bool = False,
                      on_block_done: Callable[[int, list[LayerReport]], None] | None = None,
-                     comm=None) -> PruneReport:
+                     comm=None, labels: dict | None = None, times: dict | None = None) -> PruneReport:
     """Prune the safetensors checkpoint in directory ``src`` into directory ``out`` without ever holding the whole
     model: see the module docstring. Arguments as ``pyprune.prune_model``; ``resume`` continues a killed run found
     in ``out`` (with the same settings), ``on_block_done(i, reports)`` runs after block ``i`` is durably written.
-    Returns the report (also written to ``out/pyprune_report.json``).
+    Returns the report (also written to ``out/pyprune_report.json``, once, when the run is complete). ``out`` may be
+    an ``outdir.OutputDir`` already checked against ``src`` (not yet prepared); ``labels`` are settings the report
+    records as given, outside the resume fingerprint (the calibration text's name, its seed); ``times`` seconds spent
+    before the call (e.g. tokenizing), recorded first among the report's times.
 
     comm: a ``pyprune.distributed.Comm``: every rank calls this with its calibration shard and reads each block from
     ``src``; rank 0 alone writes the output and the state; each rank persists its own activations in the state
     directory (which must therefore be on a file system that every rank sees for a resume)."""
     config = PruneConfig() if config is None else config
     src = os.path.abspath(src)
-    out = os.path.abspath(out)
     if not os.path.isfile(os.path.join(src, "config.json")):
         raise FileNotFoundError(f"{src!r} has no config.json: not a Hugging Face model directory")
-    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
-    if (real_out == real_src or real_out.startswith(real_src + os.sep) or real_src.startswith(real_out + os.sep)):
-        raise ValueError(f"the output directory {out!r} must not be the input directory {src!r}, inside it or "
-                         "around it (the input is never modified)")
+    # The output directory's contract (outdir.OutputDir): only pyprune's own files are ever replaced or removed, an
+    # earlier output only with overwrite, and a directory without a finished manifest is never taken for a model.
+    # Built on every rank: its constructor checks (once) that the output is not where the input lives.
+    given = out if isinstance(out, OutputDir) else OutputDir(out, input_path=src)
+    out = os.path.abspath(given.given)
     ckpt = ShardedCheckpoint(src)
     hf_config = check_supported(ModelSource("hf", src))  # read and checked as everywhere (io.model_config)
     model = meta_model(hf_config)
@@ -212,7 +215,8 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     plan = plan_run(model, calibration, config, modules=modules, dense=dense, blocks=blocks, device=device,
                     batch_size=batch_size, true_sequential=true_sequential,
                     calibrate_all_experts=calibrate_all_experts, expert_min_tokens=expert_min_tokens,
-                    hessian_budget=hessian_budget, progress=progress, comm=comm, streaming=True, source=src)
+                    hessian_budget=hessian_budget, progress=progress, comm=comm, streaming=True, labels=labels,
+                    source=src)
     device, batches, settings, last = plan.device, list(plan.batches), plan.settings, plan.last
     path, block_list = find_blocks(model)
     num_blocks = len(block_list)
@@ -227,9 +231,7 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
 
     state_dir = os.path.join(out, STATE_DIR)
     state_file = os.path.join(state_dir, "state.json")
-    # The output directory's contract (outdir.OutputDir): only pyprune's own files are ever replaced or removed, an
-    # earlier output only with overwrite, and a directory without a finished manifest is never taken for a model.
-    od = OutputDir(out, input_path=src) if main else None
+    od = given if main else None
     partial = on_main(lambda: os.path.isfile(state_file))
     if partial and not resume:
         on_main(lambda: od.check(overwrite, resume=False))  # an unfinished run is replaced only with overwrite
@@ -242,8 +244,7 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
     calib_part = torch.cat([b.reshape(-1) for b in batches]) if batches else []
     if comm is not None:  # every rank's shard
         calib_part = comm.all_gather_object(run_fingerprint(calib_part))
-    fingerprint = run_fingerprint({k: v for k, v in settings.items() if k != "device"}, ckpt.fingerprint(),
-                                  calib_part)
+    fingerprint = run_fingerprint(plan.fingerprint_settings(), ckpt.fingerprint(), calib_part)
 
     done, layers, dense, acts_file = -1, [], [], None
     if partial:
@@ -257,7 +258,7 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
             acts_file = acts_name(done, comm)
     os.makedirs(state_dir, exist_ok=True)
 
-    times = {}
+    times = dict(times or {})
     t0 = time.perf_counter()
     # The parts outside the blocks: copied unchanged, and loaded (once) to capture every block's inputs.
     nonblock_path = os.path.join(out, NONBLOCK_FILE)
@@ -314,7 +315,8 @@ def prune_checkpoint(src: str, out: str, calibration, config: PruneConfig | None
                          outside)
     if partial:
         report.settings["resumed_after_block"] = resumed_after
-    report.settings["replaced_files"] = sorted(set(od.replaced) - set(od.files))
-    report.save(od.claim(REPORT_NAME))
+    path = od.claim(REPORT_NAME)
+    report.settings["replaced_files"] = od.to_remove()
+    report.save(path)
     od.finish()
     return report

@@ -171,10 +171,10 @@ def test_moe_experts_get_routed_hessians_and_fallbacks(rng):
 
     real = driver._prune_slot
 
-    def spy(block, index, slot, wanted, config, options, prefix):
+    def spy(block, index, slot, wanted, config, options, prefix, comm=None):
         for s in slot.sites:
             seen[s.name] = (slot.H.clone() if slot.H is not None else None, slot.n)
-        return real(block, index, slot, wanted, config, options, prefix)
+        return real(block, index, slot, wanted, config, options, prefix, comm)
 
     driver._prune_slot = spy
     try:
