@@ -64,33 +64,26 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _sequential(model, windows, device, batch_size, progress) -> dict:
-    from .models.capture import capture_inputs, replay_head, run_block
+    from .models.capture import capture_inputs, replay_head
     from .models.discover import eager_experts, find_blocks
-    from .models.driver import MoveNonBlock, _bar, device_of
+    from .models.driver import BlockStore, MoveNonBlock, walk_blocks
     _, blocks = find_blocks(model)
     batches = [windows[s:s + batch_size] for s in range(0, windows.shape[0], batch_size)]
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     sums = []
-    bar = _bar(len(blocks), "eval blocks") if progress else None
     try:
         with torch.no_grad(), eager_experts(model), MoveNonBlock(model, blocks, device):
             inputs = capture_inputs(model, blocks, batches, device)
-            hidden = inputs.hidden
-            for i, block in enumerate(blocks):
-                home = device_of(block)
-                block.to(device)
-                hidden = [run_block(block, h, c) for h, c in zip(hidden, inputs.calls[i])]
-                block.to(home)
-                if bar is not None:
-                    bar.update(1)
-            for ids, logits in zip(batches, replay_head(model, blocks, batches, hidden, device,
+            # the block loop of every run (driver.walk_blocks), with a step that changes nothing; every block
+            # advances the hidden states, the last one included (last = len(blocks): the head reads its outputs)
+            walk_blocks(blocks, inputs, BlockStore(blocks, device), lambda i, block, inp: [], last=len(blocks),
+                        progress=progress)
+            for ids, logits in zip(batches, replay_head(model, blocks, batches, inputs.hidden, device,
                                                         inputs.output_format)):
                 sums.append(_nll(logits, ids.to(device)))
     finally:
-        if bar is not None:
-            bar.close()
         model.train(was_training)
     return _result(sums, windows, t0)
 

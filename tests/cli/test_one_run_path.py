@@ -110,5 +110,14 @@ def test_prune_and_inspect_walk_the_blocks_with_one_loop(ws, monkeypatch):
     assert walked == [0, 1] and loaded.to_dict() == skeleton.to_dict()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned
     walked.clear()
-    report = driver.prune_model(model, torch.randint(0, model.config.vocab_size, (2, 16)), PruneConfig(block_size=16), device="cpu")
+    report = driver.prune_model(model, torch.randint(0, model.config.vocab_size, (2, 16)), PruneConfig(block_size=16),
+                                device="cpu")
     assert walked == [0, 1] and {r.block for r in report.layers} == {0, 1}
+    # eval's block-by-block mode walks the same loop: every block once, the last one advanced for the head
+    from pyprune.evaluate import perplexity
+    walked.clear()
+    ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    seq = perplexity(model, ids, batch_size=2, sequential=True, device="cpu")
+    assert walked == [0, 1]
+    whole = perplexity(model, ids, batch_size=2, device="cpu")
+    assert abs(seq["perplexity"] - whole["perplexity"]) <= 1e-3 * whole["perplexity"]
