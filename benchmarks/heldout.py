@@ -291,16 +291,19 @@ def run_all(args, todo: list[tuple[str, int, int]]) -> dict:
     tok = load_tokenizer(args.model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     sources, windows = texts(tok, args.seqlen, args.eval_windows)
-    generated = {}  # (count, seed) -> self-generated samples and their seconds, made once per process
+    hashes = text_hashes()
+    generated = {}  # seed -> (self-generated samples, seconds), made once per process
 
     def generate(count, seed):
+        """The first ``count`` self-generated samples of ``seed`` (sample i is drawn from its own seeded stream, so
+        the first 8 of 16 are the 8 that a count of 8 would draw, up to the rounding of another batch size)."""
         from pyprune.selfcalib import self_generated_samples
-        if (count, seed) not in generated:
+        if seed not in generated or generated[seed][0].shape[0] < count:
             t = time.perf_counter()
             ids = self_generated_samples(model, tok, count, args.seqlen, seed=seed, device=args.device)
-            generated[count, seed] = (ids, time.perf_counter() - t)
-        gen_seconds.append(generated[count, seed][1])
-        return generated[count, seed][0]
+            generated[seed] = (ids, time.perf_counter() - t)
+        gen_seconds.append(generated[seed][1])
+        return generated[seed][0][:count]
 
     for i, run in enumerate(todo):
         t0 = time.perf_counter()
@@ -326,6 +329,7 @@ def run_all(args, todo: list[tuple[str, int, int]]) -> dict:
             if gen_seconds:  # the generation's cost (once per seed and count; cached runs reuse its samples)
                 entry["generate_seconds"] = sum(gen_seconds)
         score(model, windows, entry, args, names)
+        entry["text_sha256"] = hashes
         entry["seconds"] = time.perf_counter() - t0
         cache = {**load_cache(cache_path), k: entry}
         atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
@@ -339,7 +343,7 @@ def summarise(cache: dict) -> dict:
     the order-0 runs."""
     by = {}
     for e in cache.values():
-        if e.get("method") == "dense" or is_floor(e) or "error" in e:
+        if e.get("method") == "dense" or is_floor(e) or "error" in e or not any(f"ppl_{n}" in e for n in TEXTS):
             continue
         by.setdefault(e["config"], []).append(e)
     out = {}
@@ -373,7 +377,7 @@ def draws(cache: dict, config: str) -> dict:
     """Per text, the perplexity of every finished run of ``config``: its seeds and its noise-floor runs. Rounding
     amplified through the blocks moves a run as far as another seed does (the floor table), so each run is one draw
     of the same noise."""
-    es = [e for e in cache.values() if e.get("config") == config and "error" not in e]
+    es = [e for e in cache.values() if e.get("config") == config and "error" not in e]  # (texts a run lacks: below)
     return {n: [e[f"ppl_{n}"] for e in es if f"ppl_{n}" in e] for n in TEXTS}
 
 
@@ -540,8 +544,33 @@ def fmt_range(v: list[float]) -> str:
     return f"{statistics.fmean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-"
 
 
-def write_report(cache: dict, args) -> str:
+def at_windows(cache: dict, windows: int) -> dict:
+    """The cache as if every run had been scored on the first ``windows`` evaluation windows of each text: a text's
+    perplexity recomputed from its first ``windows`` per-window NLLs (every window predicts the same number of
+    tokens, so the perplexity is exp of their mean), and dropped from a run scored on fewer windows."""
+    out = {}
+    for k, e in cache.items():
+        e = dict(e)
+        for n in TEXTS:
+            w = e.pop(f"window_nll_{n}", None)
+            ppl = e.pop(f"ppl_{n}", None)
+            if w is not None and len(w) >= windows:
+                e[f"window_nll_{n}"] = w[:windows]
+                e[f"ppl_{n}"] = ppl if len(w) == windows else math.exp(statistics.fmean(w[:windows]))
+        out[k] = e
+    return out
+
+
+REPORTS = {  # file -> (what it holds, its evaluation windows: None for --eval-windows)
+    "heldout.md": ("every run scored on at least --eval-windows windows per text (the issue 13 runs)", None),
+    "heldout_domains.md": ("every run, on the first 20 windows per text (the issue 22 runs have 20)", 20),
+}
+
+
+def write_report(cache: dict, args, name: str = "heldout.md") -> str:
     from pyprune.report import atomic_write_text
+    windows = REPORTS[name][1] or args.eval_windows
+    cache = at_windows(cache, windows)
     summary = summarise(cache)
     names = list(TEXTS)
     head = ("| config | seeds | " + " | ".join(f"{TEXTS[n][1]}: mean (min-max) sd" for n in names)
@@ -582,15 +611,23 @@ def write_report(cache: dict, args) -> str:
         "",
         f"Calibration: {args.nsamples} x {args.seqlen} tokens of WikiText-2 validation text at random positions unless "
         "the key says otherwise (`n<k>`: k samples; `mix`: half of them from A Tale of Two Cities); each seed draws "
-        f"other windows. Evaluation: perplexity on the first {args.eval_windows} x {args.seqlen}-token windows of the "
-        "raw WikiText-2 test split and of two Gutenberg books (after the licence header), text unlike the "
-        f"calibration text; weights cast to {'/'.join(sorted(ew))} for the evaluation (pruning runs in float32). "
+        f"other windows. Evaluation: perplexity on the first {windows} x {args.seqlen}-token windows of the "
+        "raw WikiText-2 test split, of two Gutenberg books (after the licence header), of Python source "
+        f"({', '.join(CODE_EVAL)} of this interpreter's standard library; calibration code: "
+        f"{', '.join(CODE_CALIB)}) and of the decimal module's test tables ({', '.join(TABLES_EVAL)}, neither prose "
+        f"nor code); this file: {REPORTS[name][0]}; a '-' where a run was not scored on a text. Weights cast to {'/'.join(sorted(ew))} for the evaluation (pruning runs in float32). "
         "B = 128, damping 0.01 unless the key says otherwise; `joint/<s>/<mask>` names joint's mask "
         "(`sparsegpt`: SparseGPT's saliency per row, the 50% default; `exact`: the best subset per group, the N:M "
         f"default; `wanda`: Wanda's mask); `swap<k>`: at most k exchanges of a pruned and a kept weight per row of a "
         "block, each lowering the row's exact block loss (no `swap` in the key: none, whatever pyprune's default). "
         "SparseGPT and Wanda are pyprune's; `llmc-*` rows are llm-compressor 0.14's (benchmarks/peers.py, same "
         f"calibration token ids, same evaluation). Hardware: {hw}.",
+        "",
+        "Texts (sha256 of the text as read, recorded by the runs; the standard-library files are those of Python "
+        f"{platform.python_version()} here):",
+        "",
+        *[f"- {n}: `{h}`" for n, h in sorted({(n, h) for e in cache.values()
+                                               for n, h in (e.get("text_sha256") or {}).items()})],
         "",
         "## Perplexity: mean over seeds (min-max) and standard deviation",
         "",
@@ -633,7 +670,7 @@ def write_report(cache: dict, args) -> str:
         "",
         *floor_rows,
         ""])
-    atomic_write_text(os.path.join(args.out, "heldout.md"), text)
+    atomic_write_text(os.path.join(args.out, name), text)
     return text
 
 
@@ -718,7 +755,9 @@ def main(argv=None) -> int:
         p.error(f"--floor-kinds: unknown kind(s) {', '.join(bad)}; choose from {', '.join(FLOOR_KINDS)}")
     todo = plan(ckeys, [int(s) for s in args.seeds.split(",")], floor, kinds)
     cache = load_cache(os.path.join(args.out, "heldout_runs.json")) if args.report_only else run_all(args, todo)
-    print(write_report(cache, args))
+    for name in REPORTS:
+        text = write_report(cache, args, name)
+    print(text)
     plot(cache, args.out)
     return 0
 

@@ -124,7 +124,7 @@ def test_report_from_a_synthetic_cache(ho, tmp_path):
     assert ratios == pytest.approx([15 / 20, 16 / 21])
     geo = math.sqrt(15 / 20 * 16 / 21)  # the mean NLL difference over windows of both seeds
     assert 15 / 20 < win[0] < geo < win[1] < 16 / 21
-    args = type("A", (), dict(nsamples=16, seqlen=512, eval_windows=40, out=str(tmp_path)))()
+    args = type("A", (), dict(nsamples=16, seqlen=512, eval_windows=4, out=str(tmp_path)))()
     text = ho.write_report(cache, args)
     assert f"| {b} | 0,1 | 15.50 (15.00-16.00) 0.71" in text
     assert f"| `{b}` / `{a}` | 0.756 (0.750-0.762)" in text
@@ -164,7 +164,8 @@ def test_report_with_texts_added_later(ho, tmp_path):
     """Runs cached before a text was added have no score on it: the report shows '-' there and uses the rest."""
     old = [n for n in ho.TEXTS if n in ("wikitext2", "pride", "moby")]
     a, b = "wanda/2:4", "joint/2:4/exact"
-    cache = {"dense": dict(method="dense", **{f"ppl_{n}": 10.0 for n in old})}
+    cache = {"dense": dict(method="dense", **{f"ppl_{n}": 10.0 for n in old},
+                           **{f"window_nll_{n}": [math.log(10.0)] * 2 for n in old})}
     for ckey, base in ((a, 20.0), (b, 15.0)):
         for s in (0, 1, 2):
             names = old if s == 0 else list(ho.TEXTS)
@@ -175,6 +176,18 @@ def test_report_with_texts_added_later(ho, tmp_path):
     assert summary[b]["wikitext2"][0] == 16.0 and summary[b]["code"][:3] == (16.5, 16.0, 17.0)
     assert ho.pooled(cache, b, a)["code"] is None and ho.pooled(cache, b, a)["pride"][3:] == (3, 3)
     assert ho.paired(cache, b, a)["code"][0] == pytest.approx([16 / 21, 17 / 22])
-    args = type("A", (), dict(nsamples=16, seqlen=512, eval_windows=40, out=str(tmp_path)))()
+    args = type("A", (), dict(nsamples=16, seqlen=512, eval_windows=2, out=str(tmp_path)))()
     text = ho.write_report(cache, args)
     assert "| dense | - | 10.00 | 10.00 | 10.00 | - | - | - |" in text
+
+
+def test_at_windows_recomputes_from_the_first_windows(ho):
+    nll = [1.0, 2.0, 3.0, 6.0]
+    cache = {"r": dict(config="wanda/0.5", ppl_code=math.exp(3.0), window_nll_code=nll,
+                       ppl_pride=math.exp(1.5), window_nll_pride=nll[:2])}
+    two = ho.at_windows(cache, 2)["r"]
+    assert two["ppl_code"] == pytest.approx(math.exp(1.5)) and two["window_nll_code"] == [1.0, 2.0]
+    assert two["ppl_pride"] == math.exp(1.5)
+    four = ho.at_windows(cache, 4)["r"]
+    assert four["ppl_code"] == math.exp(3.0) and "ppl_pride" not in four and "window_nll_pride" not in four
+    assert cache["r"]["window_nll_code"] == nll                       # the cache itself is unchanged
