@@ -293,14 +293,24 @@ def run_all(args, todo: list[tuple[str, int, int]]) -> dict:
     sources, windows = texts(tok, args.seqlen, args.eval_windows)
     hashes = text_hashes()
     generated = {}  # seed -> (self-generated samples, seconds), made once per process
+    need = {}  # seed -> the most self-generated samples a run of this process takes
+    for run in todo:
+        if run is not None:
+            c = parse_key(run[0], args.nsamples)
+            if "self" in c["calib"]:
+                k = len(c["calib"])
+                need[run[1]] = max(need.get(run[1], 0), c["nsamples"] // k + (c["calib"].index("self") < c[
+                    "nsamples"] % k))
 
     def generate(count, seed):
-        """The first ``count`` self-generated samples of ``seed`` (sample i is drawn from its own seeded stream, so
-        the first 8 of 16 are the 8 that a count of 8 would draw, up to the rounding of another batch size)."""
+        """The first ``count`` self-generated samples of ``seed``, all that this process needs made at once (sample
+        i is drawn from its own seeded stream, so the first 8 of 16 are the 8 that a count of 8 would draw, up to the
+        rounding of another batch size)."""
         from pyprune.selfcalib import self_generated_samples
         if seed not in generated or generated[seed][0].shape[0] < count:
             t = time.perf_counter()
-            ids = self_generated_samples(model, tok, count, args.seqlen, seed=seed, device=args.device)
+            ids = self_generated_samples(model, tok, max(count, need.get(seed, 0)), args.seqlen, seed=seed,
+                                         device=args.device)
             generated[seed] = (ids, time.perf_counter() - t)
         gen_seconds.append(generated[seed][1])
         return generated[seed][0][:count]
