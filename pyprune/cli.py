@@ -198,8 +198,42 @@ DEFAULT_CALIB_TEXT = "wikitext2,gutenberg"
 def _add_calib_text(p) -> None:
     p.add_argument("--calib-text", default=DEFAULT_CALIB_TEXT,
                    help="calibration text: a file, 'wikitext2' (the shared WikiText-2 validation split), 'gutenberg' "
-                   "(a shared public-domain novel), or several of these comma-separated, the samples split evenly "
-                   "between them")
+                   "(a shared public-domain novel), 'self' (text the dense model generates itself: top-50 sampling "
+                   "from its BOS token, seeded by --seed; not with streaming or distributed runs), or several of "
+                   "these comma-separated (e.g. self,FILE), the samples split evenly between them")
+
+
+def _calibration_samples(args, texts, tokenizer, source=None, model=None):
+    """(calibration windows, seconds spent generating text): ``calibration_windows`` of ``texts``, where a None entry
+    (``self`` in --calib-text) takes samples the dense model generates (pyprune.selfcalib; the model is loaded here
+    for that alone unless given). What was generated is kept as ``args.self_generated`` ({"samples", "seconds"}, or
+    None without ``self``) for the summary."""
+    from .data import calibration_windows
+    args.self_generated = None
+    if None not in texts:
+        return calibration_windows(tokenizer, texts, args.nsamples, args.seqlen, seed=args.seed), 0.0
+    from .models.driver import resolve_device
+    from .selfcalib import self_generated_samples
+    t0 = time.perf_counter()
+    device = resolve_device(args.device)
+    if model is None:
+        from .models.io import load_model
+        model = load_model(source, dtype=_dtype(args.dtype), device=device)
+    counts = []
+
+    def generate(count, seed):
+        counts.append(count)
+        return self_generated_samples(model, tokenizer, count, args.seqlen, seed=seed, device=device,
+                                      progress=not args.quiet)
+    samples = calibration_windows(tokenizer, texts, args.nsamples, args.seqlen, seed=args.seed, generate=generate)
+    args.self_generated = {"samples": sum(counts), "seconds": time.perf_counter() - t0}
+    return samples, args.self_generated["seconds"]
+
+
+def _self_generated_line(args) -> str:
+    g = args.self_generated
+    return (f"self-generated calibration: {g['samples']} x {args.seqlen} tokens sampled from the dense model in "
+            f"{g['seconds']:.1f} s (seeded by --seed)")
 
 
 def _quiet_transformers():
@@ -226,7 +260,7 @@ def _prune_config(args):
 
 
 def cmd_prune(args) -> int:
-    from .data import calibration_texts, calibration_windows
+    from .data import calibration_texts
     from .models.driver import resolve_device
     from .models.io import check_nm_shapes, check_seqlen, check_supported, check_weights, load_tokenizer, resolve_model
     from .models.outdir import OutputDir
@@ -249,11 +283,16 @@ def cmd_prune(args) -> int:
     stream = should_stream(source, args.stream, copies=_local_world_size() if distributed else 1)
     od.check(args.overwrite, resume=stream and not args.no_resume)  # what the directory holds: writes nothing
     texts = calibration_texts(args.calib_text)  # a missing text fails before the model loads
+    if None in texts and (stream or distributed):
+        raise _BadInput(f"--calib-text {args.calib_text}: self-generated calibration text needs the whole model in "
+                        "one process before pruning; it is not available "
+                        + ("when streaming (give --stream off if the model fits in memory)" if stream else
+                           "in a distributed run") + ", so give calibration text files")
     _quiet_transformers()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
-    samples = calibration_windows(tokenizer, texts, args.nsamples, args.seqlen, seed=args.seed)
-    t_tok = time.perf_counter() - t0
+    samples, t_gen = _calibration_samples(args, texts, tokenizer, source)
+    t_tok = time.perf_counter() - t0 - t_gen
     if not distributed:
         return _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream)
     from .distributed import init_from_env
@@ -283,6 +322,7 @@ def _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream
              + (f" on {comm.world_size} ranks" if comm is not None else "")
              + (f"; resuming the unfinished run there after block {done}" if done is not None and
                 not args.no_resume else ""))
+    generated = getattr(args, "self_generated", None)
     report = prune_pretrained(str(source) if source.kind != "builtin" else "builtin", od, samples, config,
                               stream="on" if stream else "off", tokenizer=tokenizer, dtype=_dtype(args.dtype),
                               overwrite=args.overwrite, resume=not args.no_resume, modules=args.modules,
@@ -292,7 +332,9 @@ def _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream
                               calibrate_all_experts=args.calibrate_all_experts,
                               expert_min_tokens=args.expert_min_tokens, hessian_budget=args.hessian_budget,
                               progress=not args.quiet and main, comm=comm,
-                              labels={"calib_text": args.calib_text, "seed": args.seed}, times={"tokenize": t_tok})
+                              labels={"calib_text": args.calib_text, "seed": args.seed},
+                              times={"tokenize": t_tok,
+                                     **({"self_generate": generated["seconds"]} if generated else {})})
     if not main:
         return EXIT_OK
     _print_prune_summary(args, report, out)
@@ -327,6 +369,8 @@ def _local_world_size() -> int:
 
 def _print_prune_summary(args, report, out) -> None:
     print(report.table(per="layer" if args.per_layer else "block"))
+    if getattr(args, "self_generated", None):
+        print(_self_generated_line(args))
     print(f"pruned model written to {out} (report: {os.path.join(out, 'pyprune_report.json')})")
     if args.json:
         print(json.dumps({"output": out, "sparsity": report.sparsity, "pruned_sparsity": report.pruned_sparsity,
@@ -366,7 +410,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .data import calibration_texts, calibration_windows, eval_windows, load_text, shared_file, tokenize
+    from .data import calibration_texts, eval_windows, load_text, shared_file, tokenize
     from .evaluate import perplexity
     from .models.driver import prune_model, resolve_device
     from .models.io import load_model, load_tokenizer, resolve_model, save_model
@@ -382,9 +426,9 @@ def cmd_demo(args) -> int:
     tokenizer = load_tokenizer(source)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    samples = calibration_windows(tokenizer, texts, args.nsamples, args.seqlen, seed=args.seed)
+    samples, t_gen = _calibration_samples(args, texts, tokenizer, model=model)
     windows = eval_windows(tokenize(tokenizer, load_text(eval_path)), args.seqlen, args.eval_nsamples)
-    t_tok = time.perf_counter() - t0
+    t_tok = time.perf_counter() - t0 - t_gen
     dense = perplexity(model, windows, device=device, progress=progress)
     report = prune_model(model, samples, config, device=device, progress=progress)
     pruned = perplexity(model, windows, device=device, progress=progress)
@@ -396,7 +440,8 @@ def cmd_demo(args) -> int:
         ("method", f"{config.method}, sparsity {sp}, block size {config.block_size}"
                    + (f", up to {config.swaps} exchanges per row of a block" if config.swaps else "")
                    + f", device {device}"),
-        ("calibration", f"{args.nsamples} x {args.seqlen} tokens of {args.calib_text}"),
+        ("calibration", f"{args.nsamples} x {args.seqlen} tokens of {args.calib_text}"
+                        + (f"; {_self_generated_line(args)}" if args.self_generated else "")),
         ("evaluation", f"{windows.shape[0]} x {windows.shape[1]} tokens of wikitext2/test.txt"),
         ("dense perplexity", f"{dense['perplexity']:.3f}"),
         ("pruned perplexity", f"{pruned['perplexity']:.3f}"),

@@ -201,19 +201,51 @@ def mixed_calibration_samples(streams: list[torch.Tensor], nsamples: int, seqlen
     return torch.cat([calibration_samples(t, c, seqlen, seed=seed) for t, c in zip(streams, counts)])
 
 
-def calibration_texts(spec: str) -> list[str]:
+# The calibration-spec entry for text the model generates itself (pyprune.selfcalib); a file of that name is given
+# as ./self.
+SELF_CALIB = "self"
+
+
+def calibration_texts(spec: str) -> list[str | None]:
     """The texts of a calibration spec, read with ``split="calib"``: one file, or comma-separated files / named sets
-    (``wikitext2,gutenberg``). Fails on the first missing or unreadable one, naming it."""
-    sources = [spec] if os.path.isfile(spec) else [s.strip() for s in spec.split(",") if s.strip()]
+    (``wikitext2,gutenberg``), where the entry ``self`` (at most once) stands for text the model generates itself and
+    gives None. Fails on the first missing or unreadable text, naming it."""
+    if spec.strip() != SELF_CALIB and os.path.isfile(spec):
+        sources = [spec]
+    else:
+        sources = [s.strip() for s in spec.split(",") if s.strip()]
     if not sources:
         raise ValueError(f"no calibration text in {spec!r}")
-    return [load_text(s, split="calib") for s in sources]
+    if sources.count(SELF_CALIB) > 1:
+        raise ValueError(f"calibration spec {spec!r} names {SELF_CALIB!r} more than once")
+    return [None if s == SELF_CALIB else load_text(s, split="calib") for s in sources]
 
 
-def calibration_windows(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """Calibration windows from several texts: each tokenized, the samples split evenly between them
-    (``mixed_calibration_samples``)."""
-    return mixed_calibration_samples([tokenize(tokenizer, t) for t in texts], nsamples, seqlen, seed=seed)
+def calibration_windows(tokenizer, texts: list[str | None], nsamples: int, seqlen: int, seed: int = 0,
+                        generate=None) -> torch.Tensor:
+    """Calibration windows from several texts: the samples split evenly between them (the first ``nsamples % k`` get
+    one more), stacked in order; a text's windows are ``calibration_samples`` of its tokens with ``seed``, and a None
+    entry (``self`` in the spec) takes ``generate(count, seed)``, a (count, seqlen) LongTensor of self-generated ids
+    (``pyprune.selfcalib.self_generated_samples``). With texts only, exactly ``mixed_calibration_samples``."""
+    _check_counts(nsamples, seqlen)
+    if None not in texts:
+        return mixed_calibration_samples([tokenize(tokenizer, t) for t in texts], nsamples, seqlen, seed=seed)
+    if generate is None:
+        raise ValueError("self-generated calibration text needs the model: no generate function given")
+    k = len(texts)
+    if nsamples < k:
+        raise ValueError(f"nsamples={nsamples} is fewer than the {k} calibration texts: every text needs a sample")
+    counts = [nsamples // k + (i < nsamples % k) for i in range(k)]
+    parts = []
+    for t, c in zip(texts, counts):
+        if t is None:
+            ids = generate(c, seed)
+            if tuple(ids.shape) != (c, seqlen):
+                raise ValueError(f"generate returned ids of shape {tuple(ids.shape)}, expected {(c, seqlen)}")
+            parts.append(ids.to(torch.long).cpu())
+        else:
+            parts.append(calibration_samples(tokenize(tokenizer, t), c, seqlen, seed=seed))
+    return torch.cat(parts)
 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int, nsamples: int | None = None) -> torch.Tensor:
