@@ -255,12 +255,8 @@ def instrument(ph: Phases):
         def wrapper(G, U_B, W1, mask, rounds, **kw):
             with ph.phase("exchange"):
                 out = orig(G, U_B, W1, mask, rounds, **kw)
-            B = G.shape[0]
-            c = mask.sum(1).double()
-            K = B - c
-            pairs = 0.0 if kw.get("m") else 1.0
-            per_swap = 3 * c * B + 3 * c * c + 2 * c * K * pairs
-            fma = c ** 3 / 2 + c * c * K / 2 * (1 + pairs) + out[3].double() * per_swap + 2 * c * c + B * B / 2
+            from bench_refine_solve import engine_fma  # the engine's multiply-adds per row, elementwise
+            fma = engine_fma(mask.sum(1).double(), G.shape[0], out[3].double(), pairs=not kw.get("m"))
             ph.add_work("exchange", 2.0 * float(fma.sum()))
             return out
         return wrapper

@@ -37,7 +37,9 @@ def block_problem(rows: int, H: torch.Tensor, W: torch.Tensor, sparsity: str):
     return G, U_B, W1, mask
 
 
-def engine_fma(c: int, B: int, swaps: float, pairs: bool) -> float:
+def engine_fma(c, B: int, swaps, pairs: bool):
+    """The engine's multiply-adds for a row with c pruned of B and ``swaps`` exchanges made (numbers, or tensors of
+    rows); ``pairs``: every pruned/kept pair is scored (no N:M groups)."""
     K = B - c
     setup = c ** 3 / 2 + c * c * K / 2 + (c * c * K / 2 if pairs else 0)
     per_swap = 3 * c * B + 3 * c * c + (2 * c * K if pairs else 0)
