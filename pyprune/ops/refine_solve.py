@@ -9,7 +9,7 @@ import torch
 from .. import reference
 from ..reference.swap import REL_TOL_LOW
 from ._backend import native_has, resolve
-from .masked_solve import check_masked_solve_args, check_status
+from .masked_solve import check_masked_solve_args, check_status, masked_solve
 
 
 def refine_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: torch.Tensor, rounds: int, *,
@@ -23,7 +23,6 @@ def refine_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: tor
     "triton" (the reference's exchanges, then the Triton masked solve: there is no Triton engine yet); "auto" takes the
     fused engine where it is built (on the CPU: with AVX2 and FMA), else torch. float64 inputs take the torch path.
     Raises the masked solve's ValueError for a row whose G[M, M] is not positive definite."""
-    from .masked_solve import masked_solve
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
