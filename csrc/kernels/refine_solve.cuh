@@ -96,14 +96,6 @@ inline float rs_dot_host(const float* __restrict__ a, const float* __restrict__ 
   return ((acc0[0] + acc0[4]) + (acc0[1] + acc0[5])) + ((acc0[2] + acc0[6]) + (acc0[3] + acc0[7])) + tail;
 }
 
-// y[0..n) += a x[0..n)
-inline void rs_axpy_host(float* __restrict__ y, float a, const float* __restrict__ x, int n) {
-  const rs_v8 av = {a, a, a, a, a, a, a, a};
-  int j = 0;
-  for (; j + 8 <= n; j += 8) rs_store8(y + j, rs_fma8(av, rs_load8(x + j), rs_load8(y + j)));
-  for (; j < n; ++j) y[j] = rs_fma(a, x[j], y[j]);
-}
-
 // y[0..n) += a x[0..n) + b w[0..n)
 inline void rs_axpy2_host(float* __restrict__ y, float a, const float* __restrict__ x, float b,
                           const float* __restrict__ w, int n) {
@@ -187,8 +179,9 @@ PP_HD float rs_dot(Team& t, const float* __restrict__ a, const float* __restrict
   }
 }
 
-// y[lo..hi) += a x[lo..hi): by the lanes of one warp (lanes) or by the whole team (team); one thread (one).
-// (one-thread teams: rounded up to whole vectors, rs_axpy_host_r8)
+// y[lo..hi) += a x[lo..hi): by the lanes of one warp (lanes; one-thread teams: rounded up to whole vectors,
+// rs_axpy_host_r8), by the whole team (team), by one thread (one). One-thread teams take the register-blocked
+// rs_gemv_host wherever team and one are used, so those two are the generic (CUDA and emulation) loops.
 template <class Team>
 PP_HD void rs_axpy_lanes(Team& t, float* y, float a, const float* x, int lo, int hi) {
   if constexpr (Team::kSerial) {
@@ -202,31 +195,13 @@ PP_HD void rs_axpy_lanes(Team& t, float* y, float a, const float* x, int lo, int
 }
 
 template <class Team>
-PP_HD void rs_axpy_team(Team& t, float* y, float a, const float* x, int lo, int hi, bool r8 = false) {
-  if constexpr (Team::kSerial) {
-#if !defined(__CUDACC__)
-    if (hi > lo) {
-      if (r8)
-        rs_axpy_host_r8(y + lo, a, x + lo, hi - lo);
-      else
-        rs_axpy_host(y + lo, a, x + lo, hi - lo);
-    }
-    return;
-#endif
-  }
+PP_HD void rs_axpy_team(Team& t, float* y, float a, const float* x, int lo, int hi) {
   const int R = t.rank(), S = t.size();
   for (int l = lo + R; l < hi; l += S) y[l] = rs_fma(a, x[l], y[l]);
 }
 
-PP_HD void rs_axpy_one(float* y, float a, const float* x, int n, bool r8 = false) {
-#if !defined(__CUDACC__)
-  if (r8)
-    rs_axpy_host_r8(y, a, x, n);
-  else
-    rs_axpy_host(y, a, x, n);
-#else
+PP_HD void rs_axpy_one(float* y, float a, const float* x, int n) {
   for (int l = 0; l < n; ++l) y[l] = rs_fma(a, x[l], y[l]);
-#endif
 }
 
 // y[j] = sum over i < n of coef[i] rows_i[j], j < len, with rows_i = base + (idx ? idx[i] : i) * ld: a symmetric
