@@ -9,10 +9,11 @@ perplexity over seeds with its min-max and standard deviation, paired ratios ove
 side by side, and the rounding-only noise floor: the same seed with the calibration samples in another order (the
 same windows, so the same Hessians up to float rounding), or another backend.
 
-A configuration is a key, ``method/sparsity[/mask][/damp<x>][/swap<k>][/n<samples>][/<calibration>]``:
+A configuration is a key, ``method/sparsity[/mask][/damp<x>][/shrink<x>][/swap<k>][/n<samples>][/<calibration>]``:
 - ``mask`` (joint only): ``sparsegpt``, ``exact``, ``wanda``, ... (docs/ALGORITHM.md section 4); default: joint's
   default;
 - ``damp<x>``: relative damping (default 0.01);
+- ``shrink<x>`` (joint, SparseGPT): the fraction of H's off-diagonal removed (``PruneConfig.shrink``; default 0);
 - ``swap<k>`` (joint only): at most k pruned/kept exchanges per row of a block (``PruneConfig.swaps``); no ``swap``
   part means none, whatever pyprune's default (keys name settings, not defaults);
 - ``n<k>``: calibration samples (default ``--nsamples``);
@@ -139,6 +140,8 @@ def parse_key(key: str, nsamples: int) -> dict:
             c["mix"] = c["calib"] == MIX
         elif p.startswith("damp"):
             c["damp"] = float(p[4:])
+        elif p.startswith("shrink"):
+            c["shrink"] = float(p[6:])
         elif p.startswith("swap") and p[4:].isdigit():
             c["swaps"] = int(p[4:])
         elif p.startswith("n") and p[1:].isdigit():
@@ -154,7 +157,7 @@ def parse_key(key: str, nsamples: int) -> dict:
 def config_of(c: dict):
     from pyprune import PruneConfig
     return PruneConfig(method=c["method"], sparsity=c["sparsity"], mask=c.get("mask"), damp=c.get("damp", DEFAULT_DAMP),
-                       swaps=c.get("swaps", 0))
+                       swaps=c.get("swaps", 0), shrink=c.get("shrink", 0.0))
 
 
 def config_key(c: dict, nsamples: int) -> str:
@@ -165,6 +168,8 @@ def config_key(c: dict, nsamples: int) -> str:
         parts.append(cfg.mask)
     if cfg.damp != DEFAULT_DAMP:
         parts.append(f"damp{cfg.damp:g}")
+    if cfg.shrink:
+        parts.append(f"shrink{cfg.shrink:g}")
     if cfg.swaps:
         parts.append(f"swap{cfg.swaps}")
     if c.get("nsamples", nsamples) != nsamples:

@@ -20,6 +20,9 @@ MASK_SCOPES = ("block", "row")
 # 16 calibration samples on 2 CPU cores (50%: 224-260 s against 89-120 s; 2:4: 211-221 s against 72-75 s for
 # SparseGPT under the same load); the calibration forward passes, the same for both, dominate at 128 samples.
 DEFAULT_SWAPS = 16
+# The joint method's default PruneConfig.shrink: the fraction of the Hessian's off-diagonal removed before the solve.
+# Chosen from benchmarks/results/heldout_domains.md (SmolLM2-135M, calibrated on one kind of text and scored on others).
+DEFAULT_SHRINK = 0.5
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,13 @@ class PruneConfig:
     sparsity:    fraction in [0, 1) or "N:M"
     block_size:  B, columns per block (joint: the size of the joint solve; sparsegpt: lazy-update and mask block)
     damp:        relative damping, H + damp * mean(diag(H)) * I
+    shrink:      OBS methods (joint, SparseGPT): the fraction of H's off-diagonal removed before the damping,
+                 H_s = (1 - shrink) H + shrink diag(H) (docs/ALGORITHM.md section 1). 0 is the calibration Hessian as
+                 measured; 1 keeps only each input's own curvature, where the joint method's "sparsegpt" mask is
+                 Wanda's score and no weight is updated. Between them the update trusts the calibration text's
+                 correlations between inputs less: they move between kinds of text far more than the diagonal does
+                 (benchmarks/results/heldout_domains.md). None picks the default: DEFAULT_SHRINK for the joint
+                 method, 0 for SparseGPT (the published method, kept as the baseline).
     mask:        how the joint method picks the pruned weights of a block (docs/ALGORITHM.md section 4):
                  "diag"      saliency w^2 / G_jj (the joint scheme's own diagonal),
                  "sparsegpt" saliency w^2 / U_jj^2 (SparseGPT's),
@@ -108,6 +118,7 @@ class PruneConfig:
     mask_scope: str | None = None
     backend: str = "auto"
     swaps: int | None = None
+    shrink: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
@@ -117,6 +128,13 @@ class PruneConfig:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
             raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        if self.shrink is None:
+            object.__setattr__(self, "shrink", DEFAULT_SHRINK if self.method == "joint" else 0.0)
+        if isinstance(self.shrink, bool) or not (isinstance(self.shrink, (int, float)) and 0.0 <= self.shrink <= 1.0):
+            raise ValueError(f"shrink must be a fraction in [0, 1], got {self.shrink!r}")
+        if self.shrink and self.method not in ("joint", "sparsegpt"):
+            raise ValueError(f"shrink={self.shrink:g} changes the Hessian of the OBS methods (joint, sparsegpt) only; "
+                             f"{self.method} does not use H's off-diagonal (leave shrink at 0)")
         # Options belong to the methods that read them: ``mask`` to the joint method, ``mask_scope`` to the joint
         # method and SparseGPT with an unstructured fraction. Elsewhere they stay None (reports list what was used).
         uses_mask = self.method == "joint"
@@ -159,6 +177,7 @@ class PruneConfig:
             changes.setdefault("mask", None)
             changes.setdefault("mask_scope", None)
             changes.setdefault("swaps", None)
+            changes.setdefault("shrink", None)
         return dataclasses.replace(self, **changes)
 
     def settings(self) -> dict:
@@ -167,6 +186,8 @@ class PruneConfig:
                "damp": self.damp, "mask": self.mask, "mask_scope": self.mask_scope, "backend": self.backend}
         if self.swaps:
             out["swaps"] = self.swaps
+        if self.shrink:
+            out["shrink"] = self.shrink
         if self.method in ("wanda", "magnitude"):
             del out["block_size"]  # a per-row or per-group rule: no column blocks
         return {k: v for k, v in out.items() if v is not None}

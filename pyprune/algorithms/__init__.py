@@ -1,7 +1,8 @@
 """Layer-level pruning as pure functions on tensors: (W, H, config) -> PruneResult(weight, mask, loss).
 
 ``prune_layer`` and ``prune_group`` are the entry points; the per-method functions in ``ALGORITHMS`` are their
-cores (called directly, the OBS methods neither count dead inputs in the mask nor fall back on a zero Hessian)."""
+cores (called directly, the OBS methods neither count dead inputs in the mask nor fall back on a zero Hessian, and
+their loss is on the shrunk Hessian they solve with: ``PruneConfig.shrink``)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,8 +11,8 @@ import torch
 
 from ..config import PruneConfig
 from ..ops._checks import check_same_device
-from .common import (FALLBACK_ALL_DEAD, MAX_DAMP, PruneResult, check_fixed_mask, check_layer, compute_dtype,
-                     hessian_setup, layer_objective)
+from .common import (FALLBACK_ALL_DEAD, MAX_DAMP, PruneResult, calibration_row_loss, check_fixed_mask, check_layer,
+                     compute_dtype, hessian_setup, layer_objective)
 from .joint import prune_joint
 from .magnitude import magnitude_fallback, prune_magnitude
 from .sparsegpt import prune_sparsegpt
@@ -41,7 +42,8 @@ def prune_group(weights: Sequence[torch.Tensor], H: torch.Tensor | None, config:
     (N:M: a group) with more dead columns than its pruning count ends sparser than asked, by exactly what the dead
     columns force, and nowhere else. Every input dead (zero H): no information, so magnitude pruning at the method's
     own counts, no update, loss 0, ``result.fallback`` says so (``FALLBACK_ALL_DEAD``). A Cholesky failure is
-    retried with 10x the damping up to ``MAX_DAMP`` (common.py); ``result.damp`` is the damping used."""
+    retried with 10x the damping up to ``MAX_DAMP`` (common.py); ``result.damp`` is the damping used. The loss is
+    always on the calibration H (damped), also when the method solved with a shrunk one (``PruneConfig.shrink``)."""
     weights = list(weights)
     masks = [None] * len(weights) if masks is None else list(masks)
     if len(masks) != len(weights):
@@ -64,12 +66,17 @@ def prune_group(weights: Sequence[torch.Tensor], H: torch.Tensor | None, config:
     for W, m in zip(weights, masks):
         dtype = compute_dtype(W)
         if dtype not in setups:
-            setups[dtype] = hessian_setup(H, config.damp, dtype)
+            setups[dtype] = hessian_setup(H, config.damp, dtype, config.shrink)
         setup = setups[dtype]
         if setup.all_dead:
             results.append(magnitude_fallback(W, config, m, scope=config.mask_scope, block=config.block_size))
             continue
         result = ALGORITHMS[config.method](W, H, config, mask=m, setup=setup)
+        if setup.shrink:  # the loss on the calibration H, not on the shrunk one the method solved with
+            W_ref = W.to(dtype).clone()
+            W_ref[:, setup.dead] = 0.0
+            result.row_loss = calibration_row_loss(W_ref, result.weight, H, setup, result.row_loss)
+            result.loss = float(result.row_loss.sum())
         result.mask[:, setup.dead] = True  # zeroed by obs_setup
         result.damp = setup.damp
         results.append(result)

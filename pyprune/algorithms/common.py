@@ -26,7 +26,7 @@ class PruneResult:
     """weight: the pruned weight in the input's dtype; mask: bool, True = pruned: exactly the weights the method set
     to zero (its chosen set, plus the weights of dead inputs, which the OBS methods zero: see ``prune_group``), so
     ``sparsity`` is the fraction of zeros the method made; loss: the layer loss sum_i 1/2 (w_i - w_hat_i) H_d
-    (w_i - w_hat_i)^T (as a float) over the live inputs (dead inputs, diag(H) = 0, cost nothing on the calibration
+    (w_i - w_hat_i)^T (as a float; H_d the damped calibration Hessian, not shrunk) over the live inputs (dead inputs, diag(H) = 0, cost nothing on the calibration
     data); row_loss: per row; damp: the relative damping of H_d actually used (config.damp, or larger after the
     OBS methods' Cholesky retry; NaN when a method core is called directly without recording it); fallback: None,
     or why the method was not applied and what was done instead (``FALLBACK_ALL_DEAD``); exchanges, exchange_s:
@@ -65,6 +65,8 @@ class HessianSetup:
     dead: torch.Tensor
     damp: float
     all_dead: bool
+    shrink: float = 0.0
+    lam: float = 0.0  # the damping added to the diagonal, damp * mean(diag(H)) (dead columns counted as 1)
 
 
 def compute_dtype(W: torch.Tensor) -> torch.dtype:
@@ -84,21 +86,30 @@ def check_layer(W: torch.Tensor, H: torch.Tensor | None, sparsity: Sparsity) -> 
                          f"M={sparsity.m}")
 
 
-def _damped(H: torch.Tensor, damp: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H_d, dead): a ``dtype`` copy of H with ``H[j, j] = 1`` on dead columns, then the damping added."""
+def _damped(H: torch.Tensor, damp: float, dtype: torch.dtype,
+            shrink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(H_d, dead, lam): a ``dtype`` copy of H with its off-diagonal scaled by ``1 - shrink`` (PruneConfig.shrink),
+    ``H[j, j] = 1`` on dead columns, then the damping lam = damp * mean(diag) added to the diagonal."""
     H = H.to(dtype).clone()
     diag = torch.diagonal(H)
+    if shrink:
+        d = diag.clone()
+        H.mul_(1.0 - shrink)
+        diag.copy_(d)
     dead = diag == 0
     H[dead, dead] = 1.0
-    diag.add_(damp * torch.mean(diag))
-    return H, dead
+    lam = damp * torch.mean(diag)
+    diag.add_(lam)
+    return H, dead, float(lam)
 
 
-def damped_hessian(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (W', H_d, dead): a compute-dtype copy of W with dead columns zeroed, the damped Hessian with
-    ``H[j, j] = 1`` on dead columns (zero diagonal), and the dead-column mask (docs/ALGORITHM.md section 1)."""
+def damped_hessian(W: torch.Tensor, H: torch.Tensor, damp: float,
+                   shrink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (W', H_d, dead): a compute-dtype copy of W with dead columns zeroed, the damped (and ``shrink``-ed)
+    Hessian with ``H[j, j] = 1`` on dead columns (zero diagonal), and the dead-column mask (docs/ALGORITHM.md
+    section 1)."""
     W = W.to(compute_dtype(W)).clone()
-    H, dead = _damped(H, damp, W.dtype)
+    H, dead, _ = _damped(H, damp, W.dtype, shrink)
     W[:, dead] = 0.0
     return W, H, dead
 
@@ -167,6 +178,26 @@ def inverse_cholesky_upper(H_d: torch.Tensor, *, overwrite: bool = False) -> tor
     return U
 
 
+def calibration_row_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, setup: HessianSetup,
+                         row_loss: torch.Tensor) -> torch.Tensor:
+    """Per-row ``1/2 d (H + lam I) d^T``, d = w - w_hat (W: the compute-dtype weights with dead columns zeroed), on the
+    calibration H itself, from the method's ``row_loss`` on the shrunk H_s = (1 - s) H + s diag(H) (+ lam I): with
+    q_s = d H_s d^T = (1 - s) d H d^T + s sum_j H_jj d_j^2, d H d^T = (q_s - s sum_j H_jj d_j^2) / (1 - s), an
+    O(rows x cols) step (no rows x cols x cols product) whose rounding grows as 1 / (1 - s); at s > 0.9 it is computed
+    directly. ``setup.shrink == 0``: ``row_loss`` itself."""
+    s = setup.shrink
+    if not s:
+        return row_loss
+    D = W - W_hat.to(W.dtype)
+    dd = D * D
+    h = torch.diagonal(H).to(W.dtype)
+    if s > 0.9:
+        q = ((D @ H.to(W.dtype)) * D).sum(1)
+    else:
+        q = (2.0 * row_loss - setup.lam * dd.sum(1) - s * (dd @ h)) / (1.0 - s)
+    return 0.5 * (q + setup.lam * dd.sum(1))
+
+
 def damp_schedule(damp: float) -> list[float]:
     """The relative dampings ``hessian_setup`` tries, in order: ``damp``, then x DAMP_STEP up to MAX_DAMP."""
     out = [damp]
@@ -175,17 +206,18 @@ def damp_schedule(damp: float) -> list[float]:
     return out
 
 
-def hessian_setup(H: torch.Tensor, damp: float, dtype: torch.dtype) -> HessianSetup:
-    """Dead inputs, damped H and its factor U in ``dtype``, once per Hessian. A failed factorisation is retried with
-    more damping (``damp_schedule``); past MAX_DAMP it raises, naming the limit. Does not modify H."""
+def hessian_setup(H: torch.Tensor, damp: float, dtype: torch.dtype, shrink: float = 0.0) -> HessianSetup:
+    """Dead inputs, damped H (its off-diagonal first scaled by ``1 - shrink``) and its factor U in ``dtype``, once per
+    Hessian. A failed factorisation is retried with more damping (``damp_schedule``); past MAX_DAMP it raises,
+    naming the limit. Does not modify H."""
     dead = torch.diagonal(H).to(dtype) == 0  # as _damped sees it
     if bool(dead.all()):
         return HessianSetup(None, dead, damp, True)
     tried = []
     for d in damp_schedule(damp):
-        H_d, _ = _damped(H, d, dtype)
+        H_d, _, lam = _damped(H, d, dtype, shrink)
         try:
-            return HessianSetup(inverse_cholesky_upper(H_d, overwrite=True), dead, d, False)
+            return HessianSetup(inverse_cholesky_upper(H_d, overwrite=True), dead, d, False, shrink, lam)
         except NotPositiveDefiniteError:
             tried.append(d)
         del H_d
@@ -205,7 +237,7 @@ def obs_setup(W: torch.Tensor, H: torch.Tensor, config, mask: torch.Tensor | Non
     if setup is None:
         check_layer(W, H, config.sparsity)
         check_fixed_mask(mask, W)
-        setup = hessian_setup(H, config.damp, compute_dtype(W))
+        setup = hessian_setup(H, config.damp, compute_dtype(W), config.shrink)
     if setup.all_dead:
         raise ValueError("every input of this layer is dead (zero Hessian): prune it with pyprune.prune_layer or "
                          "prune_group, which fall back to magnitude pruning")

@@ -57,8 +57,8 @@ class JointPruningModifier(SparsityModifierBase):
     SparseGPTModifier (``mask_structure`` "N:M" prunes N of every M, pyprune's ``Sparsity("N:M")``; otherwise
     ``sparsity``, one value or one per target layer, is the fraction).
     method:          pyprune's method: "joint" (default), "sparsegpt", "wanda", "magnitude".
-    block_size, dampening_frac, mask, mask_scope, swaps, backend: ``pyprune.PruneConfig``'s block_size, damp, mask,
-                     mask_scope, swaps and backend (None: pyprune's defaults for the method).
+    block_size, dampening_frac, mask, mask_scope, swaps, shrink, backend: ``pyprune.PruneConfig``'s block_size,
+                     damp, mask, mask_scope, swaps, shrink and backend (None: pyprune's defaults for the method).
     share_hessians:  one Hessian for the modules that read the same input tensor (default True).
 
     After ``oneshot``, ``results`` maps each pruned module's name to its layer loss, the fraction of its weights
@@ -70,6 +70,7 @@ class JointPruningModifier(SparsityModifierBase):
     mask: str | None = None
     mask_scope: str | None = None
     swaps: int | None = None
+    shrink: float | None = None
     backend: str = "auto"
     share_hessians: bool = True
 
@@ -99,7 +100,8 @@ class JointPruningModifier(SparsityModifierBase):
         try:
             return PruneConfig(method=self.method, sparsity=target,
                                block_size=self.block_size, damp=self.dampening_frac, mask=self.mask,
-                               mask_scope=self.mask_scope, swaps=self.swaps, backend=self.backend)
+                               mask_scope=self.mask_scope, swaps=self.swaps, shrink=self.shrink,
+                               backend=self.backend)
         except ValueError as e:
             raise ValueError(f"JointPruningModifier: {e}") from None
 

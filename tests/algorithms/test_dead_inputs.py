@@ -1,5 +1,7 @@
 """Dead inputs (issue 11 item 5): inputs with diag(H) == 0. Their weights are pruned first and counted in the mask,
-so the reported sparsity is the fraction of zeros the method made; a zero Hessian falls back to magnitude pruning."""
+so the reported sparsity is the fraction of zeros the method made; a zero Hessian falls back to magnitude pruning.
+
+The exact OBS math on the calibration H: every config here sets shrink=0 (test_shrink.py ties shrink > 0 to it)."""
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def zeros_are_the_mask(W, res):
 def test_zero_hessian_prunes_by_magnitude_at_the_requested_sparsity(method, mask, sparsity, rng):
     rows, cols, B = 12, 48, 16
     W = torch.randn(rows, cols, generator=rng, dtype=torch.float64)
-    cfg = PruneConfig(method=method, sparsity=sparsity, block_size=B, mask=mask)
+    cfg = PruneConfig(shrink=0.0, method=method, sparsity=sparsity, block_size=B, mask=mask)
     res = prune_layer(W, torch.zeros(cols, cols, dtype=torch.float64), cfg)
     zeros_are_the_mask(W, res)
     if cfg.sparsity.structured:
@@ -56,7 +58,7 @@ def test_zero_hessian_group_and_fixed_mask(rng):
     W = torch.randn(6, 16, generator=rng, dtype=torch.float64)
     H = torch.zeros(16, 16)
     fixed = torch.rand(6, 16, generator=rng) < 0.4
-    a, b = prune_group([W, W.float()], H, PruneConfig(), masks=[fixed, None])
+    a, b = prune_group([W, W.float()], H, PruneConfig(shrink=0.0), masks=[fixed, None])
     assert torch.equal(a.mask, fixed) and torch.equal(a.weight, W.masked_fill(fixed, 0))
     assert b.fallback == FALLBACK_ALL_DEAD and b.sparsity == 0.5
 
@@ -66,7 +68,7 @@ def test_zero_hessian_group_and_fixed_mask(rng):
 def test_some_dead_inputs_reported_sparsity_counts_the_zeros(method, mask, sparsity, rng):
     W, H = random_layer(10, 40, rng, dead=3)
     dead = torch.diagonal(H) == 0
-    cfg = PruneConfig(method=method, sparsity=sparsity, block_size=20, mask=mask)
+    cfg = PruneConfig(shrink=0.0, method=method, sparsity=sparsity, block_size=20, mask=mask)
     res = prune_layer(W, H, cfg)
     zeros_are_the_mask(W, res)
     assert res.fallback is None
@@ -87,7 +89,7 @@ def test_more_dead_than_a_block_prunes_only_what_they_force(method, scope, rng):
     rows, cols, B = 8, 32, 16
     W, H = random_layer(rows, cols, rng)
     H = kill(H, list(range(12)))
-    res = prune_layer(W, H, PruneConfig(method=method, sparsity=0.5, block_size=B, mask_scope=scope))
+    res = prune_layer(W, H, PruneConfig(shrink=0.0, method=method, sparsity=0.5, block_size=B, mask_scope=scope))
     zeros_are_the_mask(W, res)
     assert torch.all(res.mask[:, :12]) and int(res.mask[:, :B].sum()) == rows * 12
     if scope == "row":
@@ -102,7 +104,7 @@ def test_nm_group_of_dead_inputs_is_all_zero_and_the_rest_exact(method, mask, rn
     rows, cols = 6, 32
     W, H = random_layer(rows, cols, rng)
     H = kill(H, [4, 5, 6, 7, 21])  # one whole group of 4, and one column of another
-    res = prune_layer(W, H, PruneConfig(method=method, sparsity="2:4", block_size=16, mask=mask))
+    res = prune_layer(W, H, PruneConfig(shrink=0.0, method=method, sparsity="2:4", block_size=16, mask=mask))
     zeros_are_the_mask(W, res)
     counts = res.mask.reshape(rows, cols // 4, 4).sum(-1)
     assert torch.all(counts[:, 1] == 4)
@@ -116,7 +118,7 @@ def test_wanda_keeps_dead_weights_beyond_the_row_count(rng):
     """Wanda makes no update: dead weights beyond the row's count stay as they were (they cost nothing)."""
     W, H = random_layer(5, 16, rng)
     H = kill(H, list(range(10)))
-    res = prune_layer(W, H, PruneConfig(method="wanda", sparsity=0.5))
+    res = prune_layer(W, H, PruneConfig(shrink=0.0, method="wanda", sparsity=0.5))
     assert torch.all(res.mask.sum(1) == 8) and torch.all(res.mask[:, 10:] == 0)
     zeros_are_the_mask(W, res)
     assert res.loss == 0.0

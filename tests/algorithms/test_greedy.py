@@ -1,4 +1,7 @@
-"""The greedy OBS mask (exact OBS order inside a block) against a brute-force re-solve at every step."""
+"""The greedy OBS mask (exact OBS order inside a block) against a brute-force re-solve at every step.
+
+The exact OBS math on the calibration H: every config here sets shrink=0 (test_shrink.py ties shrink > 0 to
+it)."""
 import pytest
 import torch
 
@@ -29,8 +32,8 @@ def test_greedy_nm_matches_brute_force(n, m, B, rng):
 @pytest.mark.parametrize("sparsity", [0.5, "2:4"])
 def test_greedy_joint_reports_the_objective_and_meets_the_target(sparsity, rng):
     W, H = random_layer(12, 40, rng, dead=1)
-    greedy = prune_layer(W, H, PruneConfig(sparsity=sparsity, block_size=20, mask="greedy"))
-    diag = prune_layer(W, H, PruneConfig(sparsity=sparsity, block_size=20, mask="diag"))
+    greedy = prune_layer(W, H, PruneConfig(shrink=0.0, sparsity=sparsity, block_size=20, mask="greedy"))
+    diag = prune_layer(W, H, PruneConfig(shrink=0.0, sparsity=sparsity, block_size=20, mask="diag"))
     assert torch.equal(greedy.mask.sum(), diag.mask.sum())
     from tests.algorithms.test_joint import reported_equals_objective
     reported_equals_objective(W, H, greedy)

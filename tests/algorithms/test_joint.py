@@ -1,4 +1,7 @@
-"""docs/ALGORITHM.md section 6: what a correct implementation shows, on fresh random float64 problems."""
+"""docs/ALGORITHM.md section 6: what a correct implementation shows, on fresh random float64 problems.
+
+The exact OBS math on the calibration H: every config here sets shrink=0 (test_shrink.py ties shrink > 0 to
+it)."""
 import pytest
 import torch
 
@@ -20,7 +23,7 @@ def reported_equals_objective(W, H, res, damp=0.01):
 def test_reported_loss_is_the_objective(rows, cols, B, sparsity, rng):
     if sparsity == "2:4" and (cols % 4 or B % 4):
         pytest.skip("N:M needs cols and B multiples of M (errors are tested in test_errors.py)")
-    cfg = PruneConfig(sparsity=sparsity, block_size=B)
+    cfg = PruneConfig(shrink=0.0, sparsity=sparsity, block_size=B)
     W, H = random_layer(rows, cols, rng, dead=2)
     res = prune_layer(W, H, cfg)
     reported_equals_objective(W, H, res)
@@ -31,8 +34,8 @@ def test_reported_loss_is_the_objective(rows, cols, B, sparsity, rng):
 def test_block_size_one_is_sparsegpt(rows, cols, rng):
     W, H = random_layer(rows, cols, rng)
     mask = random_mask(rows, cols, rng)
-    joint = prune_layer(W, H, PruneConfig(block_size=1), mask=mask)
-    sgpt = prune_layer(W, H, PruneConfig(method="sparsegpt", block_size=7), mask=mask)
+    joint = prune_layer(W, H, PruneConfig(shrink=0.0, block_size=1), mask=mask)
+    sgpt = prune_layer(W, H, PruneConfig(shrink=0.0, method="sparsegpt", block_size=7), mask=mask)
     torch.testing.assert_close(joint.weight, sgpt.weight, rtol=1e-10, atol=1e-10)
     assert abs(joint.loss - sgpt.loss) <= 1e-10 * sgpt.loss
 
@@ -41,21 +44,21 @@ def test_block_size_one_is_sparsegpt(rows, cols, rng):
 def test_one_block_reaches_the_exact_optimum_for_its_mask(rows, cols, rng):
     W, H = random_layer(rows, cols, rng)
     mask = random_mask(rows, cols, rng)
-    res = prune_layer(W, H, PruneConfig(block_size=cols), mask=mask)
+    res = prune_layer(W, H, PruneConfig(shrink=0.0, block_size=cols), mask=mask)
     _, H_d, _ = damped_hessian(W, H, 0.01)
     best = optimal_for_mask(W, H_d, mask)
     torch.testing.assert_close(res.weight, best, rtol=1e-7, atol=1e-8)
     best_loss = float(layer_objective(W, best, H_d).sum())
     assert abs(res.loss - best_loss) <= 1e-8 * best_loss
     # no method with the same mask ends lower: SparseGPT, smaller joint blocks
-    for other in (PruneConfig(method="sparsegpt"), PruneConfig(block_size=4), PruneConfig(block_size=cols // 3)):
+    for other in (PruneConfig(shrink=0.0, method="sparsegpt"), PruneConfig(shrink=0.0, block_size=4), PruneConfig(shrink=0.0, block_size=cols // 3)):
         assert prune_layer(W, H, other, mask=mask).loss >= res.loss * (1 - 1e-10)
 
 
 def test_sparsegpt_is_independent_of_its_lazy_block_size(rng):
     W, H = random_layer(12, 40, rng)
     mask = random_mask(12, 40, rng)
-    results = [prune_layer(W, H, PruneConfig(method="sparsegpt", block_size=B), mask=mask) for B in (1, 3, 16, 40)]
+    results = [prune_layer(W, H, PruneConfig(shrink=0.0, method="sparsegpt", block_size=B), mask=mask) for B in (1, 3, 16, 40)]
     for r in results[1:]:
         torch.testing.assert_close(r.weight, results[0].weight, rtol=1e-10, atol=1e-10)
 
@@ -67,8 +70,8 @@ def test_joint_loss_falls_with_block_size(rng):
     it is not asserted."""
     W, H = random_layer(16, 32, rng)
     mask = random_mask(16, 32, rng)
-    sgpt = prune_layer(W, H, PruneConfig(method="sparsegpt"), mask=mask).loss
-    losses = {B: prune_layer(W, H, PruneConfig(block_size=B), mask=mask).loss for B in (1, 4, 8, 16, 32)}
+    sgpt = prune_layer(W, H, PruneConfig(shrink=0.0, method="sparsegpt"), mask=mask).loss
+    losses = {B: prune_layer(W, H, PruneConfig(shrink=0.0, block_size=B), mask=mask).loss for B in (1, 4, 8, 16, 32)}
     assert abs(losses[1] - sgpt) <= 1e-9 * sgpt
     assert losses[32] == min(losses.values())
     assert losses[32] < 0.97 * sgpt
@@ -79,7 +82,7 @@ def test_joint_loss_falls_with_block_size(rng):
                                          ("sparsegpt", None), ("wanda", None), ("magnitude", None)])
 def test_nm_output_has_exactly_n_zeros_per_group(n, m, cols, B, method, mask, rng):
     W, H = random_layer(9, cols, rng)
-    cfg = PruneConfig(method=method, sparsity=f"{n}:{m}", block_size=B, mask=mask)
+    cfg = PruneConfig(shrink=0.0, method=method, sparsity=f"{n}:{m}", block_size=B, mask=mask)
     res = prune_layer(W, H, cfg)
     assert torch.all(res.mask.reshape(9, cols // m, m).sum(-1) == n)
     assert torch.all((res.weight.reshape(9, cols // m, m) == 0).sum(-1) == n)
@@ -91,7 +94,7 @@ def test_nm_output_has_exactly_n_zeros_per_group(n, m, cols, B, method, mask, rn
 def test_unstructured_sparsity_is_met(scope, p, rng):
     rows, cols, B = 10, 45, 16
     W, H = random_layer(rows, cols, rng)
-    res = prune_layer(W, H, PruneConfig(sparsity=p, block_size=B, mask_scope=scope))
+    res = prune_layer(W, H, PruneConfig(shrink=0.0, sparsity=p, block_size=B, mask_scope=scope))
     expect = 0
     for b0 in range(0, cols, B):
         width = min(B, cols - b0)
@@ -107,7 +110,7 @@ def test_dead_columns_are_pruned_first(rng):
     W, H = random_layer(8, 32, rng, dead=3)
     dead = torch.diagonal(H) == 0
     for method in ("joint", "sparsegpt", "wanda"):
-        res = prune_layer(W, H, PruneConfig(method=method, sparsity=0.5, mask="diag" if method == "joint" else None))
+        res = prune_layer(W, H, PruneConfig(shrink=0.0, method=method, sparsity=0.5, mask="diag" if method == "joint" else None))
         assert torch.all(res.mask[:, dead]), method
         assert torch.all(res.weight[:, dead] == 0)
 
@@ -119,21 +122,21 @@ def test_exact_nm_mask_is_optimal_for_a_single_group(rng):
     import itertools
     rows, m, n = 6, 8, 4
     W, H = random_layer(rows, m, rng)
-    exact = prune_layer(W, H, PruneConfig(sparsity=f"{n}:{m}", block_size=m, mask="exact"))
+    exact = prune_layer(W, H, PruneConfig(shrink=0.0, sparsity=f"{n}:{m}", block_size=m, mask="exact"))
     for S in itertools.combinations(range(m), n):
         mask = torch.zeros(rows, m, dtype=torch.bool)
         mask[:, list(S)] = True
-        other = prune_layer(W, H, PruneConfig(block_size=m), mask=mask)
+        other = prune_layer(W, H, PruneConfig(shrink=0.0, block_size=m), mask=mask)
         assert torch.all(exact.row_loss <= other.row_loss * (1 + 1e-9) + 1e-12)
 
 
 def test_joint_beats_baselines_on_random_problems(rng):
     W, H = random_layer(32, 64, rng)
     cfg = dict(sparsity=0.5, block_size=64)
-    joint = prune_layer(W, H, PruneConfig(**cfg)).loss
-    sgpt = prune_layer(W, H, PruneConfig(method="sparsegpt", **cfg)).loss
-    wanda = prune_layer(W, H, PruneConfig(method="wanda", **cfg)).loss
-    mag = prune_layer(W, H, PruneConfig(method="magnitude", **cfg)).loss
+    joint = prune_layer(W, H, PruneConfig(shrink=0.0, **cfg)).loss
+    sgpt = prune_layer(W, H, PruneConfig(shrink=0.0, method="sparsegpt", **cfg)).loss
+    wanda = prune_layer(W, H, PruneConfig(shrink=0.0, method="wanda", **cfg)).loss
+    mag = prune_layer(W, H, PruneConfig(shrink=0.0, method="magnitude", **cfg)).loss
     assert joint <= sgpt * (1 + 1e-9) and joint < wanda and joint < mag
 
 
@@ -141,8 +144,8 @@ def test_joint_beats_baselines_on_random_problems(rng):
 def test_low_precision_weights_keep_their_dtype(dtype, rng):
     W64, H = random_layer(12, 32, rng)
     W = W64.to(dtype)
-    res = prune_layer(W, H.float(), PruneConfig(sparsity="2:4", block_size=16))
-    ref = prune_layer(W.double(), H, PruneConfig(sparsity="2:4", block_size=16))
+    res = prune_layer(W, H.float(), PruneConfig(shrink=0.0, sparsity="2:4", block_size=16))
+    ref = prune_layer(W.double(), H, PruneConfig(shrink=0.0, sparsity="2:4", block_size=16))
     assert res.weight.dtype == dtype
     assert torch.all(res.weight[res.mask] == 0)
     # same mask up to near ties; loss close to the float64 run
@@ -154,5 +157,5 @@ def test_inputs_are_not_modified(rng):
     W, H = random_layer(8, 16, rng, dead=1)
     W0, H0 = W.clone(), H.clone()
     for method in ("joint", "sparsegpt", "wanda", "magnitude"):
-        prune_layer(W, H, PruneConfig(method=method))
+        prune_layer(W, H, PruneConfig(shrink=0.0, method=method))
     assert torch.equal(W, W0) and torch.equal(H, H0)

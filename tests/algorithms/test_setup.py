@@ -1,5 +1,7 @@
 """The OBS setup (issue 12): U from one Cholesky of the flipped H_d, the same factor as SparseGPT's four-step
-formula; the damping retry (issue 11 item 13)."""
+formula; the damping retry (issue 11 item 13).
+
+The exact OBS math on the calibration H: every config here sets shrink=0 (test_shrink.py ties shrink > 0 to it)."""
 import pytest
 import torch
 
@@ -95,7 +97,7 @@ def test_indefinite_at_the_default_damp_is_retried(method, sparsity, rng, monkey
     with pytest.raises(ValueError, match="not positive definite"):
         inverse_cholesky_upper(H + 0.01 * torch.diagonal(H).mean() * torch.eye(cols, dtype=torch.float64))
     calls = count_factorisations(monkeypatch)
-    cfg = PruneConfig(method=method, sparsity=sparsity, block_size=16)
+    cfg = PruneConfig(shrink=0.0, method=method, sparsity=sparsity, block_size=16)
     res = prune_layer(W, H, cfg)
     assert len(calls) == 2 and res.damp == pytest.approx(0.1)
     direct = prune_layer(W, H, cfg.replace(damp=res.damp))
@@ -113,18 +115,18 @@ def test_fails_past_the_limit_naming_it(rng, monkeypatch):
     calls = count_factorisations(monkeypatch)
     with pytest.raises(ValueError, match=r"even at damp=1 \(tried 0\.01, 0\.1, 1; .*MAX_DAMP=1\).*larger "
                                          r"PruneConfig\(damp=\.\.\.\)"):
-        prune_layer(W, H, PruneConfig())
+        prune_layer(W, H, PruneConfig(shrink=0.0))
     assert len(calls) == 3
     # a damp above the limit is the user's explicit choice: tried once, and here it is enough
     calls.clear()
-    res = prune_layer(W, H, PruneConfig(damp=3.0))
+    res = prune_layer(W, H, PruneConfig(shrink=0.0, damp=3.0))
     assert len(calls) == 1 and res.damp == 3.0
 
 
 def test_damp_is_recorded_for_every_method(rng):
     W, H = random_layer(6, 16, rng)
     for method in ("joint", "sparsegpt", "wanda", "magnitude"):
-        assert prune_layer(W, H, PruneConfig(method=method, damp=0.02)).damp == 0.02
+        assert prune_layer(W, H, PruneConfig(shrink=0.0, method=method, damp=0.02)).damp == 0.02
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU memory accounting")

@@ -1,4 +1,7 @@
-"""Swap refinement of a block mask against a brute-force oracle: every exchange re-solved from scratch in float64."""
+"""Swap refinement of a block mask against a brute-force oracle: every exchange re-solved from scratch in float64.
+
+The exact OBS math on the calibration H: every config here sets shrink=0 (test_shrink.py ties shrink > 0 to
+it)."""
 import itertools
 
 import pytest
@@ -94,7 +97,7 @@ def test_swap_rounds_bound_the_exchanges(rng):
 def test_joint_with_swaps_lowers_the_layer_loss(sparsity, dtype, rng):
     W, H = random_layer(24, 64, rng, dead=2)
     W, H = W.to(dtype), H.to(dtype)
-    base = PruneConfig(sparsity=sparsity, block_size=32, swaps=0)
+    base = PruneConfig(shrink=0.0, sparsity=sparsity, block_size=32, swaps=0)
     plain = prune_layer(W, H, base)
     swapped = prune_layer(W, H, base.replace(swaps=16))
     assert torch.equal(swapped.mask.sum(1), plain.mask.sum(1))
@@ -110,20 +113,20 @@ def test_joint_with_swaps_lowers_the_layer_loss(sparsity, dtype, rng):
 
 def test_swaps_option_is_checked():
     with pytest.raises(ValueError, match="swaps"):
-        PruneConfig(swaps=-1)
+        PruneConfig(shrink=0.0, swaps=-1)
     with pytest.raises(ValueError, match="swaps.*joint"):
-        PruneConfig(method="sparsegpt", swaps=4)
+        PruneConfig(shrink=0.0, method="sparsegpt", swaps=4)
     from pyprune.config import DEFAULT_SWAPS
-    assert PruneConfig().swaps == DEFAULT_SWAPS and PruneConfig().settings()["swaps"] == DEFAULT_SWAPS
-    assert "swaps" not in PruneConfig(swaps=0).settings()
-    assert PruneConfig(swaps=8).settings()["swaps"] == 8
-    assert PruneConfig(sparsity="2:4").swaps == DEFAULT_SWAPS
-    assert PruneConfig(sparsity="2:4", swaps=0).swaps == 0
-    assert PruneConfig(method="sparsegpt", sparsity="2:4").swaps == 0
+    assert PruneConfig(shrink=0.0).swaps == DEFAULT_SWAPS and PruneConfig(shrink=0.0).settings()["swaps"] == DEFAULT_SWAPS
+    assert "swaps" not in PruneConfig(shrink=0.0, swaps=0).settings()
+    assert PruneConfig(shrink=0.0, swaps=8).settings()["swaps"] == 8
+    assert PruneConfig(shrink=0.0, sparsity="2:4").swaps == DEFAULT_SWAPS
+    assert PruneConfig(shrink=0.0, sparsity="2:4", swaps=0).swaps == 0
+    assert PruneConfig(shrink=0.0, method="sparsegpt", sparsity="2:4").swaps == 0
     # a new method or sparsity re-derives the default
-    assert PruneConfig(sparsity="2:4").replace(method="magnitude").swaps == 0
-    assert PruneConfig(sparsity="2:4", swaps=3).replace(sparsity=0.5).swaps == DEFAULT_SWAPS
-    assert PruneConfig(method="sparsegpt").replace(method="joint").swaps == DEFAULT_SWAPS
+    assert PruneConfig(shrink=0.0, sparsity="2:4").replace(method="magnitude").swaps == 0
+    assert PruneConfig(shrink=0.0, sparsity="2:4", swaps=3).replace(sparsity=0.5).swaps == DEFAULT_SWAPS
+    assert PruneConfig(shrink=0.0, method="sparsegpt").replace(method="joint").swaps == DEFAULT_SWAPS
 
 
 def test_swap_inside_uneven_groups_matches_brute_force(rng):
