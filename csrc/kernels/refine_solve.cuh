@@ -24,6 +24,11 @@
 #include "kernels/masked_solve.cuh"
 #include "kernels/team.cuh"
 
+#if !defined(__CUDACC__) && defined(PP_RS_FMA) && defined(__x86_64__)
+#include <immintrin.h>
+#define PP_RS_X86_FMA 1
+#endif
+
 namespace pyprune {
 
 // Fused multiply-add where the target has it (the CPU op compiles this header for AVX2 + FMA and defines PP_RS_FMA:
@@ -52,10 +57,6 @@ PP_HD size_t rs_host_words(int B) {
   return 2 * cs * B + (size_t)B * B + 20 * (size_t)B + 16;
 }
 
-#if !defined(__CUDACC__) && defined(PP_RS_FMA) && defined(__x86_64__)
-#include <immintrin.h>
-#define PP_RS_X86_FMA 1
-#endif
 
 #if !defined(__CUDACC__)
 // One-thread teams (the CPU op): the two reductions of the row code in 8-wide vector registers (GCC/Clang vector
@@ -144,6 +145,38 @@ inline void rs_gemv_host(float* y, const float* base, size_t ld, const int* idx,
   }
 }
 
+// sum over j < n of a[idx ? idx[j] : j] x[j] in fp64 (fp32 a, fp64 x; four fp64 lanes, two accumulators)
+inline double rs_dot64_host(const float* __restrict__ a, const int* __restrict__ idx, const double* __restrict__ x,
+                            int n) {
+  typedef double rs_v4d __attribute__((vector_size(32)));
+  typedef float rs_v4f __attribute__((vector_size(16)));
+  rs_v4d acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
+  auto ld = [&](int j) {
+    rs_v4f f;
+    if (idx) {
+      f = rs_v4f{a[idx[j]], a[idx[j + 1]], a[idx[j + 2]], a[idx[j + 3]]};
+    } else {
+      __builtin_memcpy(&f, a + j, sizeof f);
+    }
+    rs_v4d xv;
+    __builtin_memcpy(&xv, x + j, sizeof xv);
+    return __builtin_convertvector(f, rs_v4d) * xv;
+  };
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    acc0 += ld(j);
+    acc1 += ld(j + 4);
+  }
+  if (j + 4 <= n) {
+    acc0 += ld(j);
+    j += 4;
+  }
+  acc0 += acc1;
+  double out = (acc0[0] + acc0[2]) + (acc0[1] + acc0[3]);
+  for (; j < n; ++j) out += (double)a[idx ? idx[j] : j] * x[j];
+  return out;
+}
+
 // min over x[0..n) (NaN entries never win; +inf when every entry is NaN or n == 0)
 inline float rs_min_host(const float* x, int n) {
   const float inf = pp_inf();
@@ -224,38 +257,66 @@ PP_HD void rs_combine(Team& t, float* y, const float* base, size_t ld, const int
   t.sync();
 }
 
-// One row. G, Ub: (B, B) fp32 row-major (G = U_B^T U_B, the block's inverse-Hessian submatrix); w: the row's B
-// weights; msk: its starting mask (B bytes, nonzero = pruned); m > 0: exchanges stay inside groups of m consecutive
-// columns (N:M); rounds: at most this many exchanges; tol: the relative improvement an exchange must make. Rows
-// whose count of pruned weights lies outside [kmin, kmax] are skipped (MS_SKIPPED, nothing written). ws:
-// rs_smem_words(kmax, B, m) words (rs_host_words(B) for one-thread teams), 8-byte aligned. Writes e (B), loss,
-// status, mout (B bytes) and nswaps.
+// One row's workspace (refine_solve_row's layout of ws) and what its first step found: the pruned (iM, c) and kept
+// (iK, K) positions, the row stride cs of Ai and X, and the N:M grouping (nn pruned and kg kept per group).
+struct RsRow {
+  double *lam64, *res64;
+  int *iM, *iK;
+  float *wM, *wK, *lam, *r, *tq, *s, *av, *bv, *vv, *urow, *vg, *z, *tmp, *yK, *Ai, *X, *Y, *Ug;
+  int c, K, cs, nn, kg;
+  bool grouped;
+};
+
+// The three steps of refine_solve_row share these names (every step unpacks the row).
+#define RS_ROW_UNPACK(rw)                                                                                           \
+  double* const lam64 = rw.lam64;                                                                                   \
+  double* const res64 = rw.res64;                                                                                   \
+  int* const iM = rw.iM;                                                                                            \
+  int* const iK = rw.iK;                                                                                            \
+  float *const wM = rw.wM, *const wK = rw.wK, *const lam = rw.lam, *const r = rw.r, *const tq = rw.tq;              \
+  float *const s = rw.s, *const av = rw.av, *const bv = rw.bv, *const vv = rw.vv, *const urow = rw.urow;            \
+  float *const vg = rw.vg, *const z = rw.z, *const tmp = rw.tmp, *const yK = rw.yK, *const Ai = rw.Ai;              \
+  float *const X = rw.X, *const Y = rw.Y, *const Ug = rw.Ug;                                                        \
+  const int c = rw.c, K = rw.K, cs = rw.cs, nn = rw.nn, kg = rw.kg;                                                 \
+  const bool grouped = rw.grouped;                                                                                  \
+  (void)lam64, (void)res64, (void)iM, (void)iK, (void)wM, (void)wK, (void)lam, (void)r, (void)tq, (void)s, (void)av, \
+      (void)bv, (void)vv, (void)urow, (void)vg, (void)z, (void)tmp, (void)yK, (void)Ai, (void)X, (void)Y, (void)Ug,  \
+      (void)c, (void)K, (void)cs, (void)nn, (void)kg, (void)grouped
+
+// Step 1 of a row: M and K, its weights, the N:M grouping; the row's outputs when it prunes nothing. Returns -1 when
+// the row goes on to rs_row_setup, else MS_SKIPPED (count outside [kmin, kmax]) or MS_DONE (c = 0).
 template <class Team, class T>
-PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __restrict__ Ub,
-                           const T* __restrict__ w, const uint8_t* __restrict__ msk, int B, int m, int rounds,
-                           float tol, int kmin, int kmax, float* ws, float* __restrict__ e, float* __restrict__ loss,
-                           int32_t* __restrict__ status, uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps) {
+PP_HD int rs_row_begin(Team& t, const T* __restrict__ w, const uint8_t* __restrict__ msk, int B, int m, int kmin,
+                       int kmax, float* ws, float* __restrict__ e, float* __restrict__ loss,
+                       int32_t* __restrict__ status, uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps,
+                       RsRow& rw) {
   const int R = t.rank(), S = t.size();
-  const int ln = t.lane(), W = t.warp_size(), wp = t.warp(), NW = t.nwarps();
   double* lam64 = reinterpret_cast<double*>(ws);
   double* res64 = lam64 + B;
   int* iM = reinterpret_cast<int*>(res64 + B);
   int* iK = iM + B;
   float* wM = reinterpret_cast<float*>(iK + B);
   float* wK = wM + B;
-  float* lam = wK + B;
-  float* r = lam + B;
-  float* tq = r + B;
-  float* s = tq + B;
-  float* av = s + B;
-  float* bv = av + B;
-  float* vv = bv + B;
-  float* urow = vv + B;
-  float* vg = urow + B;
-  float* z = vg + B;
-  float* tmp = z + B;
-  float* yK = tmp + B;  // (G[:, M] lam)[K], kept up to date through the exchanges
-  float* Ai = yK + B;
+  rw.lam64 = lam64;
+  rw.res64 = res64;
+  rw.iM = iM;
+  rw.iK = iK;
+  rw.wM = wM;
+  rw.wK = wK;
+  rw.lam = wK + B;
+  rw.r = rw.lam + B;
+  rw.tq = rw.r + B;
+  rw.s = rw.tq + B;
+  rw.av = rw.s + B;
+  rw.bv = rw.av + B;
+  rw.vv = rw.bv + B;
+  rw.urow = rw.vv + B;
+  rw.vg = rw.urow + B;
+  rw.z = rw.vg + B;
+  rw.tmp = rw.z + B;
+  rw.yK = rw.tmp + B;  // (G[:, M] lam)[K], kept up to date through the exchanges
+  rw.Ai = rw.yK + B;
+  float* const Ai = rw.Ai;
 
   t.sync();  // the previous row of this team may still read the workspace
 
@@ -281,6 +342,12 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
   float* X = Ai + (size_t)cs * c;
   float* Y = X + (size_t)cs * c;     // c x K: G[M, K], then Y, then U (every pair)
   float* Ug = Y + (size_t)c * K;     // c x kg: U's in-group entries (grouped N:M)
+  rw.c = c;
+  rw.K = K;
+  rw.cs = cs;
+  rw.X = X;
+  rw.Y = Y;
+  rw.Ug = Ug;
   if (c == 0) {
     for (int j = R; j < B; j += S) {
       e[j] = 0.f;
@@ -310,8 +377,25 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
       grouped = t.sum(badg) == 0.0;
     }
   }
+  rw.nn = nn;
+  rw.kg = kg;
+  rw.grouped = grouped;
+  for (int i = R; i < c; i += S) wM[i] = to_f32(w[iM[i]]);
+  for (int q = R; q < K; q += S) wK[q] = to_f32(w[iK[q]]);
+  return -1;
+}
 
-  // 2. A = G[M, M] (lower triangle) into X, the weights, G[M, K] into Y.
+// Step 2 of a row: factor G[M, M], Ainv, Y, s and U (or U's in-group entries). Returns -1 when the row goes on to
+// rs_row_finish, else MS_NOT_SPD (its outputs written: NaN, status, the starting mask).
+template <class Team>
+PP_HD int rs_row_setup(Team& t, const float* __restrict__ G, const uint8_t* __restrict__ msk, int B, RsRow& rw,
+                       float* __restrict__ e, float* __restrict__ loss, int32_t* __restrict__ status,
+                       uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps) {
+  const int R = t.rank(), S = t.size();
+  const int ln = t.lane(), W = t.warp_size(), wp = t.warp(), NW = t.nwarps();
+  (void)ln, (void)W;
+  RS_ROW_UNPACK(rw);
+  // 2. A = G[M, M] (lower triangle) into X, G[M, K] into Y.
   for (int i = wp; i < c; i += NW) {
     const float* Gi = G + (size_t)iM[i] * B;
     float* Xi = X + (size_t)i * cs;
@@ -319,8 +403,6 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
     float* Yi = Y + (size_t)i * K;
     for (int q = ln; q < K; q += W) Yi[q] = Gi[iK[q]];
   }
-  for (int i = R; i < c; i += S) wM[i] = to_f32(w[iM[i]]);
-  for (int q = R; q < K; q += S) wK[q] = to_f32(w[iK[q]]);
   t.sync();
 
   // Cholesky A = L L^T in X (strictly lower part; 1 / the diagonal in rdiag). Column j is copied to tmp for the
@@ -445,6 +527,17 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
     }
   }
   t.sync();
+  return -1;
+}
+
+// Steps 3 and 4 of a row: the exchanges and the final solve (Ainv, s and U or Ug as rs_row_setup leaves them).
+template <class Team>
+PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __restrict__ Ub, int B, int m, int rounds,
+                        float tol, RsRow& rw, float* __restrict__ e, float* __restrict__ loss,
+                        int32_t* __restrict__ status, uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps) {
+  const int R = t.rank(), S = t.size();
+  const int ln = t.lane(), W = t.warp_size(), wp = t.warp(), NW = t.nwarps();
+  RS_ROW_UNPACK(rw);
 
   // 3. Exchanges.
   const float tiny = 1.17549435e-38f;
@@ -466,7 +559,22 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
     const double L0 = 0.5 * t.sum(part);  // also the barrier after r and tq
     float best = inf;
     int bidx = 0x7fffffff;
-    if (grouped) {
+    if (grouped && Team::kSerial) {  // the same scan as below, without the index divisions
+      for (int p = 0; p < c; ++p) {
+        const int q0 = (p / nn) * kg;
+        const float lp = lam[p], ap = Ai[(size_t)p * cs + p];
+        for (int b = 0; b < kg; ++b) {
+          const int q = q0 + b;
+          const float u = Ug[p * kg + b], tt = tq[q], sq = rs_max(s[q], tiny);
+          const float num = lp - u * tt;
+          const float d = 0.5f * r[q] * tt - 0.5f * num * num / (ap + u * u / sq);
+          if (pp_before(d, p * K + q, best, bidx)) {
+            best = d;
+            bidx = p * K + q;
+          }
+        }
+      }
+    } else if (grouped) {
       for (int x = R; x < c * kg; x += S) {
         const int p = x / kg, q = (p / nn) * kg + x % kg;
         const float u = Ug[x], tt = tq[q], sq = rs_max(s[q], tiny);
@@ -581,7 +689,17 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
     const float vgq_is = vg[q] * is;
     for (int qq = R; qq < K; qq += S)
       s[qq] = qq == q ? ia - vg[q] * vgq_is : s[qq] + urow[qq] * urow[qq] * ia - vg[qq] * vg[qq] * is;
-    if (grouped) {
+    if (grouped && Team::kSerial) {  // the same updates as below, without the index divisions
+      for (int pp = 0; pp < c; ++pp) {
+        const int q0 = (pp / nn) * kg;
+        const float colq = vv[pp] * vgq_is - av[pp] * ia + (pp == p ? 1.f : 0.f);
+        float* Up = Ug + pp * kg;
+        for (int b = 0; b < kg; ++b) {
+          const int qq = q0 + b;
+          Up[b] = qq == q ? colq : Up[b] - av[pp] * ia * urow[qq] + vv[pp] * is * vg[qq];
+        }
+      }
+    } else if (grouped) {
       for (int x = R; x < c * kg; x += S) {
         const int pp = x / kg, qq = (pp / nn) * kg + x % kg;
         const float colq = vv[pp] * vgq_is - av[pp] * ia + (pp == p ? 1.f : 0.f);
@@ -615,26 +733,34 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
     if (ln == 0) lam64[i] = (double)v;
   }
   t.sync();
-  for (int i = wp; i < c; i += NW) {
-    const float* Gi = G + (size_t)iM[i] * B;
-    double acc = 0.0;
-    for (int jb = 0; jb < c; jb += W) {
-      const int jj = jb + ln;
-      if (jj < c) acc += (double)Gi[iM[jj]] * lam64[jj];
+#if !defined(__CUDACC__)
+  if constexpr (Team::kSerial) {  // the same sums in 4-wide fp64 vectors
+    for (int i = 0; i < c; ++i) res64[i] = (double)wM[i] - rs_dot64_host(G + (size_t)iM[i] * B, iM, lam64, c);
+    for (int i = 0; i < c; ++i) lam64[i] += rs_dot64_host(Ai + (size_t)i * cs, nullptr, res64, c);
+  } else
+#endif
+  {
+    for (int i = wp; i < c; i += NW) {
+      const float* Gi = G + (size_t)iM[i] * B;
+      double acc = 0.0;
+      for (int jb = 0; jb < c; jb += W) {
+        const int jj = jb + ln;
+        if (jj < c) acc += (double)Gi[iM[jj]] * lam64[jj];
+      }
+      acc = t.warp_sum(acc);
+      if (ln == 0) res64[i] = (double)wM[i] - acc;
     }
-    acc = t.warp_sum(acc);
-    if (ln == 0) res64[i] = (double)wM[i] - acc;
-  }
-  t.sync();
-  for (int i = wp; i < c; i += NW) {
-    const float* Ar = Ai + (size_t)i * cs;
-    double acc = 0.0;
-    for (int jb = 0; jb < c; jb += W) {
-      const int jj = jb + ln;
-      if (jj < c) acc += (double)Ar[jj] * res64[jj];
+    t.sync();
+    for (int i = wp; i < c; i += NW) {
+      const float* Ar = Ai + (size_t)i * cs;
+      double acc = 0.0;
+      for (int jb = 0; jb < c; jb += W) {
+        const int jj = jb + ln;
+        if (jj < c) acc += (double)Ar[jj] * res64[jj];
+      }
+      acc = t.warp_sum(acc);
+      if (ln == 0) lam64[i] += acc;
     }
-    acc = t.warp_sum(acc);
-    if (ln == 0) lam64[i] += acc;
   }
   for (int jj = R; jj < B; jj += S) {
     z[jj] = 0.f;
@@ -657,8 +783,462 @@ PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __
   for (int rr = wp; rr < B; rr += NW) {  // e_r = sum over columns >= r of U_B[r, col] z[col] (U_B upper)
     const float v = rs_dot(t, Ub + (size_t)rr * B + rr, z + rr, B - rr);
     if (ln == 0) e[rr] = v;
-  }
-  return MS_DONE;
+  }  return MS_DONE;
 }
+
+// One row. G, Ub: (B, B) fp32 row-major (G = U_B^T U_B, the block's inverse-Hessian submatrix); w: the row's B
+// weights; msk: its starting mask (B bytes, nonzero = pruned); m > 0: exchanges stay inside groups of m consecutive
+// columns (N:M); rounds: at most this many exchanges; tol: the relative improvement an exchange must make. Rows
+// whose count of pruned weights lies outside [kmin, kmax] are skipped (MS_SKIPPED, nothing written). ws:
+// rs_smem_words(kmax, B, m) words (rs_host_words(B) for one-thread teams), 8-byte aligned. Writes e (B), loss,
+// status, mout (B bytes) and nswaps.
+template <class Team, class T>
+PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __restrict__ Ub,
+                           const T* __restrict__ w, const uint8_t* __restrict__ msk, int B, int m, int rounds,
+                           float tol, int kmin, int kmax, float* ws, float* __restrict__ e, float* __restrict__ loss,
+                           int32_t* __restrict__ status, uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps) {
+  RsRow rw;
+  int st = rs_row_begin(t, w, msk, B, m, kmin, kmax, ws, e, loss, status, mout, nswaps, rw);
+  if (st >= 0) return st;
+  st = rs_row_setup(t, G, msk, B, rw, e, loss, status, mout, nswaps);
+  if (st >= 0) return st;
+  return rs_row_finish(t, G, Ub, B, m, rounds, tol, rw, e, loss, status, mout, nswaps);
+}
+
+#if !defined(__CUDACC__)
+// ---------------------------------------------------------------------------------------------------------------
+// The CPU op's multi-row setup: step 2 of refine_solve_row for eight rows at once. Rows of a block that prune the
+// same count c (every row at N:M, every row of a per-row unstructured mask) have matrices of the same shapes, so
+// the eight rows go in the eight lanes of a vector: element (i, j) of lane r's matrix at [(i * ld + j) * 8 + r]
+// ("structure of arrays"). Every scalar operation of the one-thread row code becomes one vector operation over the
+// lanes, in the same order per entry (the same fused multiply-adds, from the same starting value, in the same
+// sequence), so each row's Ainv, U (or Ug) and s are those of rs_row_setup bit for bit; what changes is that the
+// short triangular loops of one row (Cholesky, L^-1, Ainv: lengths below c) become full-width vector work with
+// independent accumulators. The results go into each row's own workspace, and the exchanges and the final solve
+// run per row (rs_row_finish), as do rows left over when a count has fewer than eight.
+
+constexpr int kRsLanes = 8;
+
+// SoA workspace (4-byte words) for rs8_setup at block size B: X (c x c), Ainv (c x c) and then G[M, K] / Y / U
+// (c x K) in one B x B region, the reciprocal pivots and the gather offsets, eight lanes each.
+inline size_t rs8_soa_words(int B) { return (size_t)kRsLanes * ((size_t)2 * B * (B + 2) + 4 * (size_t)B) + 16; }
+
+inline rs_v8 rs_fnma8(rs_v8 a, rs_v8 x, rs_v8 y) {  // y - a x, one rounding (as rs_fma(-a, x, y))
+#ifdef PP_RS_X86_FMA
+  return (rs_v8)_mm256_fnmadd_ps((__m256)a, (__m256)x, (__m256)y);
+#else
+  return y - a * x;
+#endif
+}
+
+// lane r = base[off[r]] (off: 8 ints)
+inline rs_v8 rs_gather8(const float* base, const int* off) {
+#ifdef PP_RS_X86_FMA
+  return (rs_v8)_mm256_i32gather_ps(base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off)), 4);
+#else
+  rs_v8 v;
+  for (int l = 0; l < kRsLanes; ++l) v[l] = base[off[l]];
+  return v;
+#endif
+}
+
+// acc[a][b] = acc[a][b] + (or -, NEG) ca[a][t * cst] * rb[t * rst + b * bst] over t < nt, t ascending: NR rows
+// of coefficients against NB elements bst apart that advance by rst (strides in floats, 8 lanes an element).
+template <int NR, int NB, bool NEG>
+inline void rs8_mac(rs_v8 (&acc)[NR][NB], const float* const (&ca)[NR], size_t cst, const float* rb, size_t rst,
+                    size_t bst, int nt) {
+  rs_v8 r[NR][NB];  // in registers for the whole loop (acc may alias the operands as far as the compiler knows)
+#pragma GCC unroll 8
+  for (int a = 0; a < NR; ++a)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) r[a][j] = acc[a][j];
+  const float* p[NR];
+#pragma GCC unroll 8
+  for (int a = 0; a < NR; ++a) p[a] = ca[a];
+  for (int t = 0; t < nt; ++t) {
+    rs_v8 b[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) b[j] = rs_load8(rb + bst * j);
+    rb += rst;
+#pragma GCC unroll 8
+    for (int a = 0; a < NR; ++a) {
+      const rs_v8 x = rs_load8(p[a]);
+      p[a] += cst;
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) r[a][j] = NEG ? rs_fnma8(x, b[j], r[a][j]) : rs_fma8(x, b[j], r[a][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < NR; ++a)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[a][j] = r[a][j];
+}
+
+template <int N>
+struct RsInt {
+  static constexpr int value = N;
+};
+
+// f(RsInt<n>()) for a run-time n in [1, 8]
+template <class F>
+inline void rs8_const(int n, F&& f) {
+  switch (n) {
+    case 1: f(RsInt<1>()); break;
+    case 2: f(RsInt<2>()); break;
+    case 3: f(RsInt<3>()); break;
+    case 4: f(RsInt<4>()); break;
+    case 5: f(RsInt<5>()); break;
+    case 6: f(RsInt<6>()); break;
+    case 7: f(RsInt<7>()); break;
+    default: f(RsInt<8>()); break;
+  }
+}
+
+// lane r of v into dst[r][off]
+inline void rs8_scatter(rs_v8 v, float* const* dst, size_t off) {
+  for (int l = 0; l < kRsLanes; ++l) dst[l][off] = v[l];
+}
+
+// Element j of lane l (src[8 j + l], j < n) into dst[l][j]: eight elements at a time through an 8 x 8 transpose.
+inline void rs8_to_rows(const float* __restrict__ src, int n, float* const* dst) {
+  int j = 0;
+#ifdef PP_RS_X86_FMA
+  for (; j + 8 <= n; j += 8) {
+    const float* p = src + (size_t)8 * j;
+    const __m256 r0 = _mm256_loadu_ps(p), r1 = _mm256_loadu_ps(p + 8), r2 = _mm256_loadu_ps(p + 16),
+                 r3 = _mm256_loadu_ps(p + 24), r4 = _mm256_loadu_ps(p + 32), r5 = _mm256_loadu_ps(p + 40),
+                 r6 = _mm256_loadu_ps(p + 48), r7 = _mm256_loadu_ps(p + 56);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+                 t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst[0] + j, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst[1] + j, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst[2] + j, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst[3] + j, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst[4] + j, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst[5] + j, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst[6] + j, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst[7] + j, _mm256_permute2f128_ps(u3, u7, 0x31));
+  }
+#endif
+  for (; j < n; ++j)
+    for (int l = 0; l < kRsLanes; ++l) dst[l][j] = src[(size_t)8 * j + l];
+}
+
+// acc[a][b] = sum over l = i0 + a .. n - 1 (ascending, from zero) of X(l, i0 + a) R(l, b): rows i0 .. i0 + NR - 1
+// of X^T R, each from its own first term (row a's terms before the shared ones, then all rows together). xi:
+// &X(i0, i0); r: &R(i0, b0); xs, rs: the row strides; n: the terms of row i0 (n >= NR).
+template <int NR, int NB>
+inline void rs8_xt(rs_v8 (&acc)[NR][NB], const float* xi, size_t xs, const float* r, size_t rs, int n) {
+  const rs_v8 zero = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int a = 0; a < NR; ++a)
+    for (int b = 0; b < NB; ++b) acc[a][b] = zero;
+  for (int a = 0; a + 1 < NR; ++a) {
+    auto& one = *reinterpret_cast<rs_v8(*)[1][NB]>(&acc[a]);
+    const float* ca[1] = {xi + (size_t)a * xs + (size_t)kRsLanes * a};
+    rs8_mac<1, NB, false>(one, ca, xs, r + (size_t)a * rs, rs, kRsLanes, NR - 1 - a);
+  }
+  const float* ca[NR];
+  for (int a = 0; a < NR; ++a) ca[a] = xi + (size_t)(NR - 1) * xs + (size_t)kRsLanes * a;
+  rs8_mac<NR, NB, false>(acc, ca, xs, r + (size_t)(NR - 1) * rs, rs, kRsLanes, n - (NR - 1));
+}
+
+// acc[a][b] = sum over l = 0 .. i0 + a (ascending, from zero) of X(i0 + a, l) R(l, b): rows i0 .. i0 + NR - 1 of
+// X R for lower-triangular X (the shared terms, then row a's last ones). xi: &X(i0, 0); r: &R(0, b0).
+template <int NR, int NB>
+inline void rs8_xl(rs_v8 (&acc)[NR][NB], const float* xi, size_t xs, const float* r, size_t rs, int i0) {
+  const rs_v8 zero = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int a = 0; a < NR; ++a)
+    for (int b = 0; b < NB; ++b) acc[a][b] = zero;
+  const float* ca[NR];
+  for (int a = 0; a < NR; ++a) ca[a] = xi + (size_t)a * xs;
+  rs8_mac<NR, NB, false>(acc, ca, kRsLanes, r, rs, kRsLanes, i0 + 1);
+  for (int a = 1; a < NR; ++a) {
+    auto& one = *reinterpret_cast<rs_v8(*)[1][NB]>(&acc[a]);
+    const float* c1[1] = {xi + (size_t)a * xs + (size_t)kRsLanes * (i0 + 1)};
+    rs8_mac<1, NB, false>(one, c1, kRsLanes, r + (size_t)(i0 + 1) * rs, rs, kRsLanes, a);
+  }
+}
+
+// Step 2 of rs_row_setup for eight rows whose rs_row_begin gave the same c (>= 1), K and grouping; soa:
+// rs8_soa_words(B) words, 32-byte aligned. Returns false, having written nothing to the rows, when some lane meets
+// a non-positive pivot (the caller then runs those rows one at a time, which reports it). Loops are blocked for the
+// cache (stripes of a few columns, outer) and for the registers (a few rows by a few columns of accumulators).
+inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __restrict__ soa) {
+  constexpr int V = kRsLanes;
+  const int c = rw[0].c, K = rw[0].K, nn = rw[0].nn, kg = rw[0].kg;
+  const bool grouped = rw[0].grouped;
+  const size_t cs = (size_t)rw[0].cs;
+  // Row strides in floats, padded by a cache line: with a power-of-two stride the columns read by the stripes
+  // would map to two sets of the L1 cache.
+  const size_t xs = (size_t)V * (c + 2), ys = (size_t)V * (K + 2);
+  float* const X = soa;                                  // c x c: A, then L (lower), then L^-1 (zero above)
+  float* const Z = X + (size_t)V * B * (B + 2);          // c x c Ainv, then c x K: G[M, K], Y, U
+  float* const rdiag = Z + (size_t)V * B * (B + 2);      // c
+  int* const oM = reinterpret_cast<int*>(rdiag + (size_t)V * c);  // c: the row offsets iM[i] * B
+  int* const cM = oM + (size_t)V * c;                    // c: iM[i]
+  int* const cK = cM + (size_t)V * c;                    // K: iK[q]
+  auto Xp = [&](int i, int j) { return X + (size_t)i * xs + (size_t)V * j; };
+  auto Ap = [&](int i, int j) { return Z + (size_t)i * xs + (size_t)V * j; };
+  auto Yp = [&](int i, int q) { return Z + (size_t)i * ys + (size_t)V * q; };
+  const rs_v8 zero = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const rs_v8 one = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+  for (int i = 0; i < c; ++i)
+    for (int l = 0; l < V; ++l) {
+      cM[i * V + l] = rw[l].iM[i];
+      oM[i * V + l] = rw[l].iM[i] * B;
+    }
+  for (int q = 0; q < K; ++q)
+    for (int l = 0; l < V; ++l) cK[q * V + l] = rw[l].iK[q];
+  // A = G[M, M], lower triangle
+  for (int i = 0; i < c; ++i)
+    for (int j = 0; j <= i; ++j) {
+      int off[V];
+      for (int l = 0; l < V; ++l) off[l] = oM[i * V + l] + cM[j * V + l];
+      rs_store8(Xp(i, j), rs_gather8(G, off));
+    }
+
+  // Cholesky, two columns (l, l + 1) at a time, left-looking: entry (i, l) takes its updates t = 0..l-1 in the
+  // order of the row code's right-looking loop, then 1 / the pivot goes to rdiag and the column is scaled; column
+  // l + 1 takes its last update (t = l) from the freshly scaled column l.
+  auto pivot = [&](rs_v8 d, int l, rs_v8* inv) {
+    for (int x = 0; x < V; ++x)
+      if (!(d[x] > 0.f)) return false;
+#ifdef PP_RS_X86_FMA
+    const rs_v8 sq = (rs_v8)_mm256_sqrt_ps((__m256)d);
+#else
+    rs_v8 sq;
+    for (int x = 0; x < V; ++x) sq[x] = pp_sqrtf(d[x]);
+#endif
+    *inv = one / sq;
+    rs_store8(rdiag + (size_t)V * l, *inv);
+    return true;
+  };
+  for (int l = 0; l < c; l += 2) {
+    if (l + 1 == c) {  // the last column alone
+      rs_v8 acc[1][1] = {{rs_load8(Xp(l, l))}};
+      const float* ca[1] = {Xp(l, 0)};
+      rs8_mac<1, 1, true>(acc, ca, V, Xp(l, 0), V, V, l);
+      rs_v8 inv;
+      if (!pivot(acc[0][0], l, &inv)) return false;
+      break;
+    }
+    rs_v8 d[2][2] = {{rs_load8(Xp(l, l)), zero}, {rs_load8(Xp(l + 1, l)), rs_load8(Xp(l + 1, l + 1))}};
+    {
+      const float* ca[2] = {Xp(l, 0), Xp(l + 1, 0)};
+      rs8_mac<2, 2, true>(d, ca, V, Xp(l, 0), V, xs, l);
+    }
+    rs_v8 inv0, inv1;
+    if (!pivot(d[0][0], l, &inv0)) return false;
+    const rs_v8 l10 = d[1][0] * inv0;
+    rs_store8(Xp(l + 1, l), l10);
+    if (!pivot(rs_fnma8(l10, l10, d[1][1]), l + 1, &inv1)) return false;
+    for (int i0 = l + 2; i0 < c; i0 += 4) {
+      rs8_const(c - i0 < 4 ? c - i0 : 4, [&](auto nr) {
+        constexpr int NR = decltype(nr)::value;
+        rs_v8 acc[NR][2];
+        const float* ca[NR];
+        for (int a = 0; a < NR; ++a) {
+          acc[a][0] = rs_load8(Xp(i0 + a, l));
+          acc[a][1] = rs_load8(Xp(i0 + a, l + 1));
+          ca[a] = Xp(i0 + a, 0);
+        }
+        rs8_mac<NR, 2, true>(acc, ca, V, Xp(l, 0), V, xs, l);
+        for (int a = 0; a < NR; ++a) {
+          const rs_v8 li = acc[a][0] * inv0;
+          rs_store8(Xp(i0 + a, l), li);
+          rs_store8(Xp(i0 + a, l + 1), rs_fnma8(li, l10, acc[a][1]) * inv1);
+        }
+      });
+    }
+  }
+
+  // X = L^-1 in place, in stripes of four columns (outer) and pairs of rows (top-down): entry (i, l) = -d_i sum
+  // over q = l0 .. i - 1 of L[i][q] X[q][l] (q ascending; the row code's terms q < l vanish), X[i][i] = d_i, zero
+  // above the diagonal. Row i + 1 takes its last term (q = i) from the finished row i.
+  for (int l0 = 0; l0 < c; l0 += 4) {
+    const int nbl = c - l0 < 4 ? c - l0 : 4;
+    for (int i = 0; i < l0; ++i)
+      for (int j = 0; j < nbl; ++j) rs_store8(Xp(i, l0 + j), zero);
+    auto finish_row = [&](int i, const rs_v8* acc) {
+      const rs_v8 di = rs_load8(rdiag + (size_t)V * i), mdi = zero - di;
+      for (int j = 0; j < nbl; ++j) {
+        const int l = l0 + j;
+        rs_store8(Xp(i, l), l < i ? mdi * acc[j] : (l == i ? di : zero));
+      }
+    };
+    rs8_const(nbl, [&](auto nb) {
+      constexpr int NB = decltype(nb)::value;
+      int i = l0;
+      for (; i + 1 < c; i += 2) {
+        rs_v8 acc[2][NB];
+        for (int a = 0; a < 2; ++a)
+          for (int j = 0; j < NB; ++j) acc[a][j] = zero;
+        const float* ca[2] = {Xp(i, l0), Xp(i + 1, l0)};
+        rs8_mac<2, NB, false>(acc, ca, V, Xp(l0, l0), xs, V, i - l0);
+        finish_row(i, acc[0]);
+        auto& last = *reinterpret_cast<rs_v8(*)[1][NB]>(&acc[1]);
+        const float* cl[1] = {Xp(i + 1, i)};
+        rs8_mac<1, NB, false>(last, cl, V, Xp(i, l0), xs, V, 1);
+        finish_row(i + 1, acc[1]);
+      }
+      if (i < c) {
+        rs_v8 acc[1][NB];
+        for (int j = 0; j < NB; ++j) acc[0][j] = zero;
+        const float* ca[1] = {Xp(i, l0)};
+        rs8_mac<1, NB, false>(acc, ca, V, Xp(l0, l0), xs, V, i - l0);
+        finish_row(i, acc[0]);
+      }
+    });
+  }
+
+  // Ainv = X^T X: entry (i, l) = sum over q = i .. c - 1 of X[q][i] X[q][l] (q ascending), for the blocks that
+  // meet the lower triangle (an entry above the diagonal computed so equals its mirror bit for bit: its extra
+  // terms are exact zeros), the rest mirrored; then every row's Ai, row by row.
+  for (int l0 = 0; l0 < c; l0 += 3) {
+    rs8_const(c - l0 < 3 ? c - l0 : 3, [&](auto nb) {
+      constexpr int NB = decltype(nb)::value;
+      for (int i0 = (l0 / 4) * 4; i0 < c; i0 += 4) {
+        rs8_const(c - i0 < 4 ? c - i0 : 4, [&](auto nr) {
+          constexpr int NR = decltype(nr)::value;
+          rs_v8 acc[NR][NB];
+          rs8_xt<NR, NB>(acc, Xp(i0, i0), xs, Xp(i0, l0), xs, c - i0);
+          for (int a = 0; a < NR; ++a)
+            for (int j = 0; j < NB; ++j) rs_store8(Ap(i0 + a, l0 + j), acc[a][j]);
+        });
+      }
+    });
+  }
+  float* dst[V];
+  for (int i = 0; i < c; ++i) {
+    for (int l = i + 1; l < c; ++l) rs_store8(Ap(i, l), rs_load8(Ap(l, i)));
+    for (int x = 0; x < V; ++x) dst[x] = rw[x].Ai + (size_t)i * cs;
+    rs8_to_rows(Ap(i, 0), c, dst);
+  }
+
+  // G[M, K]
+  for (int i = 0; i < c; ++i)
+    for (int q = 0; q < K; ++q) {
+      int off[V];
+      for (int l = 0; l < V; ++l) off[l] = oM[i * V + l] + cK[q * V + l];
+      rs_store8(Yp(i, q), rs_gather8(G, off));
+    }
+  // Y = X G[M, K] in place, in stripes of three columns (outer) and blocks of four rows (bottom-up): row i = sum
+  // over l = 0 .. i of X[i][l] G[M_l, K] (l ascending; rows <= i are still G's).
+  for (int q0 = 0; q0 < K; q0 += 3) {
+    rs8_const(K - q0 < 3 ? K - q0 : 3, [&](auto nb) {
+      constexpr int NB = decltype(nb)::value;
+      for (int i1 = c; i1 > 0; i1 -= 4) {
+        const int i0 = i1 - 4 < 0 ? 0 : i1 - 4;
+        rs8_const(i1 - i0, [&](auto nr) {
+          constexpr int NR = decltype(nr)::value;
+          rs_v8 acc[NR][NB];
+          rs8_xl<NR, NB>(acc, Xp(i0, 0), xs, Yp(0, q0), ys, i0);
+          for (int a = 0; a < NR; ++a)
+            for (int j = 0; j < NB; ++j) rs_store8(Yp(i0 + a, q0 + j), acc[a][j]);
+        });
+      }
+    });
+  }
+
+  // s_k = G_kk - |Y[:, k]|^2 (i ascending)
+  for (int q0 = 0; q0 < K; q0 += 8) {
+    const int nq = K - q0 < 8 ? K - q0 : 8;
+    rs_v8 acc[8];
+    for (int j = 0; j < nq; ++j) {
+      int off[V];
+      for (int l = 0; l < V; ++l) off[l] = cK[(q0 + j) * V + l] * (B + 1);
+      acc[j] = rs_gather8(G, off);
+    }
+    for (int i = 0; i < c; ++i)
+      for (int j = 0; j < nq; ++j) {
+        const rs_v8 y = rs_load8(Yp(i, q0 + j));
+        acc[j] = rs_fnma8(y, y, acc[j]);
+      }
+    for (int x = 0; x < V; ++x) dst[x] = rw[x].s;
+    for (int j = 0; j < nq; ++j) rs8_scatter(acc[j], dst, q0 + j);
+  }
+
+  if (grouped) {
+    // Ug[p][b] = sum over q = p .. c - 1 of X[q][p] Y[q][(p / nn) kg + b] (q ascending), the nn rows of a group
+    // together
+    for (int x = 0; x < V; ++x) dst[x] = rw[x].Ug;
+    for (int g0 = 0; g0 < c; g0 += nn)
+      for (int p0 = g0; p0 < g0 + nn; p0 += 4)
+        for (int b0 = 0; b0 < kg; b0 += 3) {
+          const int col0 = (g0 / nn) * kg + b0;
+          rs8_const(kg - b0 < 3 ? kg - b0 : 3, [&](auto nb) {
+            constexpr int NB = decltype(nb)::value;
+            rs8_const(g0 + nn - p0 < 4 ? g0 + nn - p0 : 4, [&](auto nr) {
+              constexpr int NR = decltype(nr)::value;
+              rs_v8 acc[NR][NB];
+              rs8_xt<NR, NB>(acc, Xp(p0, p0), xs, Yp(p0, col0), ys, c - p0);
+              for (int a = 0; a < NR; ++a)
+                for (int j = 0; j < NB; ++j) rs8_scatter(acc[a][j], dst, (size_t)(p0 + a) * kg + b0 + j);
+            });
+          });
+        }
+  } else {
+    // U = X^T Y in place, in stripes of three columns and blocks of four rows (top-down): row i = sum over l = i ..
+    // c - 1 of X[l][i] Y[l] (l ascending; rows >= i are still Y's); then every row's U, row by row
+    for (int q0 = 0; q0 < K; q0 += 3) {
+      rs8_const(K - q0 < 3 ? K - q0 : 3, [&](auto nb) {
+        constexpr int NB = decltype(nb)::value;
+        for (int i0 = 0; i0 < c; i0 += 4) {
+          rs8_const(c - i0 < 4 ? c - i0 : 4, [&](auto nr) {
+            constexpr int NR = decltype(nr)::value;
+            rs_v8 acc[NR][NB];
+            rs8_xt<NR, NB>(acc, Xp(i0, i0), xs, Yp(i0, q0), ys, c - i0);
+            for (int a = 0; a < NR; ++a)
+              for (int j = 0; j < NB; ++j) rs_store8(Yp(i0 + a, q0 + j), acc[a][j]);
+          });
+        }
+      });
+    }
+    for (int i = 0; i < c; ++i) {
+      for (int x = 0; x < V; ++x) dst[x] = rw[x].Y + (size_t)i * K;
+      rs8_to_rows(Yp(i, 0), K, dst);
+    }
+  }
+  return true;
+}
+
+// Eight rows of one block (row indices rows[0..8), their workspaces ws[0..8), rs_host_words(B) words each) through
+// refine_solve_row: one rs8_setup for the eight when they share the count and grouping and every pivot is positive,
+// else rs_row_setup row by row; the exchanges and the final solve row by row. Results as refine_solve_row's, bit
+// for bit.
+template <class T>
+inline void refine_solve_rows8(const float* G, const float* Ub, const T* w, const uint8_t* msk, const int64_t* rows,
+                               int B, int m, int rounds, float tol, float* const* ws, float* soa, float* e,
+                               float* loss, int32_t* status, uint8_t* mout, int32_t* nswaps) {
+  SerialTeam t;
+  RsRow rw[kRsLanes];
+  bool go[kRsLanes];
+  bool same = true;
+  for (int l = 0; l < kRsLanes; ++l) {
+    const int64_t r = rows[l];
+    go[l] = rs_row_begin(t, w + r * B, msk + r * B, B, m, 0, B, ws[l], e + r * B, loss + r, status + r,
+                         mout + r * B, nswaps + r, rw[l]) < 0;
+    same = same && go[l] && rw[l].c == rw[0].c && rw[l].grouped == rw[0].grouped;
+  }
+  if (!(same && rs8_setup(G, B, rw, soa))) {
+    for (int l = 0; l < kRsLanes; ++l) {
+      const int64_t r = rows[l];
+      if (go[l])
+        go[l] = rs_row_setup(t, G, msk + r * B, B, rw[l], e + r * B, loss + r, status + r, mout + r * B,
+                             nswaps + r) < 0;
+    }
+  }
+  for (int l = 0; l < kRsLanes; ++l) {
+    const int64_t r = rows[l];
+    if (go[l])
+      rs_row_finish(t, G, Ub, B, m, rounds, tol, rw[l], e + r * B, loss + r, status + r, mout + r * B, nswaps + r);
+  }
+}
+#endif
 
 }  // namespace pyprune
