@@ -65,6 +65,9 @@ void refine_rows_serial(const float* g, const float* u, const T* w, const uint8_
       for (; i + kRsLanes <= first[k + 1]; i += kRsLanes) tasks.emplace_back(i, kRsLanes);
     for (; i < first[k + 1]; ++i) tasks.emplace_back(i, 1);
   }
+  std::vector<float> ubt((size_t)B * B);  // U_B^T, zero above its diagonal: the rows e is summed from
+  for (int col = 0; col < B; ++col)
+    for (int r = 0; r < B; ++r) ubt[(size_t)col * B + r] = r <= col ? u[(size_t)r * B + col] : 0.f;
   const size_t row_words = ((rs_host_words(B) + 15) / 16) * 16;  // 64-byte multiples
   const size_t soa_words = ((rs8_soa_words(B) + 15) / 16) * 16;
   at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
@@ -77,12 +80,12 @@ void refine_rows_serial(const float* g, const float* u, const T* w, const uint8_
     for (int64_t k = t0; k < t1; ++k) {
       const auto [at, n] = tasks[k];
       if (n == kRsLanes) {
-        refine_solve_rows8(g, u, w, mk, order.data() + at, B, m, rounds, tol, ws, soa, e, l, st, mo, ns);
+        refine_solve_rows8(g, u, w, mk, order.data() + at, B, m, rounds, tol, ws, soa, e, l, st, mo, ns, ubt.data());
         continue;
       }
       const int64_t r = order[at];
       refine_solve_row(t, g, u, w + r * B, mk + r * B, B, m, rounds, tol, 0, B, ws[0], e + r * B, l + r, st + r,
-                       mo + r * B, ns + r);
+                       mo + r * B, ns + r, ubt.data());
     }
   });
 }

@@ -177,6 +177,32 @@ inline double rs_dot64_host(const float* __restrict__ a, const int* __restrict__
   return out;
 }
 
+// sum over j < n of a[j] b[j] in fp64 (fp32 inputs; four fp64 lanes, two accumulators)
+inline double rs_dot_ff64_host(const float* __restrict__ a, const float* __restrict__ b, int n) {
+  typedef double rs_v4d __attribute__((vector_size(32)));
+  typedef float rs_v4f __attribute__((vector_size(16)));
+  rs_v4d acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
+  auto ld = [&](int j) {
+    rs_v4f x, y;
+    __builtin_memcpy(&x, a + j, sizeof x);
+    __builtin_memcpy(&y, b + j, sizeof y);
+    return __builtin_convertvector(x, rs_v4d) * __builtin_convertvector(y, rs_v4d);
+  };
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    acc0 += ld(j);
+    acc1 += ld(j + 4);
+  }
+  if (j + 4 <= n) {
+    acc0 += ld(j);
+    j += 4;
+  }
+  acc0 += acc1;
+  double out = (acc0[0] + acc0[2]) + (acc0[1] + acc0[3]);
+  for (; j < n; ++j) out += (double)a[j] * (double)b[j];
+  return out;
+}
+
 // min over x[0..n) (NaN entries never win; +inf when every entry is NaN or n == 0)
 inline float rs_min_host(const float* x, int n) {
   const float inf = pp_inf();
@@ -531,15 +557,18 @@ PP_HD int rs_row_setup(Team& t, const float* __restrict__ G, const uint8_t* __re
 }
 
 // Steps 3 and 4 of a row: the exchanges and the final solve (Ainv, s and U or Ug as rs_row_setup leaves them).
+// UbT: U_B^T with zeros above its diagonal (one-thread teams: e as a sum of its rows), or nullptr.
 template <class Team>
 PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __restrict__ Ub, int B, int m, int rounds,
                         float tol, RsRow& rw, float* __restrict__ e, float* __restrict__ loss,
-                        int32_t* __restrict__ status, uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps) {
+                        int32_t* __restrict__ status, uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps,
+                        const float* __restrict__ UbT = nullptr) {
   const int R = t.rank(), S = t.size();
   const int ln = t.lane(), W = t.warp_size(), wp = t.warp(), NW = t.nwarps();
   RS_ROW_UNPACK(rw);
 
   // 3. Exchanges.
+  float* const isq = bv;  // 1 / s while scoring (bv is free until the exchange)
   const float tiny = 1.17549435e-38f;
   const float inf = pp_inf();
   int done = 0;
@@ -549,14 +578,21 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     for (int q = R; q < K; q += S) yK[q] = z[iK[q]];
   }
   for (int round = 0; round < rounds && K > 0; ++round) {
-    for (int q = R; q < K; q += S) {
-      const float v = wK[q] - yK[q];
-      r[q] = v;
-      tq[q] = v / rs_max(s[q], tiny);
+    for (int q = R; q < K; q += S) {  // per kept slot: t, the score's first term r t / 2, and 1 / s
+      const float v = wK[q] - yK[q], sq = rs_max(s[q], tiny);
+      const float tt = v / sq;
+      tq[q] = tt;
+      r[q] = 0.5f * v * tt;
+      isq[q] = 1.f / sq;
     }
     double part = 0.0;
-    for (int i = R; i < c; i += S) part += (double)lam[i] * (double)wM[i];
-    const double L0 = 0.5 * t.sum(part);  // also the barrier after r and tq
+#if !defined(__CUDACC__)
+    if constexpr (Team::kSerial)
+      part = rs_dot_ff64_host(lam, wM, c);
+    else
+#endif
+      for (int i = R; i < c; i += S) part += (double)lam[i] * (double)wM[i];
+    const double L0 = 0.5 * t.sum(part);  // also the barrier after r, tq and isq
     float best = inf;
     int bidx = 0x7fffffff;
     if (grouped && Team::kSerial) {  // the same scan as below, without the index divisions
@@ -565,9 +601,9 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
         const float lp = lam[p], ap = Ai[(size_t)p * cs + p];
         for (int b = 0; b < kg; ++b) {
           const int q = q0 + b;
-          const float u = Ug[p * kg + b], tt = tq[q], sq = rs_max(s[q], tiny);
-          const float num = lp - u * tt;
-          const float d = 0.5f * r[q] * tt - 0.5f * num * num / (ap + u * u / sq);
+          const float u = Ug[p * kg + b];
+          const float num = lp - u * tq[q];
+          const float d = r[q] - 0.5f * num * num / (ap + u * u * isq[q]);
           if (pp_before(d, p * K + q, best, bidx)) {
             best = d;
             bidx = p * K + q;
@@ -577,9 +613,9 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     } else if (grouped) {
       for (int x = R; x < c * kg; x += S) {
         const int p = x / kg, q = (p / nn) * kg + x % kg;
-        const float u = Ug[x], tt = tq[q], sq = rs_max(s[q], tiny);
-        const float num = lam[p] - u * tt;
-        const float d = 0.5f * r[q] * tt - 0.5f * num * num / (Ai[(size_t)p * cs + p] + u * u / sq);
+        const float u = Ug[x];
+        const float num = lam[p] - u * tq[q];
+        const float d = r[q] - 0.5f * num * num / (Ai[(size_t)p * cs + p] + u * u * isq[q]);
         if (pp_before(d, p * K + q, best, bidx)) {
           best = d;
           bidx = p * K + q;
@@ -592,9 +628,9 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
         const int gp = m > 0 ? iM[p] / m : 0;
         if constexpr (Team::kSerial) {
           for (int q = 0; q < K; ++q) {  // scores into tmp (vectorised), then the scan
-            const float u = Up[q], tt = tq[q], sq = rs_max(s[q], tiny);
-            const float num = lp - u * tt;
-            tmp[q] = 0.5f * r[q] * tt - 0.5f * num * num / (ap + u * u / sq);
+            const float u = Up[q];
+            const float num = lp - u * tq[q];
+            tmp[q] = r[q] - 0.5f * num * num / (ap + u * u * isq[q]);
           }
           if (m > 0)
             for (int q = 0; q < K; ++q) tmp[q] = iK[q] / m == gp ? tmp[q] : inf;
@@ -615,9 +651,9 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
         } else {
           for (int q = ln; q < K; q += W) {
             if (m > 0 && iK[q] / m != gp) continue;
-            const float u = Up[q], tt = tq[q], sq = rs_max(s[q], tiny);
-            const float num = lp - u * tt;
-            const float d = 0.5f * r[q] * tt - 0.5f * num * num / (ap + u * u / sq);
+            const float u = Up[q];
+            const float num = lp - u * tq[q];
+            const float d = r[q] - 0.5f * num * num / (ap + u * u * isq[q]);
             if (pp_before(d, p * K + q, best, bidx)) {
               best = d;
               bidx = p * K + q;
@@ -653,13 +689,23 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     for (int i = R; i < c; i += S) bv[i] = G[(size_t)k * B + iM[i]];  // G[M', k]
     t.sync();
     double abp = 0.0;
-    for (int i = R; i < c; i += S) abp += (double)av[i] * (double)bv[i];
+#if !defined(__CUDACC__)
+    if constexpr (Team::kSerial)
+      abp = rs_dot_ff64_host(av, bv, c);
+    else
+#endif
+      for (int i = R; i < c; i += S) abp += (double)av[i] * (double)bv[i];
     const float ab_app = (float)t.sum(abp) / app;
     rs_combine(t, vv, Ai, cs, nullptr, bv, c, c);  // u = D b = Ainv b - a (a . b) / a_p  (u_p = 0)
     for (int i = R; i < c; i += S) vv[i] = i == p ? 0.f : vv[i] - av[i] * ab_app;
     t.sync();
     double ubp = 0.0;
-    for (int i = R; i < c; i += S) ubp += (double)vv[i] * (double)bv[i];
+#if !defined(__CUDACC__)
+    if constexpr (Team::kSerial)
+      ubp = rs_dot_ff64_host(vv, bv, c);
+    else
+#endif
+      for (int i = R; i < c; i += S) ubp += (double)vv[i] * (double)bv[i];
     const float sk = rs_max(G[(size_t)k * B + k] - (float)t.sum(ubp), tiny);
     if (R == 0) vv[p] = -1.f;  // v = u - e_p
     t.sync();
@@ -670,7 +716,12 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     // lam' = lam + alpha a + beta v and y'[K'] from the vectors at hand (alpha = -lam_p / a_p: the weight leaving
     // M; beta = v . w_M' / s_k: the one entering), instead of a product with Ainv and one with G per exchange
     double vwp = 0.0;
-    for (int i = R; i < c; i += S) vwp += (double)vv[i] * (double)wM[i];
+#if !defined(__CUDACC__)
+    if constexpr (Team::kSerial)
+      vwp = rs_dot_ff64_host(vv, wM, c);
+    else
+#endif
+      for (int i = R; i < c; i += S) vwp += (double)vv[i] * (double)wM[i];
     const float alpha = -lam[p] * ia, beta = (float)t.sum(vwp) * is;  // also the barrier before lam changes
     for (int qq = R; qq < K; qq += S)
       yK[qq] = qq == q ? wK[q] + alpha + beta * vg[q] : rs_fma(alpha, urow[qq], rs_fma(beta, vg[qq], yK[qq]));
@@ -728,18 +779,20 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
   }
 
   // 4. The solve for the final set: lambda = Ainv w_M, one refinement step against G[M, M] (fp64 accumulation).
-  for (int i = wp; i < c; i += NW) {
-    const float v = rs_dot(t, Ai + (size_t)i * cs, wM, c);
-    if (ln == 0) lam64[i] = (double)v;
-  }
-  t.sync();
 #if !defined(__CUDACC__)
-  if constexpr (Team::kSerial) {  // the same sums in 4-wide fp64 vectors
+  if constexpr (Team::kSerial) {  // Ainv w_M as a sum of Ainv's rows (symmetric), the fp64 sums in 4-wide vectors
+    rs_gemv_host(tmp, Ai, cs, nullptr, wM, c, c);
+    for (int i = 0; i < c; ++i) lam64[i] = (double)tmp[i];
     for (int i = 0; i < c; ++i) res64[i] = (double)wM[i] - rs_dot64_host(G + (size_t)iM[i] * B, iM, lam64, c);
     for (int i = 0; i < c; ++i) lam64[i] += rs_dot64_host(Ai + (size_t)i * cs, nullptr, res64, c);
   } else
 #endif
   {
+    for (int i = wp; i < c; i += NW) {
+      const float v = rs_dot(t, Ai + (size_t)i * cs, wM, c);
+      if (ln == 0) lam64[i] = (double)v;
+    }
+    t.sync();
     for (int i = wp; i < c; i += NW) {
       const float* Gi = G + (size_t)iM[i] * B;
       double acc = 0.0;
@@ -780,10 +833,20 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     *nswaps = done;
   }
   for (int jj = R; jj < B; jj += S) mout[jj] = tmp[jj] != 0.f ? 1 : 0;
+#if !defined(__CUDACC__)
+  if constexpr (Team::kSerial) {
+    if (UbT) {  // e = sum over i of z[M_i] U_B[:, M_i], rows of U_B^T (zero below the diagonal of U_B)
+      for (int i = 0; i < c; ++i) tmp[i] = z[iM[i]];
+      rs_gemv_host(e, UbT, B, iM, tmp, c, B);
+      return MS_DONE;
+    }
+  }
+#endif
   for (int rr = wp; rr < B; rr += NW) {  // e_r = sum over columns >= r of U_B[r, col] z[col] (U_B upper)
     const float v = rs_dot(t, Ub + (size_t)rr * B + rr, z + rr, B - rr);
     if (ln == 0) e[rr] = v;
-  }  return MS_DONE;
+  }
+  return MS_DONE;
 }
 
 // One row. G, Ub: (B, B) fp32 row-major (G = U_B^T U_B, the block's inverse-Hessian submatrix); w: the row's B
@@ -791,18 +854,19 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
 // columns (N:M); rounds: at most this many exchanges; tol: the relative improvement an exchange must make. Rows
 // whose count of pruned weights lies outside [kmin, kmax] are skipped (MS_SKIPPED, nothing written). ws:
 // rs_smem_words(kmax, B, m) words (rs_host_words(B) for one-thread teams), 8-byte aligned. Writes e (B), loss,
-// status, mout (B bytes) and nswaps.
+// status, mout (B bytes) and nswaps. UbT: as rs_row_finish's.
 template <class Team, class T>
 PP_HD int refine_solve_row(Team& t, const float* __restrict__ G, const float* __restrict__ Ub,
                            const T* __restrict__ w, const uint8_t* __restrict__ msk, int B, int m, int rounds,
                            float tol, int kmin, int kmax, float* ws, float* __restrict__ e, float* __restrict__ loss,
-                           int32_t* __restrict__ status, uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps) {
+                           int32_t* __restrict__ status, uint8_t* __restrict__ mout, int32_t* __restrict__ nswaps,
+                           const float* __restrict__ UbT = nullptr) {
   RsRow rw;
   int st = rs_row_begin(t, w, msk, B, m, kmin, kmax, ws, e, loss, status, mout, nswaps, rw);
   if (st >= 0) return st;
   st = rs_row_setup(t, G, msk, B, rw, e, loss, status, mout, nswaps);
   if (st >= 0) return st;
-  return rs_row_finish(t, G, Ub, B, m, rounds, tol, rw, e, loss, status, mout, nswaps);
+  return rs_row_finish(t, G, Ub, B, m, rounds, tol, rw, e, loss, status, mout, nswaps, UbT);
 }
 
 #if !defined(__CUDACC__)
@@ -1214,7 +1278,8 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
 template <class T>
 inline void refine_solve_rows8(const float* G, const float* Ub, const T* w, const uint8_t* msk, const int64_t* rows,
                                int B, int m, int rounds, float tol, float* const* ws, float* soa, float* e,
-                               float* loss, int32_t* status, uint8_t* mout, int32_t* nswaps) {
+                               float* loss, int32_t* status, uint8_t* mout, int32_t* nswaps,
+                               const float* UbT = nullptr) {
   SerialTeam t;
   RsRow rw[kRsLanes];
   bool go[kRsLanes];
@@ -1236,7 +1301,8 @@ inline void refine_solve_rows8(const float* G, const float* Ub, const T* w, cons
   for (int l = 0; l < kRsLanes; ++l) {
     const int64_t r = rows[l];
     if (go[l])
-      rs_row_finish(t, G, Ub, B, m, rounds, tol, rw[l], e + r * B, loss + r, status + r, mout + r * B, nswaps + r);
+      rs_row_finish(t, G, Ub, B, m, rounds, tol, rw[l], e + r * B, loss + r, status + r, mout + r * B, nswaps + r,
+                    UbT);
   }
 }
 #endif
