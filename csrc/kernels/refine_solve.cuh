@@ -51,10 +51,11 @@ PP_HD float rs_max(float a, float b) { return a > b ? a : b; }
 PP_HD size_t rs_smem_words(int kcap, int B, int m) {
   return 2 * (size_t)kcap * kcap + (size_t)kcap * (B + (m > 0 ? m : 0)) + 20 * (size_t)B + 8;
 }
-// the same for the CPU op (one-thread teams pad the rows of X and Ainv: refine_solve_row's cs)
+// the same for the CPU op (one-thread teams pad the rows of X and Ainv: refine_solve_row's cs; three more arrays
+// of U's in-group entries past Ug for the scores)
 PP_HD size_t rs_host_words(int B) {
   const size_t cs = ((size_t)(B + 7) / 8) * 8 + 8;
-  return 2 * cs * B + (size_t)B * B + 20 * (size_t)B + 16;
+  return 2 * cs * B + (size_t)2 * B * B + 20 * (size_t)B + 16;
 }
 
 
@@ -201,6 +202,78 @@ inline double rs_dot_ff64_host(const float* __restrict__ a, const float* __restr
   double out = (acc0[0] + acc0[2]) + (acc0[1] + acc0[3]);
   for (; j < n; ++j) out += (double)a[j] * (double)b[j];
   return out;
+}
+
+// rows i < nrows of A (row stride ld): A_i[0..n) += ca_i a[0..n) + cv_i v[0..n) with ca_i = -a[i] ia, cv_i = v[i] is
+// (a rank-two update; the same arithmetic as rs_axpy2_host row by row), a and v held in registers 32 columns at a
+// time
+inline void rs_rank2_host(float* A, size_t ld, int nrows, const float* __restrict__ ca, float ia,
+                          const float* __restrict__ cv, float is, const float* __restrict__ a,
+                          const float* __restrict__ v, int n) {
+  int j0 = 0;
+  for (; j0 + 32 <= n; j0 += 32) {
+    rs_v8 av[4], vv[4];
+    for (int x = 0; x < 4; ++x) {
+      av[x] = rs_load8(a + j0 + 8 * x);
+      vv[x] = rs_load8(v + j0 + 8 * x);
+    }
+    for (int i = 0; i < nrows; ++i) {
+      const float c1 = -ca[i] * ia, c2 = cv[i] * is;
+      const rs_v8 c1v = {c1, c1, c1, c1, c1, c1, c1, c1}, c2v = {c2, c2, c2, c2, c2, c2, c2, c2};
+      float* y = A + (size_t)i * ld + j0;
+#pragma GCC unroll 4
+      for (int x = 0; x < 4; ++x) rs_store8(y + 8 * x, rs_fma8(c1v, av[x], rs_fma8(c2v, vv[x], rs_load8(y + 8 * x))));
+    }
+  }
+  if (j0 < n)
+    for (int i = 0; i < nrows; ++i)
+      rs_axpy2_host(A + (size_t)i * ld + j0, -ca[i] * ia, a + j0, cv[i] * is, v + j0, n - j0);
+}
+
+// y1 = sum over i < n of c1[i] row_i, y2 = sum of c2[i] row'_i (len columns; i ascending from zero, as
+// rs_gemv_host), row_i = row'_i = base + idx[i] * ld except row_p = base + r1 * ld, row'_p = base + r2 * ld: two
+// products of one matrix's rows that differ in one row, each row read once
+inline void rs_gemv2_host(float* __restrict__ y1, const float* __restrict__ c1, float* __restrict__ y2,
+                          const float* __restrict__ c2, const float* base, size_t ld, const int* idx, int n, int len,
+                          int p, int r1, int r2) {
+  int j0 = 0;
+  for (; j0 + 32 <= len; j0 += 32) {
+    rs_v8 a1[4], a2[4];
+    for (int x = 0; x < 4; ++x) a1[x] = a2[x] = rs_v8{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < n; ++i) {
+      const float u1 = c1[i], u2 = c2[i];
+      const rs_v8 u1v = {u1, u1, u1, u1, u1, u1, u1, u1}, u2v = {u2, u2, u2, u2, u2, u2, u2, u2};
+      if (i != p) {
+        const float* x0 = base + (size_t)idx[i] * ld + j0;
+#pragma GCC unroll 4
+        for (int x = 0; x < 4; ++x) {
+          const rs_v8 g = rs_load8(x0 + 8 * x);
+          a1[x] = rs_fma8(u1v, g, a1[x]);
+          a2[x] = rs_fma8(u2v, g, a2[x]);
+        }
+      } else {
+        const float* x1 = base + (size_t)r1 * ld + j0;
+        const float* x2 = base + (size_t)r2 * ld + j0;
+        for (int x = 0; x < 4; ++x) {
+          a1[x] = rs_fma8(u1v, rs_load8(x1 + 8 * x), a1[x]);
+          a2[x] = rs_fma8(u2v, rs_load8(x2 + 8 * x), a2[x]);
+        }
+      }
+    }
+    for (int x = 0; x < 4; ++x) {
+      rs_store8(y1 + j0 + 8 * x, a1[x]);
+      rs_store8(y2 + j0 + 8 * x, a2[x]);
+    }
+  }
+  for (; j0 < len; ++j0) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int i = 0; i < n; ++i) {
+      s1 = rs_fma(c1[i], base[(size_t)(i == p ? r1 : idx[i]) * ld + j0], s1);
+      s2 = rs_fma(c2[i], base[(size_t)(i == p ? r2 : idx[i]) * ld + j0], s2);
+    }
+    y1[j0] = s1;
+    y2[j0] = s2;
+  }
 }
 
 // min over x[0..n) (NaN entries never win; +inf when every entry is NaN or n == 0)
@@ -595,21 +668,38 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     const double L0 = 0.5 * t.sum(part);  // also the barrier after r, tq and isq
     float best = inf;
     int bidx = 0x7fffffff;
-    if (grouped && Team::kSerial) {  // the same scan as below, without the index divisions
+    if (grouped && Team::kSerial) {
+      // the same scores in Ug's order (x = p kg + b, in the room past Ug): the terms per pair, then the divisions
+      // over whole vectors, then the first smallest (x and p K + q rise together)
+      float *const nh = Ug + c * kg, *const den = nh + c * kg, *const sc = den + c * kg;
       for (int p = 0; p < c; ++p) {
         const int q0 = (p / nn) * kg;
         const float lp = lam[p], ap = Ai[(size_t)p * cs + p];
         for (int b = 0; b < kg; ++b) {
-          const int q = q0 + b;
-          const float u = Ug[p * kg + b];
+          const int q = q0 + b, x = p * kg + b;
+          const float u = Ug[x];
           const float num = lp - u * tq[q];
-          const float d = r[q] - 0.5f * num * num / (ap + u * u * isq[q]);
-          if (pp_before(d, p * K + q, best, bidx)) {
-            best = d;
-            bidx = p * K + q;
-          }
+          nh[x] = 0.5f * num * num;
+          den[x] = ap + u * u * isq[q];
+          sc[x] = r[q];
         }
       }
+      const int nx = c * kg;
+      for (int x = 0; x < nx; ++x) sc[x] = sc[x] - nh[x] / den[x];
+#if !defined(__CUDACC__)
+      const float pm = rs_min_host(sc, nx);
+#else
+      float pm = inf;
+      for (int x = 0; x < nx; ++x) pm = sc[x] < pm ? sc[x] : pm;
+#endif
+      if (pm < best)
+        for (int x = 0; x < nx; ++x)
+          if (sc[x] == pm) {
+            const int p = x / kg;
+            best = pm;
+            bidx = p * K + (p / nn) * kg + x % kg;
+            break;
+          }
     } else if (grouped) {
       for (int x = R; x < c * kg; x += S) {
         const int p = x / kg, q = (p / nn) * kg + x % kg;
@@ -670,7 +760,9 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     const int j = iM[p], k = iK[q];
     const float app = Ai[(size_t)p * cs + p];
     for (int i = R; i < c; i += S) av[i] = Ai[(size_t)p * cs + i];  // Ainv's row p (= column p)
-    if (grouped) {  // U's row p, every kept slot: a^T G[M, K] = (G[:, M] a)[K]
+    if (grouped && Team::kSerial) {
+      // U's row p below, with v^T G[M', K']
+    } else if (grouped) {  // U's row p, every kept slot: a^T G[M, K] = (G[:, M] a)[K]
       t.sync();
       rs_combine(t, z, G, B, iM, av, c, B);
       for (int qq = R; qq < K; qq += S) urow[qq] = z[iK[qq]];
@@ -709,8 +801,19 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     const float sk = rs_max(G[(size_t)k * B + k] - (float)t.sum(ubp), tiny);
     if (R == 0) vv[p] = -1.f;  // v = u - e_p
     t.sync();
-    rs_combine(t, z, G, B, iM, vv, c, B);  // v^T G[M', K'] = (G[:, M'] v)[K']
-    for (int qq = R; qq < K; qq += S) vg[qq] = z[iK[qq]];
+#if !defined(__CUDACC__)
+    if (grouped && Team::kSerial) {  // a^T G[M, K] (U's row p) and v^T G[M', K'] in one pass over G's rows
+      rs_gemv2_host(z, av, tmp, vv, G, B, iM, c, B, p, j, k);
+      for (int qq = 0; qq < K; ++qq) {
+        urow[qq] = z[qq == q ? k : iK[qq]];
+        vg[qq] = tmp[iK[qq]];
+      }
+    } else
+#endif
+    {
+      rs_combine(t, z, G, B, iM, vv, c, B);  // v^T G[M', K'] = (G[:, M'] v)[K']
+      for (int qq = R; qq < K; qq += S) vg[qq] = z[iK[qq]];
+    }
     t.sync();
     const float ia = 1.f / app, is = 1.f / sk;
     // lam' = lam + alpha a + beta v and y'[K'] from the vectors at hand (alpha = -lam_p / a_p: the weight leaving
@@ -726,17 +829,16 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     for (int qq = R; qq < K; qq += S)
       yK[qq] = qq == q ? wK[q] + alpha + beta * vg[q] : rs_fma(alpha, urow[qq], rs_fma(beta, vg[qq], yK[qq]));
     for (int i = R; i < c; i += S) lam[i] = rs_fma(alpha, av[i], rs_fma(beta, vv[i], lam[i]));
-    for (int i = wp; i < c; i += NW) {  // Ainv' = D + v v^T / s_k
-      const float ca = -av[i] * ia, cv = vv[i] * is;
-      float* Ar = Ai + (size_t)i * cs;
 #if !defined(__CUDACC__)
-      if constexpr (Team::kSerial) {
-        rs_axpy2_host(Ar, ca, av, cv, vv, c);
-        continue;
-      }
+    if constexpr (Team::kSerial) {  // Ainv' = D + v v^T / s_k
+      rs_rank2_host(Ai, cs, c, av, ia, vv, is, av, vv, c);
+    } else
 #endif
-      for (int l = ln; l < c; l += W) Ar[l] = rs_fma(ca, av[l], rs_fma(cv, vv[l], Ar[l]));
-    }
+      for (int i = wp; i < c; i += NW) {  // Ainv' = D + v v^T / s_k
+        const float ca = -av[i] * ia, cv = vv[i] * is;
+        float* Ar = Ai + (size_t)i * cs;
+        for (int l = ln; l < c; l += W) Ar[l] = rs_fma(ca, av[l], rs_fma(cv, vv[l], Ar[l]));
+      }
     const float vgq_is = vg[q] * is;
     for (int qq = R; qq < K; qq += S)
       s[qq] = qq == q ? ia - vg[q] * vgq_is : s[qq] + urow[qq] * urow[qq] * ia - vg[qq] * vg[qq] * is;
@@ -757,17 +859,16 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
         Ug[x] = qq == q ? colq : Ug[x] - av[pp] * ia * urow[qq] + vv[pp] * is * vg[qq];
       }
     } else {
-      for (int i = wp; i < c; i += NW) {
+#if !defined(__CUDACC__)
+      if constexpr (Team::kSerial) {
+        rs_rank2_host(Y, K, c, av, ia, vv, is, urow, vg, K);
+        for (int i = 0; i < c; ++i) Y[(size_t)i * K + q] = vv[i] * vgq_is - av[i] * ia + (i == p ? 1.f : 0.f);
+      }
+#endif
+      for (int i = wp; i < c && !Team::kSerial; i += NW) {
         const float ca = -av[i] * ia, cv = vv[i] * is;
         const float colq = vv[i] * vgq_is - av[i] * ia + (i == p ? 1.f : 0.f);
         float* Ur = Y + (size_t)i * K;
-#if !defined(__CUDACC__)
-        if constexpr (Team::kSerial) {
-          rs_axpy2_host(Ur, ca, urow, cv, vg, K);
-          Ur[q] = colq;
-          continue;
-        }
-#endif
         for (int qq = ln; qq < K; qq += W) {
           const float upd = rs_fma(ca, urow[qq], rs_fma(cv, vg[qq], Ur[qq]));
           Ur[qq] = qq == q ? colq : upd;
@@ -1066,9 +1167,9 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
       rs_store8(Xp(i, j), rs_gather8(G, off));
     }
 
-  // Cholesky, two columns (l, l + 1) at a time, left-looking: entry (i, l) takes its updates t = 0..l-1 in the
-  // order of the row code's right-looking loop, then 1 / the pivot goes to rdiag and the column is scaled; column
-  // l + 1 takes its last update (t = l) from the freshly scaled column l.
+  // Cholesky, left-looking in panels of four columns: entry (i, l) takes its updates t = 0..l-1 in the order of
+  // the row code's right-looking loop (the columns left of the panel together, then the panel's own columns one
+  // by one), then 1 / the pivot goes to rdiag and the column is scaled.
   auto pivot = [&](rs_v8 d, int l, rs_v8* inv) {
     for (int x = 0; x < V; ++x)
       if (!(d[x] > 0.f)) return false;
@@ -1082,44 +1183,53 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
     rs_store8(rdiag + (size_t)V * l, *inv);
     return true;
   };
-  for (int l = 0; l < c; l += 2) {
-    if (l + 1 == c) {  // the last column alone
-      rs_v8 acc[1][1] = {{rs_load8(Xp(l, l))}};
-      const float* ca[1] = {Xp(l, 0)};
-      rs8_mac<1, 1, true>(acc, ca, V, Xp(l, 0), V, V, l);
-      rs_v8 inv;
-      if (!pivot(acc[0][0], l, &inv)) return false;
-      break;
-    }
-    rs_v8 d[2][2] = {{rs_load8(Xp(l, l)), zero}, {rs_load8(Xp(l + 1, l)), rs_load8(Xp(l + 1, l + 1))}};
-    {
-      const float* ca[2] = {Xp(l, 0), Xp(l + 1, 0)};
-      rs8_mac<2, 2, true>(d, ca, V, Xp(l, 0), V, xs, l);
-    }
-    rs_v8 inv0, inv1;
-    if (!pivot(d[0][0], l, &inv0)) return false;
-    const rs_v8 l10 = d[1][0] * inv0;
-    rs_store8(Xp(l + 1, l), l10);
-    if (!pivot(rs_fnma8(l10, l10, d[1][1]), l + 1, &inv1)) return false;
-    for (int i0 = l + 2; i0 < c; i0 += 4) {
-      rs8_const(c - i0 < 4 ? c - i0 : 4, [&](auto nr) {
-        constexpr int NR = decltype(nr)::value;
-        rs_v8 acc[NR][2];
-        const float* ca[NR];
-        for (int a = 0; a < NR; ++a) {
-          acc[a][0] = rs_load8(Xp(i0 + a, l));
-          acc[a][1] = rs_load8(Xp(i0 + a, l + 1));
-          ca[a] = Xp(i0 + a, 0);
+  bool spd = true;
+  for (int l = 0; l < c && spd; l += 4) {
+    rs8_const(c - l < 4 ? c - l : 4, [&](auto nbc) {
+      constexpr int NB = decltype(nbc)::value;
+      rs_v8 inv[NB];
+      {  // the panel's diagonal block
+        rs_v8 d[NB][NB];
+        const float* ca[NB];
+        for (int a = 0; a < NB; ++a) {
+          ca[a] = Xp(l + a, 0);
+          for (int b = 0; b < NB; ++b) d[a][b] = b <= a ? rs_load8(Xp(l + a, l + b)) : zero;
         }
-        rs8_mac<NR, 2, true>(acc, ca, V, Xp(l, 0), V, xs, l);
-        for (int a = 0; a < NR; ++a) {
-          const rs_v8 li = acc[a][0] * inv0;
-          rs_store8(Xp(i0 + a, l), li);
-          rs_store8(Xp(i0 + a, l + 1), rs_fnma8(li, l10, acc[a][1]) * inv1);
+        rs8_mac<NB, NB, true>(d, ca, V, Xp(l, 0), V, xs, l);
+        for (int b = 0; b < NB; ++b) {
+          if (!pivot(d[b][b], l + b, &inv[b])) {
+            spd = false;
+            return;
+          }
+          for (int a = b + 1; a < NB; ++a) {
+            d[a][b] = d[a][b] * inv[b];
+            rs_store8(Xp(l + a, l + b), d[a][b]);
+          }
+          for (int b2 = b + 1; b2 < NB; ++b2)
+            for (int a = b2; a < NB; ++a) d[a][b2] = rs_fnma8(d[a][b], d[b2][b], d[a][b2]);
         }
-      });
-    }
+      }
+      for (int i0 = l + NB; i0 < c; i0 += 3) {
+        rs8_const(c - i0 < 3 ? c - i0 : 3, [&](auto nr) {
+          constexpr int NR = decltype(nr)::value;
+          rs_v8 acc[NR][NB];
+          const float* ca[NR];
+          for (int a = 0; a < NR; ++a) {
+            ca[a] = Xp(i0 + a, 0);
+            for (int b = 0; b < NB; ++b) acc[a][b] = rs_load8(Xp(i0 + a, l + b));
+          }
+          rs8_mac<NR, NB, true>(acc, ca, V, Xp(l, 0), V, xs, l);
+          for (int b = 0; b < NB; ++b)
+            for (int a = 0; a < NR; ++a) {
+              const rs_v8 li = acc[a][b] * inv[b];
+              rs_store8(Xp(i0 + a, l + b), li);
+              for (int b2 = b + 1; b2 < NB; ++b2) acc[a][b2] = rs_fnma8(li, rs_load8(Xp(l + b2, l + b)), acc[a][b2]);
+            }
+        });
+      }
+    });
   }
+  if (!spd) return false;
 
   // X = L^-1 in place, in stripes of four columns (outer) and pairs of rows (top-down): entry (i, l) = -d_i sum
   // over q = l0 .. i - 1 of L[i][q] X[q][l] (q ascending; the row code's terms q < l vanish), X[i][i] = d_i, zero
