@@ -996,10 +996,18 @@ inline rs_v8 rs_fnma8(rs_v8 a, rs_v8 x, rs_v8 y) {  // y - a x, one rounding (as
 #endif
 }
 
-// lane r = base[off[r]] (off: 8 ints)
-inline rs_v8 rs_gather8(const float* base, const int* off) {
+typedef int rs_v8i __attribute__((vector_size(32)));
+
+inline rs_v8i rs_load8i(const int* p) {
+  rs_v8i v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// lane r = base[off[r]]
+inline rs_v8 rs_gather8(const float* base, rs_v8i off) {
 #ifdef PP_RS_X86_FMA
-  return (rs_v8)_mm256_i32gather_ps(base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off)), 4);
+  return (rs_v8)_mm256_i32gather_ps(base, (__m256i)off, 4);
 #else
   rs_v8 v;
   for (int l = 0; l < kRsLanes; ++l) v[l] = base[off[l]];
@@ -1160,12 +1168,10 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
   for (int q = 0; q < K; ++q)
     for (int l = 0; l < V; ++l) cK[q * V + l] = rw[l].iK[q];
   // A = G[M, M], lower triangle
-  for (int i = 0; i < c; ++i)
-    for (int j = 0; j <= i; ++j) {
-      int off[V];
-      for (int l = 0; l < V; ++l) off[l] = oM[i * V + l] + cM[j * V + l];
-      rs_store8(Xp(i, j), rs_gather8(G, off));
-    }
+  for (int i = 0; i < c; ++i) {
+    const rs_v8i oi = rs_load8i(oM + i * V);
+    for (int j = 0; j <= i; ++j) rs_store8(Xp(i, j), rs_gather8(G, oi + rs_load8i(cM + j * V)));
+  }
 
   // Cholesky, left-looking in panels of four columns: entry (i, l) takes its updates t = 0..l-1 in the order of
   // the row code's right-looking loop (the columns left of the panel together, then the panel's own columns one
@@ -1295,12 +1301,10 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
   }
 
   // G[M, K]
-  for (int i = 0; i < c; ++i)
-    for (int q = 0; q < K; ++q) {
-      int off[V];
-      for (int l = 0; l < V; ++l) off[l] = oM[i * V + l] + cK[q * V + l];
-      rs_store8(Yp(i, q), rs_gather8(G, off));
-    }
+  for (int i = 0; i < c; ++i) {
+    const rs_v8i oi = rs_load8i(oM + i * V);
+    for (int q = 0; q < K; ++q) rs_store8(Yp(i, q), rs_gather8(G, oi + rs_load8i(cK + q * V)));
+  }
   // Y = X G[M, K] in place, in stripes of three columns (outer) and blocks of four rows (bottom-up): row i = sum
   // over l = 0 .. i of X[i][l] G[M_l, K] (l ascending; rows <= i are still G's).
   for (int q0 = 0; q0 < K; q0 += 3) {
@@ -1323,11 +1327,7 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
   for (int q0 = 0; q0 < K; q0 += 8) {
     const int nq = K - q0 < 8 ? K - q0 : 8;
     rs_v8 acc[8];
-    for (int j = 0; j < nq; ++j) {
-      int off[V];
-      for (int l = 0; l < V; ++l) off[l] = cK[(q0 + j) * V + l] * (B + 1);
-      acc[j] = rs_gather8(G, off);
-    }
+    for (int j = 0; j < nq; ++j) acc[j] = rs_gather8(G, rs_load8i(cK + (q0 + j) * V) * (B + 1));
     for (int i = 0; i < c; ++i)
       for (int j = 0; j < nq; ++j) {
         const rs_v8 y = rs_load8(Yp(i, q0 + j));
