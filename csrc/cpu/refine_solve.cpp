@@ -6,9 +6,9 @@
 // row whose G[M, M] is not positive definite (status, NaN; pyprune.ops.refine_solve raises).
 //
 // On x86-64 the row code is compiled for AVX2 + FMA (the rest of pyprune._C is not): its inner loops are short dot
-// products and rank-two updates over contiguous rows, 2-3x faster with 8-wide FMA (measured:
-// benchmarks/results/bench_refine_solve_cpu.md). The op checks the processor at run time and refuses with a clear
-// error where it lacks them; pyprune.ops then takes the torch path under backend="auto".
+// products and rank-two updates over contiguous rows, and the eight-row setup keeps eight rows in the lanes of its
+// vectors (measured: benchmarks/results/bench_refine_solve.md). The op checks the processor at run time and refuses
+// with a clear error where it lacks them; pyprune.ops then takes the torch path under backend="auto".
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -16,6 +16,13 @@
 //     with fp64 accumulation, loss = 1/2 lambda . w_M, e = U_B[:, M] lambda.
 // Outputs: e, loss, status (as masked_solve: 0, or 1 + the block column of the first non-positive pivot, with NaN
 // in e and loss), the final mask row and the number of exchanges made.
+//
+// The row's code is three functions (rs_row_begin: step 1; rs_row_setup: step 2; rs_row_finish: steps 3 and 4),
+// which refine_solve_row runs in turn. The CPU op's specialisation of step 2 sits at the end of this file
+// (refine_solve_rows8 / rs8_setup): eight rows of a block with the same count of pruned weights go through step 2
+// together, one row per lane of 8-wide vectors, with the same arithmetic per entry as the one-row code (the same
+// bits; tested against the one-row path, pyprune._refine_solve_rowwise), since one row's short triangular loops
+// (lengths below c ~ 64) leave most of a vector unit idle. Steps 3 and 4 stay per row (the exchanges differ per row).
 #pragma once
 
 #include <stddef.h>
@@ -176,6 +183,36 @@ inline double rs_dot64_host(const float* __restrict__ a, const int* __restrict__
   double out = (acc0[0] + acc0[2]) + (acc0[1] + acc0[3]);
   for (; j < n; ++j) out += (double)a[idx ? idx[j] : j] * x[j];
   return out;
+}
+
+// y[0..len) = sum over i < n of coef[i] row_i[0..len) in fp64, row_i = base + (idx ? idx[i] : i) * ld (fp32 rows;
+// i ascending from zero; 16 outputs at a time in four 4-wide fp64 accumulators)
+inline void rs_gemv64_host(double* __restrict__ y, const float* base, size_t ld, const int* idx,
+                           const double* __restrict__ coef, int n, int len) {
+  typedef double rs_v4d __attribute__((vector_size(32)));
+  typedef float rs_v4f __attribute__((vector_size(16)));
+  auto row = [&](int i) { return base + (size_t)(idx ? idx[i] : i) * ld; };
+  int j0 = 0;
+  for (; j0 + 16 <= len; j0 += 16) {
+    rs_v4d acc[4] = {};
+    for (int i = 0; i < n; ++i) {
+      const double cf = coef[i];
+      const rs_v4d cv = {cf, cf, cf, cf};
+      const float* x = row(i) + j0;
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        rs_v4f f;
+        __builtin_memcpy(&f, x + 4 * v, sizeof f);
+        acc[v] += cv * __builtin_convertvector(f, rs_v4d);
+      }
+    }
+    __builtin_memcpy(y + j0, acc, sizeof acc);
+  }
+  for (; j0 < len; ++j0) {
+    double acc = 0.0;
+    for (int i = 0; i < n; ++i) acc += coef[i] * (double)row(i)[j0];
+    y[j0] = acc;
+  }
 }
 
 // sum over j < n of a[j] b[j] in fp64 (fp32 inputs; four fp64 lanes, two accumulators)
@@ -881,11 +918,17 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
 
   // 4. The solve for the final set: lambda = Ainv w_M, one refinement step against G[M, M] (fp64 accumulation).
 #if !defined(__CUDACC__)
-  if constexpr (Team::kSerial) {  // Ainv w_M as a sum of Ainv's rows (symmetric), the fp64 sums in 4-wide vectors
+  if constexpr (Team::kSerial) {
+    // Ainv w_M and Ainv res as sums of Ainv's rows (symmetric), G[M, M] lambda as (sum over i of lambda_i G[M_i, :])
+    // at M: whole rows of G (symmetric), no gathers; fp64 sums in 4-wide vectors (X's room holds c doubles)
+    double* const xd = reinterpret_cast<double*>(X);
     rs_gemv_host(tmp, Ai, cs, nullptr, wM, c, c);
     for (int i = 0; i < c; ++i) lam64[i] = (double)tmp[i];
-    for (int i = 0; i < c; ++i) res64[i] = (double)wM[i] - rs_dot64_host(G + (size_t)iM[i] * B, iM, lam64, c);
-    for (int i = 0; i < c; ++i) lam64[i] += rs_dot64_host(Ai + (size_t)i * cs, nullptr, res64, c);
+    rs_gemv64_host(res64, G, B, iM, lam64, c, B);
+    for (int i = 0; i < c; ++i) xd[i] = (double)wM[i] - res64[iM[i]];
+    for (int i = 0; i < c; ++i) res64[i] = xd[i];
+    rs_gemv64_host(xd, Ai, cs, nullptr, res64, c, c);
+    for (int i = 0; i < c; ++i) lam64[i] += xd[i];
   } else
 #endif
   {
