@@ -1348,22 +1348,25 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
     const rs_v8i oi = rs_load8i(oM + i * V);
     for (int q = 0; q < K; ++q) rs_store8(Yp(i, q), rs_gather8(G, oi + rs_load8i(cK + q * V)));
   }
-  // Y = X G[M, K] in place, in stripes of three columns (outer) and blocks of four rows (bottom-up): row i = sum
-  // over l = 0 .. i of X[i][l] G[M_l, K] (l ascending; rows <= i are still G's).
-  for (int q0 = 0; q0 < K; q0 += 3) {
-    rs8_const(K - q0 < 3 ? K - q0 : 3, [&](auto nb) {
-      constexpr int NB = decltype(nb)::value;
-      for (int i1 = c; i1 > 0; i1 -= 4) {
-        const int i0 = i1 - 4 < 0 ? 0 : i1 - 4;
-        rs8_const(i1 - i0, [&](auto nr) {
-          constexpr int NR = decltype(nr)::value;
-          rs_v8 acc[NR][NB];
-          rs8_xl<NR, NB>(acc, Xp(i0, 0), xs, Yp(0, q0), ys, i0);
-          for (int a = 0; a < NR; ++a)
-            for (int j = 0; j < NB; ++j) rs_store8(Yp(i0 + a, q0 + j), acc[a][j]);
+  // Y = X G[M, K] in place, in stripes of six columns (outer), blocks of four rows (bottom-up) and three columns:
+  // row i = sum over l = 0 .. i of X[i][l] G[M_l, K] (l ascending; rows <= i are still G's).
+  for (int q1 = 0; q1 < K; q1 += 6) {
+    const int qe = q1 + 6 < K ? q1 + 6 : K;
+    for (int i1 = c; i1 > 0; i1 -= 4) {
+      const int i0 = i1 - 4 < 0 ? 0 : i1 - 4;
+      for (int q0 = q1; q0 < qe; q0 += 3) {
+        rs8_const(qe - q0 < 3 ? qe - q0 : 3, [&](auto nb) {
+          constexpr int NB = decltype(nb)::value;
+          rs8_const(i1 - i0, [&](auto nr) {
+            constexpr int NR = decltype(nr)::value;
+            rs_v8 acc[NR][NB];
+            rs8_xl<NR, NB>(acc, Xp(i0, 0), xs, Yp(0, q0), ys, i0);
+            for (int a = 0; a < NR; ++a)
+              for (int j = 0; j < NB; ++j) rs_store8(Yp(i0 + a, q0 + j), acc[a][j]);
+          });
         });
       }
-    });
+    }
   }
 
   // s_k = G_kk - |Y[:, k]|^2 (i ascending)
@@ -1400,21 +1403,24 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
           });
         }
   } else {
-    // U = X^T Y in place, in stripes of three columns and blocks of four rows (top-down): row i = sum over l = i ..
-    // c - 1 of X[l][i] Y[l] (l ascending; rows >= i are still Y's); then every row's U, row by row
-    for (int q0 = 0; q0 < K; q0 += 3) {
-      rs8_const(K - q0 < 3 ? K - q0 : 3, [&](auto nb) {
-        constexpr int NB = decltype(nb)::value;
-        for (int i0 = 0; i0 < c; i0 += 4) {
-          rs8_const(c - i0 < 4 ? c - i0 : 4, [&](auto nr) {
-            constexpr int NR = decltype(nr)::value;
-            rs_v8 acc[NR][NB];
-            rs8_xt<NR, NB>(acc, Xp(i0, i0), xs, Yp(i0, q0), ys, c - i0);
-            for (int a = 0; a < NR; ++a)
-              for (int j = 0; j < NB; ++j) rs_store8(Yp(i0 + a, q0 + j), acc[a][j]);
+    // U = X^T Y in place, in stripes of six columns, blocks of four rows (top-down) and three columns: row i =
+    // sum over l = i .. c - 1 of X[l][i] Y[l] (l ascending; rows >= i are still Y's); then every row's U
+    for (int q1 = 0; q1 < K; q1 += 6) {
+      const int qe = q1 + 6 < K ? q1 + 6 : K;
+      for (int i0 = 0; i0 < c; i0 += 4) {
+        for (int q0 = q1; q0 < qe; q0 += 3) {
+          rs8_const(qe - q0 < 3 ? qe - q0 : 3, [&](auto nb) {
+            constexpr int NB = decltype(nb)::value;
+            rs8_const(c - i0 < 4 ? c - i0 : 4, [&](auto nr) {
+              constexpr int NR = decltype(nr)::value;
+              rs_v8 acc[NR][NB];
+              rs8_xt<NR, NB>(acc, Xp(i0, i0), xs, Yp(i0, q0), ys, c - i0);
+              for (int a = 0; a < NR; ++a)
+                for (int j = 0; j < NB; ++j) rs_store8(Yp(i0 + a, q0 + j), acc[a][j]);
+            });
           });
         }
-      });
+      }
     }
     for (int i = 0; i < c; ++i) {
       for (int x = 0; x < V; ++x) dst[x] = rw[x].Y + (size_t)i * K;
