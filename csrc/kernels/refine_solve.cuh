@@ -153,38 +153,6 @@ inline void rs_gemv_host(float* y, const float* base, size_t ld, const int* idx,
   }
 }
 
-// sum over j < n of a[idx ? idx[j] : j] x[j] in fp64 (fp32 a, fp64 x; four fp64 lanes, two accumulators)
-inline double rs_dot64_host(const float* __restrict__ a, const int* __restrict__ idx, const double* __restrict__ x,
-                            int n) {
-  typedef double rs_v4d __attribute__((vector_size(32)));
-  typedef float rs_v4f __attribute__((vector_size(16)));
-  rs_v4d acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
-  auto ld = [&](int j) {
-    rs_v4f f;
-    if (idx) {
-      f = rs_v4f{a[idx[j]], a[idx[j + 1]], a[idx[j + 2]], a[idx[j + 3]]};
-    } else {
-      __builtin_memcpy(&f, a + j, sizeof f);
-    }
-    rs_v4d xv;
-    __builtin_memcpy(&xv, x + j, sizeof xv);
-    return __builtin_convertvector(f, rs_v4d) * xv;
-  };
-  int j = 0;
-  for (; j + 8 <= n; j += 8) {
-    acc0 += ld(j);
-    acc1 += ld(j + 4);
-  }
-  if (j + 4 <= n) {
-    acc0 += ld(j);
-    j += 4;
-  }
-  acc0 += acc1;
-  double out = (acc0[0] + acc0[2]) + (acc0[1] + acc0[3]);
-  for (; j < n; ++j) out += (double)a[idx ? idx[j] : j] * x[j];
-  return out;
-}
-
 // y[0..len) = sum over i < n of coef[i] row_i[0..len) in fp64, row_i = base + (idx ? idx[i] : i) * ld (fp32 rows;
 // i ascending from zero; 16 outputs at a time in four 4-wide fp64 accumulators)
 inline void rs_gemv64_host(double* __restrict__ y, const float* base, size_t ld, const int* idx,
