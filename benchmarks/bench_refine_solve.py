@@ -8,7 +8,9 @@
    bandwidth (its state, 2 c^2 + c K floats, stays in cache: the GEMM peak is the floor).
 2. Whole layers, ``prune_layer`` (bf16 weight, fp32 H, B = 128): SparseGPT, joint with 16 exchanges (set
    explicitly, whatever the default), joint without exchanges, and joint with 16 exchanges on the torch path
-   (1024 columns only); time ratios against SparseGPT in the same process. CPU shapes: 1024 x 1024 and 4096 x 1024
+   (1024 columns only); time ratios against SparseGPT in the same process. Each variant's time is the best of
+   ``LAYER_REPS`` runs taken in turn with the others (the torch path: one run), so that a burst of load from other
+   jobs on a shared machine lands on one run rather than deciding a ratio. CPU shapes: 1024 x 1024 and 4096 x 1024
    (an MLP shape), GPU: 8192 x 8192 and 8192 x 28672.
 
 Usage: python benchmarks/bench_refine_solve.py [--quick] [--device cpu|cuda] [--threads 1] [--out DIR].
@@ -21,6 +23,8 @@ import torch
 
 from _timing import bench, bench_main, measure_peaks, sync, try_run
 from bench_prune_layer import layer_problem  # W (bf16) and a data-like H, the same layers
+
+LAYER_REPS = 3  # timed runs per layer variant, interleaved; the best counts (the torch path: 1)
 
 
 def block_problem(rows: int, H: torch.Tensor, W: torch.Tensor, sparsity: str):
@@ -94,26 +98,39 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
             variants = [("sparsegpt", "torch", 0), ("joint", native, 16), ("joint", native, 0)]
             if cols <= 1024:
                 variants.append(("joint", "torch", 16))
+            best, errors, results = {}, {}, {}
+            for rep in range(1 if quick else LAYER_REPS):
+                for method, backend, swaps in variants:
+                    key = (method, backend, swaps)
+                    if key in errors or (backend == "torch" and method == "joint" and key in best):
+                        continue
+                    cfg = PruneConfig(method=method, sparsity=sp, block_size=128, backend=backend,
+                                      **({"swaps": swaps} if method == "joint" else {}))
+                    if rep == 0:
+                        _, err = try_run(lambda: prune_layer(W[:64, :min(cols, 1024)],
+                                                             H[:1024, :1024].contiguous(), cfg))
+                        if err:
+                            errors[key] = err
+                            continue
+                    sync(device)
+                    t0 = time.perf_counter()
+                    results[key] = prune_layer(W, H, cfg)
+                    sync(device)
+                    best[key] = min(best.get(key, float("inf")), time.perf_counter() - t0)
             base = None
             for method, backend, swaps in variants:
-                cfg = PruneConfig(method=method, sparsity=sp, block_size=128, backend=backend,
-                                  **({"swaps": swaps} if method == "joint" else {}))
+                key = (method, backend, swaps)
                 tag = dict(part="layer", rows=rows_, cols=cols, sparsity=sp, variant=f"{method}/{backend}",
                            swaps=swaps)
-                _, err = try_run(lambda: prune_layer(W[:64, :min(cols, 1024)], H[:1024, :1024].contiguous(), cfg))
-                if err:
-                    out.append(dict(tag, error=err))
+                if key in errors:
+                    out.append(dict(tag, error=errors[key]))
                     continue
-                sync(device)
-                t0 = time.perf_counter()
-                res = prune_layer(W, H, cfg)
-                sync(device)
-                t = time.perf_counter() - t0
+                t, res = best[key], results[key]
                 if method == "sparsegpt":
                     base = (t, res.loss)
                 out.append(dict(tag, s=t, vs_sparsegpt=t / base[0], loss_vs_sparsegpt=res.loss / base[1]))
-                if report is not None:
-                    report(out, peaks)
+            if report is not None:
+                report(out, peaks)
         del W, H
     return out, peaks
 
@@ -124,8 +141,9 @@ def main():
                 "loss_vs_sparsegpt", "swaps_per_row", "floor_s", "vs_floor", "error"],
                ["block: one block, 16 exchanges; vs_engine = time / the fused engine's; floor_s = 2 x the engine's "
                 "multiply-adds / the measured fp32 GEMM peak (the row's state stays in cache)",
-                "layer: one prune_layer call; vs_sparsegpt = time / SparseGPT's in the same process (the issue's "
-                "goal: at most 1.5 with 16 exchanges); loss_vs_sparsegpt = layer loss ratio on the same H"],
+                f"layer: one prune_layer call, best of {LAYER_REPS} taken in turn with the other variants (the torch "
+                "path and --quick: one run); vs_sparsegpt = time / SparseGPT's in the same process (the issue's goal: at most "
+                "1.5 with 16 exchanges); loss_vs_sparsegpt = layer loss ratio on the same H"],
                __doc__.splitlines()[0])
 
 

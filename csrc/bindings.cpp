@@ -20,6 +20,9 @@ TORCH_LIBRARY(pyprune, m) {
         "-> (Tensor E, Tensor loss, Tensor status)");
   m.def("_refine_solve_emulated(Tensor G, Tensor U_B, Tensor W1, Tensor mask, int rounds, int m, float tol, "
         "int threads, int warp) -> (Tensor E, Tensor loss, Tensor status, Tensor mask_out, Tensor swaps)");
+  // Test-only: the CPU refine_solve with every row through the one-row code (no eight-row setup).
+  m.def("_refine_solve_rowwise(Tensor G, Tensor U_B, Tensor W1, Tensor mask, int rounds, int m, float tol) "
+        "-> (Tensor E, Tensor loss, Tensor status, Tensor mask_out, Tensor swaps)");
 }
 
 static struct PyModuleDef pyprune_c_module = {

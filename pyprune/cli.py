@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swaps", type=int, default=None,
                    help="joint only: at most this many pruned/kept exchanges per row of a block, each lowering the "
                    "row's exact block loss (default: 16; 0 keeps the mask as chosen). Their cost is on the summary's "
-                   "'exchanges' line: about 1.3-1.6x the rest of the joint solve per layer on the CPU "
-                   "(benchmarks/results/bench_refine_solve.md)")
+                   "'exchanges' line: on the CPU a layer's joint prune with 16 exchanges takes about 1.0-1.1x its time "
+                   "without them (benchmarks/results/bench_refine_solve.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "cuda", "triton"])
     p.add_argument("--modules", nargs="+", default=None, metavar="PATTERN",
                    help="prune only these modules (fnmatch on names relative to a block, e.g. 'mlp.*')")

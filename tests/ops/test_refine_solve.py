@@ -131,6 +131,66 @@ def test_refine_solve_emulated_cuda_partitioning(threads, warp, rows, B, kind, r
     assert ((loss - loss1).abs() <= 2e-5 * loss1.abs().clamp_min(1e-30)).all()
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN."""
+    return a.dtype == b.dtype and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def counts_mask(W: torch.Tensor, G: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each row prunes counts[row] of its smallest |w| / sqrt(G_jj)."""
+    score = W.abs().double() / torch.diagonal(G).double().sqrt()
+    return score.argsort(dim=1).argsort(dim=1) < counts[:, None]
+
+
+@needs_cpp
+@pytest.mark.parametrize("B,kind", [(128, "half"), (128, "2:4"), (64, "4:8"), (100, "counts"), (20, "counts"),
+                                    (7, "counts"), (16, "mixed")])
+def test_eight_row_path_equals_one_row_path(B, kind, rng):
+    """The CPU op sets up eight rows with the same count together (vector lanes); every output must equal the one-row
+    code's (the test-only op _refine_solve_rowwise) bit for bit: counts with and without a full set of eight, rows
+    pruning none or all of the block, and (mixed) rows of one count of which some are N:M-grouped and some not."""
+    rows = 8 * 4 + 5
+    G, U = kernel_block(B, rng)
+    W = (0.02 * torch.randn(rows, B, generator=rng)).to(torch.bfloat16)
+    m = 0
+    if kind in ("half", "2:4", "4:8"):
+        M0, m = make_mask(W, G, kind, rng)
+    elif kind == "counts":  # 16 rows of one count, 9 of another, 8 pruning none, 4 pruning all
+        counts = torch.tensor([B // 3] * 16 + [B - 2] * 9 + [0] * 8 + [B] * 4)
+        M0 = counts_mask(W, G, counts[torch.randperm(rows, generator=rng)])
+    else:  # half of every row: 2:4 groups in some rows, unstructured in the others
+        M0, m = make_mask(W, G, "2:4", rng)
+        M0[::3] = counts_mask(W[::3], G, torch.full((len(range(0, rows, 3)),), B // 2))
+    got = torch.ops.pyprune.refine_solve(G, U, W, M0, 16, m, REL_TOL_LOW)
+    ref = torch.ops.pyprune._refine_solve_rowwise(G, U, W, M0, 16, m, REL_TOL_LOW)
+    for name, a, b in zip(("E", "loss", "status", "mask", "swaps"), got, ref):
+        assert same_bits(a, b), f"{name} differs between the eight-row and the one-row path"
+    assert bool((got[2] == 0).all()) and int(got[4].sum()) > 0
+
+
+@needs_cpp
+def test_eight_row_path_with_a_non_positive_pivot(rng):
+    """A zero pivot in one lane of an eight-row set: that set falls back to one row at a time, which reports it
+    (status, NaN) exactly as the one-row code does; the other rows of the set are solved."""
+    B, rows = 32, 24
+    G, U = kernel_block(B, rng)
+    G[5, :] = 0.0
+    G[:, 5] = 0.0  # column 5 of the block is dead in G
+    W = 0.02 * torch.randn(rows, B, generator=rng)
+    others = torch.tensor([j for j in range(B) if j != 5])
+    M0 = torch.zeros(rows, B, dtype=torch.bool)
+    for i in range(rows):  # B / 2 pruned in every row; rows 3 and 11 (two of the three sets of eight) prune column 5
+        pick = others[torch.randperm(B - 1, generator=rng)[:B // 2 - (i in (3, 11))]]
+        M0[i, pick] = True
+        M0[i, 5] = i in (3, 11)
+    got = torch.ops.pyprune.refine_solve(G, U, W, M0, 8, 0, REL_TOL_LOW)
+    ref = torch.ops.pyprune._refine_solve_rowwise(G, U, W, M0, 8, 0, REL_TOL_LOW)
+    for name, a, b in zip(("E", "loss", "status", "mask", "swaps"), got, ref):
+        assert same_bits(a, b), f"{name} differs between the eight-row and the one-row path"
+    bad = M0[:, 5]
+    assert bool(bad.any()) and bool((got[2][bad] == 6).all()) and bool((got[2][~bad] == 0).all())
+
+
 @needs_cpp
 def test_rounds_zero_is_the_masked_solve(rng):
     """rounds=0 is masked_solve itself (the joint method's swaps=0 path), bit for bit."""
