@@ -13,7 +13,8 @@ A configuration is a key, ``method/sparsity[/mask][/damp<x>][/shrink<x>][/swap<k
 - ``mask`` (joint only): ``sparsegpt``, ``exact``, ``wanda``, ... (docs/ALGORITHM.md section 4); default: joint's
   default;
 - ``damp<x>``: relative damping (default 0.01);
-- ``shrink<x>`` (joint, SparseGPT): the fraction of H's off-diagonal removed (``PruneConfig.shrink``; default 0);
+- ``shrink<x>`` (joint, SparseGPT): the fraction of H's off-diagonal removed (``PruneConfig.shrink``); no ``shrink``
+  part means 0, whatever pyprune's default;
 - ``swap<k>`` (joint only): at most k pruned/kept exchanges per row of a block (``PruneConfig.swaps``); no ``swap``
   part means none, whatever pyprune's default (keys name settings, not defaults);
 - ``n<k>``: calibration samples (default ``--nsamples``);
@@ -510,10 +511,18 @@ def default_mask(sp: str) -> str:
     return "exact" if ":" in sp else "sparsegpt"
 
 
+def default_joint(sp: str) -> str:
+    """The key of the joint method's defaults at sparsity ``sp`` (pyprune.config's DEFAULT_SHRINK, DEFAULT_SWAPS)."""
+    from pyprune.config import DEFAULT_SHRINK, DEFAULT_SWAPS
+    return "/".join(["joint", sp, default_mask(sp)] + ([f"shrink{DEFAULT_SHRINK:g}"] if DEFAULT_SHRINK else [])
+                    + ([f"swap{DEFAULT_SWAPS}"] if DEFAULT_SWAPS else []))
+
+
 def by_calibration(summary: dict) -> list[str]:
     """Per sparsity and calibration (default sample count): every configuration's mean perplexity per text, the
-    lowest in bold, the texts of the calibration's kind marked; then joint with and without exchanges against the
-    better of SparseGPT and Wanda (ratio of means; below 1: joint wins)."""
+    lowest in bold, the texts of the calibration's kind marked; then joint's defaults (``default_joint``), joint
+    with 16 exchanges and no shrink, and joint without either against the better of SparseGPT and Wanda (ratio of
+    means; below 1: joint wins)."""
     out, wins = [], []
     names = list(TEXTS)
     groups = sorted({(sparsity_of(k), calib_of(k)) for k in summary if not any(
@@ -535,7 +544,8 @@ def by_calibration(summary: dict) -> list[str]:
         out.append("")
         suffix = f"/{cal}" if cal else ""
         base = [summary.get(f"{m}/{sp}{suffix}") for m in ("sparsegpt", "wanda")]
-        for j in (f"joint/{sp}/{default_mask(sp)}/swap16{suffix}", f"joint/{sp}/{default_mask(sp)}{suffix}"):
+        for j in dict.fromkeys((default_joint(sp) + suffix, f"joint/{sp}/{default_mask(sp)}/swap16{suffix}",
+                                f"joint/{sp}/{default_mask(sp)}{suffix}")):
             if j not in summary or not any(base):
                 continue
             cells = []

@@ -85,12 +85,22 @@ def _add_threads(p):
                    help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after each option's help, except where the default is None: those options say
+    in their help what None picks (it depends on other options, e.g. the method)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import MASK_SCOPES, MASKS, METHODS
     parser = argparse.ArgumentParser(prog="pyprune", description="One-shot LLM pruning with the joint multi-weight "
                                      "OBS update (Zhao et al., 2024), SparseGPT, Wanda or magnitude.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,eval,demo}")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsFormatter
 
     p = sub.add_parser("prune", help="prune a model and write a Hugging Face directory", formatter_class=fmt,
                        description="Prune MODEL block by block and write the pruned model to --output.")
