@@ -64,9 +64,9 @@ def make_profile(profile: str | None, sparsity, m: float | None = None, lam: flo
         raise ValueError(f"unknown sparsity_profile {profile!r} (--sparsity-profile); choose one of "
                          f"{', '.join(PROFILES)}")
     if sparsity.structured:
-        raise ValueError(f"sparsity_profile={profile!r} (--sparsity-profile) gives each block its own unstructured fraction; {sparsity} "
-                         "sparsity fixes the pattern of every group of M weights, so it cannot vary by block (give a "
-                         "fraction such as --sparsity 0.7, or leave the profile unset)")
+        raise ValueError(f"sparsity_profile={profile!r} (--sparsity-profile) gives each block its own unstructured "
+                         f"fraction; {sparsity} sparsity fixes the pattern of every group of M weights, so it cannot "
+                         "vary by block (give a fraction such as --sparsity 0.7, or leave the profile unset)")
     m = OWL_M if m is None else _number("owl_m", m)
     lam = OWL_LAMBDA if lam is None else _number("owl_lambda", lam)
     if not m > 0:
