@@ -9,7 +9,8 @@ perplexity over seeds with its min-max and standard deviation, paired ratios ove
 side by side, and the rounding-only noise floor: the same seed with the calibration samples in another order (the
 same windows, so the same Hessians up to float rounding), or another backend.
 
-A configuration is a key, ``method/sparsity[/mask][/damp<x>][/shrink<x>][/swap<k>][/n<samples>][/<calibration>]``:
+A configuration is a key,
+``method/sparsity[/mask][/damp<x>][/shrink<x>][/swap<k>][/owl[<lambda>]][/n<samples>][/<calibration>]``:
 - ``mask`` (joint only): ``sparsegpt``, ``exact``, ``wanda``, ... (docs/ALGORITHM.md section 4); default: joint's
   default;
 - ``damp<x>``: relative damping (default 0.01);
@@ -17,6 +18,9 @@ A configuration is a key, ``method/sparsity[/mask][/damp<x>][/shrink<x>][/swap<k
   part means 0, whatever pyprune's default;
 - ``swap<k>`` (joint only): at most k pruned/kept exchanges per row of a block (``PruneConfig.swaps``); no ``swap``
   part means none, whatever pyprune's default (keys name settings, not defaults);
+- ``owl`` / ``owl<lambda>`` (unstructured fractions only): OWL's per-block sparsity allocation
+  (``prune_model(sparsity_profile="owl", owl_lambda=...)``, M = 5; ``owl`` alone: lambda 0.08, pyprune's default),
+  compared with the same configuration without it and, for joint, with Wanda and SparseGPT under the same allocation;
 - ``n<k>``: calibration samples (default ``--nsamples``);
 - calibration (``CALIB_SOURCES``; none: WikiText-2 validation alone): ``book`` (A Tale of Two Cities, never scored),
   ``code`` (Python source: ``CODE_CALIB``), ``self`` (text the dense model generates itself, pyprune.selfcalib, with
@@ -145,14 +149,40 @@ def parse_key(key: str, nsamples: int) -> dict:
             c["shrink"] = float(p[6:])
         elif p.startswith("swap") and p[4:].isdigit():
             c["swaps"] = int(p[4:])
+        elif owl_part(p) is not None:
+            c["owl"] = owl_part(p)
         elif p.startswith("n") and p[1:].isdigit():
             c["nsamples"] = int(p[1:])
         elif c["mask"] is None and c["method"] == "joint":
             c["mask"] = p
         else:
             raise SystemExit(f"configuration key {key!r}: unknown part {p!r}")
-    config_of(c)  # validates method, sparsity, mask and damp
+    cfg = config_of(c)  # validates method, sparsity, mask and damp
+    if "owl" in c:
+        from pyprune.owl import make_profile
+        try:
+            make_profile("owl", cfg.sparsity, lam=c["owl"])
+        except ValueError as e:
+            raise SystemExit(f"configuration key {key!r}: {e}") from None
     return c
+
+
+def owl_part(p: str) -> float | None:
+    """A key part ``owl`` / ``owl<lambda>`` -> the profile's lambda; None if it is not one."""
+    from pyprune.owl import OWL_LAMBDA
+    if p == "owl":
+        return OWL_LAMBDA
+    if p.startswith("owl"):
+        try:
+            return float(p[3:])
+        except ValueError:
+            return None
+    return None
+
+
+def profile_of(c: dict) -> dict:
+    """The sparsity-profile keywords of ``prune_model`` a configuration asks for (none without ``owl``)."""
+    return {"sparsity_profile": "owl", "owl_lambda": c["owl"]} if "owl" in c else {}
 
 
 def config_of(c: dict):
@@ -173,6 +203,9 @@ def config_key(c: dict, nsamples: int) -> str:
         parts.append(f"shrink{cfg.shrink:g}")
     if cfg.swaps:
         parts.append(f"swap{cfg.swaps}")
+    if "owl" in c:
+        from pyprune.owl import OWL_LAMBDA
+        parts.append("owl" if c["owl"] == OWL_LAMBDA else f"owl{c['owl']:g}")
     if c.get("nsamples", nsamples) != nsamples:
         parts.append(f"n{c['nsamples']}")
     cal = calib_name(c.get("calib") or (MIX if c.get("mix") else DEFAULT_CALIB))
@@ -339,7 +372,7 @@ def run_all(args, todo: list[tuple[str, int, int]]) -> dict:
             if kind == "torch":
                 cfg = cfg.replace(backend="torch")
             calib = reorder(calibration(sources, c, seed, args.seqlen, generate), order)
-            report = prune_model(model, calib, cfg, device=args.device)
+            report = prune_model(model, calib, cfg, device=args.device, **profile_of(c))
             entry = dict(c, config=ckey, seed=seed, order=order, floor=kind or None, settings=cfg.settings(),
                          sparsity_achieved=report.sparsity, total_loss=report.total_loss,
                          prune_seconds=report.times["total"])
@@ -469,13 +502,15 @@ def comparisons(summary: dict) -> list[tuple[str, str]]:
     """(a, b): every joint configuration against Wanda and SparseGPT (pyprune's and llm-compressor's) at its sparsity
     (with the same calibration), every
     llm-compressor run against pyprune's, every configuration with a calibration lever (n, mix) against the same
-    configuration without it, and every joint configuration with an update lever (swap, damp) against the same
-    configuration without it."""
+    configuration without it, every configuration with OWL's allocation (owl) against the same configuration without
+    it, and every joint configuration with an update lever (swap, damp) against the same configuration without
+    it."""
     pairs = []
     for a in summary:
         parts = a.split("/")
+        owl = [p for p in parts[2:] if owl_part(p) is not None]
         extra = [p for p in parts[2:] if p.startswith("n") and p[1:].isdigit() or calib_part(p) is not None]
-        suffix = "".join("/" + p for p in extra)
+        suffix = "".join("/" + p for p in parts[2:] if p in extra or p in owl)  # baselines: the same allocation
         if parts[0].startswith("llmc-"):  # llm-compressor's run (benchmarks/peers.py) against pyprune's
             b = "/".join([parts[0][len("llmc-"):], *parts[1:]])
             if b in summary:
@@ -485,6 +520,10 @@ def comparisons(summary: dict) -> list[tuple[str, str]]:
                 b = f"{m}/{parts[1]}{suffix}"
                 if b in summary:
                     pairs.append((a, b))
+        if owl:  # OWL's allocation: the same configuration with every block at the target
+            b = "/".join(p for p in parts if p not in owl)
+            if b in summary:
+                pairs.append((a, b))
         if extra:  # the calibration lever: the same configuration on the default calibration
             b = "/".join(p for p in parts if p not in extra)
             if b in summary:

@@ -97,6 +97,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import MASK_SCOPES, MASKS, METHODS
+    from .owl import OWL_LAMBDA, OWL_M, PROFILES
     parser = argparse.ArgumentParser(prog="pyprune", description="One-shot LLM pruning with the joint multi-weight "
                                      "OBS update (Zhao et al., 2024), SparseGPT, Wanda or magnitude.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,eval,demo}")
@@ -129,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "'exchanges' line: on the CPU a layer's joint prune with 16 exchanges takes about 1.0-1.1x its time "
                    "without them (benchmarks/results/bench_refine_solve.md)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "cuda", "triton"])
+    p.add_argument("--sparsity-profile", default=None, choices=PROFILES,
+                   help="owl: each block its own unstructured sparsity by its outliers (OWL, Yin et al. 2024): a "
+                   "pre-pass over the dense blocks measures the fraction of Wanda scores |W_ij| ||X_j|| above "
+                   "--owl-m times the block's mean; blocks with more are pruned less, the sparsities span 2 x "
+                   "--owl-lambda (most to fewest outliers), their mean weighted by the blocks' weights equal to "
+                   "--sparsity; the report lists each block's target (default: none, every block at --sparsity; "
+                   "not with N:M)")
+    p.add_argument("--owl-m", type=float, default=None, metavar="M",
+                   help=f"--sparsity-profile owl: a score is an outlier above M times its block's mean (default "
+                   f"{OWL_M:g})")
+    p.add_argument("--owl-lambda", type=float, default=None, metavar="LAMBDA",
+                   help=f"--sparsity-profile owl: the range of the blocks' sparsities around --sparsity; "
+                   f"--sparsity +- LAMBDA must stay in [0, 1) (default {OWL_LAMBDA:g})")
     p.add_argument("--modules", nargs="+", default=None, metavar="PATTERN",
                    help="prune only these modules (fnmatch on names relative to a block, e.g. 'mlp.*')")
     p.add_argument("--dense", nargs="+", default=None, metavar="NAME",
@@ -281,7 +295,9 @@ def cmd_prune(args) -> int:
     from .models.io import check_nm_shapes, check_seqlen, check_supported, check_weights, load_tokenizer, resolve_model
     from .models.outdir import OutputDir
     from .models.pipeline import should_stream
+    from .owl import make_profile
     config = _prune_config(args)
+    make_profile(args.sparsity_profile, config.sparsity, args.owl_m, args.owl_lambda)  # before any slow work
     source = resolve_model(args.model)
     resolve_device(args.device)  # before any slow work: --device cuda on a machine without CUDA
     out = os.path.abspath(args.output)
@@ -348,6 +364,7 @@ def _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream
                               calibrate_all_experts=args.calibrate_all_experts,
                               expert_min_tokens=args.expert_min_tokens, hessian_budget=args.hessian_budget,
                               progress=not args.quiet and main, comm=comm,
+                              sparsity_profile=args.sparsity_profile, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                               labels={"calib_text": args.calib_text, "seed": args.seed},
                               times={"tokenize": t_tok,
                                      **({"self_generate": generated["seconds"]} if generated else {})})

@@ -69,6 +69,13 @@ class PruneReport:
     blocks: int = 0                                 # blocks processed (pruned or passed through)
     dense: list[DenseMatrix] = field(default_factory=list)    # the pruned blocks' matrices kept dense, with why
     outside: list[DenseMatrix] = field(default_factory=list)  # the weight matrices outside the blocks (dense)
+    # a sparsity profile's allocation (pyprune.models.driver.outlier_pass): {"name", "m", "lambda", "target",
+    # "blocks": [{"block", "outlier_ratio", "weights", "sparsity"}, ...]}; None: every block at the run's sparsity
+    profile: dict | None = None
+
+    def block_targets(self) -> dict[int, float]:
+        """Block index -> the target fraction the profile gave it (empty without a profile)."""
+        return {int(r["block"]): float(r["sparsity"]) for r in (self.profile or {}).get("blocks", [])}
 
     @property
     def sparsity(self) -> float:
@@ -97,7 +104,8 @@ class PruneReport:
                 "layers": [{**asdict(layer), "shape": list(layer.shape), "loss": _finite(layer.loss)}
                            for layer in self.layers],
                 "dense": [{**asdict(d), "shape": list(d.shape)} for d in self.dense],
-                "outside": [{**asdict(d), "shape": list(d.shape)} for d in self.outside]}
+                "outside": [{**asdict(d), "shape": list(d.shape)} for d in self.outside],
+                **({"profile": self.profile} if self.profile is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruneReport":
@@ -105,7 +113,7 @@ class PruneReport:
                    times=data.get("times", {}), peak_device_memory=data.get("peak_device_memory"),
                    peak_host_rss=data.get("peak_host_rss"), blocks=data.get("blocks", 0),
                    dense=[dense_from_dict(d) for d in data.get("dense", [])],
-                   outside=[dense_from_dict(d) for d in data.get("outside", [])])
+                   outside=[dense_from_dict(d) for d in data.get("outside", [])], profile=data.get("profile"))
 
     def save(self, path: str) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -134,8 +142,10 @@ class PruneReport:
                              f"{d.reason}")
             lines.append("")
         elif per == "block" and self.layers:
-            lines.append(f"{'block':>5}  {'pruned':>6}  {'kept':>4}  {'weights':>10}  {'sparsity':>8}  {'loss':>11}  "
-                         f"{'worst module':<28}  {'time s':>7}  note")
+            targets = self.block_targets()
+            lines.append(f"{'block':>5}  {'pruned':>6}  {'kept':>4}  {'weights':>10}  "
+                         + (f"{'target':>8}  " if targets else "")
+                         + f"{'sparsity':>8}  {'loss':>11}  {'worst module':<28}  {'time s':>7}  note")
             for b in sorted({layer.block for layer in self.layers}):
                 rows = [layer for layer in self.layers if layer.block == b]
                 kept = [d for d in self.dense if d.block == b and d.counted and d.sparsity is not None]
@@ -146,13 +156,16 @@ class PruneReport:
                 worst = max(with_loss, key=lambda r: r.loss).name if with_loss else "-"
                 short = worst.rsplit(".", 2)
                 short = ".".join(short[-2:]) if len(short) > 2 else worst
+                target = ((f"{targets[b]:8.4f}  " if b in targets else f"{'-':>8}  ") if targets else "")
                 lines.append(f"{b:5d}  {len(rows):6d}  {len([d for d in self.dense if d.block == b]):4d}  "
-                             f"{numel:10d}  {zeros / numel if numel else 0.0:8.4f}  {loss}  {short:<28}  "
+                             f"{numel:10d}  {target}{zeros / numel if numel else 0.0:8.4f}  {loss}  {short:<28}  "
                              f"{sum(r.seconds for r in rows):7.2f}  {_no_loss_note(rows)}".rstrip())
             lines.append("")
         s = self.settings
         lines.append(f"method {s.get('method')}  sparsity {s.get('sparsity')}  block size {s.get('block_size')}  "
                      f"modules pruned {len(self.layers)}  blocks {self.blocks}")
+        if self.profile is not None:
+            lines.append(_profile_line(self.profile))
         counted = [d for d in self.dense if d.counted]
         shared = len(self.dense) - len(counted)
         lines.append(f"achieved sparsity {self.sparsity:.4f} over every weight matrix of the pruned blocks "
@@ -188,6 +201,21 @@ class PruneReport:
         lines.append(f"peak host RSS {format_bytes(self.peak_host_rss)}  peak device memory "
                      f"{format_bytes(self.peak_device_memory)}")
         return "\n".join(lines)
+
+
+def _profile_line(profile: dict) -> str:
+    """'sparsity profile owl (M 5, lambda 0.08): block targets 0.6200-0.7800, mean 0.7000 weighted by the blocks'
+    prunable weights; outlier ratios 0.81%-2.10%'."""
+    rows = profile.get("blocks", [])
+    if not rows:
+        return f"sparsity profile {profile.get('name')}: no block"
+    sp = [float(r["sparsity"]) for r in rows]
+    ratios = [float(r["outlier_ratio"]) for r in rows]
+    weights = [float(r["weights"]) for r in rows]
+    mean = sum(a * w for a, w in zip(sp, weights)) / sum(weights)
+    return (f"sparsity profile {profile.get('name')} (M {profile.get('m'):g}, lambda {profile.get('lambda'):g}): "
+            f"block targets {min(sp):.4f}-{max(sp):.4f}, mean {mean:.4f} weighted by the blocks' prunable weights; "
+            f"outlier ratios {100 * min(ratios):.2f}%-{100 * max(ratios):.2f}% (more outliers, lower sparsity)")
 
 
 def _no_loss_note(rows: list[LayerReport]) -> str:

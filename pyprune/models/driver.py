@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..algorithms import prune_group, prune_layer
-from ..config import PruneConfig
+from ..config import PruneConfig, Sparsity
+from ..owl import SparsityProfile, allocate, make_profile, outlier_ratio
 from ..ops.hessian import accumulate_hessian
 from ..report import (DenseMatrix, LayerReport, PruneReport, device_peak_memory, host_peak_rss, reset_device_peak_memory,
                       reset_host_peak_rss)
@@ -136,11 +137,14 @@ class Observed:
 
 def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, backend: str = "auto",
                   collect: Callable[[Site], bool] | None = None, all_experts: bool = False,
-                  shared: PrunedParams | None = None, budget: int | None = None) -> Observed:
+                  shared: PrunedParams | None = None, budget: int | None = None,
+                  diagonal: bool = False) -> Observed:
     """Run the block over the calibration batches under a ``MatrixObserver``: find its matrices and accumulate a
     Hessian for every group with a member ``collect`` accepts (None: none, discovery only). ``all_experts``: every
     expert sees every token for its statistics (the routed outputs stay exact). ``budget``: bytes of Hessians to
     hold at once; groups beyond it (the first always fits) are left uncollected (``H`` None) for a later pass.
+    ``diagonal``: collect only diag(X^T X), the squared norms of the input columns over the tokens (``H`` a float64
+    vector; no budget: a vector per group), as the OWL pre-pass needs (``outlier_pass``).
     Experts no calibration token reached are listed too (``n`` = 0), with the layout of their observed siblings."""
     params = dict(block.named_parameters())
     used = 0
@@ -178,6 +182,11 @@ def observe_block(block: torch.nn.Module, inputs: BlockInputs, index: int, *, ba
                                        f"{[s.name for s in group]})")
                 if collect is not None and not slot.deferred and any(collect(s) for s in group):
                     x = x_of[group[0]]
+                    if diagonal:
+                        sq = x.float().square().sum(0, dtype=torch.float64)
+                        slot.H = sq if slot.H is None else slot.H.add_(sq)
+                        slot.n += x.shape[0]
+                        continue
                     if slot.H is None:
                         size = x.shape[1] * x.shape[1] * 4
                         if budget is not None and used and used + size > budget:
@@ -550,14 +559,15 @@ def run_settings(config: PruneConfig, *, model_type, blocks_path: str, batches: 
 
 def walk_blocks(blocks: torch.nn.ModuleList, inputs: BlockInputs, store: BlockStore, step, *, start: int = 0,
                 last: int | None = None, advance: bool = True, progress: bool = False, on_block_done=None,
-                layers: list[LayerReport] | None = None) -> list[LayerReport]:
-    """The one block loop of every run (prune in memory, streamed, distributed; inspect): for blocks ``start..``
-    load (``store``), ``step(i, block, inputs)`` (prune it, or observe it: returns its layer reports), compute the
-    next block's inputs (``advance``), hand it back (``store.done``). Blocks past ``last`` are ``store.skip``-ped.
-    ``layers`` receives each block's layer reports before ``store.done``."""
+                layers: list[LayerReport] | None = None, desc: str = "blocks") -> list[LayerReport]:
+    """The one block loop of every run (prune in memory, streamed, distributed; inspect; the OWL pre-pass): for
+    blocks ``start..`` load (``store``), ``step(i, block, inputs)`` (prune it, or observe it: returns its layer
+    reports), compute the next block's inputs (``advance``), hand it back (``store.done``). Blocks past ``last`` are
+    ``store.skip``-ped. ``layers`` receives each block's layer reports before ``store.done``. ``desc``: the progress
+    bar's label."""
     layers = [] if layers is None else layers
     last = len(blocks) - 1 if last is None else last
-    outer = _bar(len(blocks), "blocks") if progress else None
+    outer = _bar(len(blocks), desc) if progress else None
     if outer is not None:
         outer.update(start)
     try:
@@ -586,11 +596,14 @@ def walk_blocks(blocks: torch.nn.ModuleList, inputs: BlockInputs, store: BlockSt
 def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, config: PruneConfig,
                selection: Selection, options: Options, store: BlockStore, *, start: int = 0, last: int,
                comm=None, on_block_done=None, layers: list[LayerReport] | None = None,
-               dense: list[DenseMatrix] | None = None) -> list[LayerReport]:
+               dense: list[DenseMatrix] | None = None, sparsities: dict[int, float] | None = None
+               ) -> list[LayerReport]:
     """A prune's walk over the blocks (``walk_blocks``) with the prune step: each block's weights checked finite, a
     selected block pruned (``prune_block``). ``layers`` and ``dense`` receive each pruned block's layer reports and
-    kept matrices before ``store.done``."""
+    kept matrices before ``store.done``. ``sparsities``: a block's own target fraction (a sparsity profile's
+    allocation, ``outlier_pass``) by block index; blocks not in it, and every block without it, get ``config``'s."""
     dense = [] if dense is None else dense
+    sparsities = sparsities or {}
     shared = PrunedParams()
     checked = False
 
@@ -599,7 +612,8 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
         check_finite(block, f"{path}.{i}")
         if not selection.wants_block(i):
             return []
-        new, obs = prune_block(block, i, inputs, config, selection, options, prefix=f"{path}.{i}.", comm=comm,
+        cfg = config if i not in sparsities else block_config(config, sparsities[i])
+        new, obs = prune_block(block, i, inputs, cfg, selection, options, prefix=f"{path}.{i}.", comm=comm,
                                shared=shared, check_patterns=not checked)
         checked = True
         names = {r.name for r in new}
@@ -613,6 +627,76 @@ def run_blocks(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, conf
 
     return walk_blocks(blocks, inputs, store, prune_step, start=start, last=last, progress=options.progress,
                        on_block_done=on_block_done, layers=layers)
+
+
+def block_config(config: PruneConfig, fraction: float) -> PruneConfig:
+    """``config`` with the unstructured target ``fraction`` and every other choice as given (``PruneConfig.replace``
+    alone would re-derive mask, mask scope, exchanges and shrink)."""
+    return config.replace(sparsity=Sparsity(fraction), mask=config.mask, mask_scope=config.mask_scope,
+                          swaps=config.swaps, shrink=config.shrink)
+
+
+def outlier_pass(blocks: torch.nn.ModuleList, path: str, inputs: BlockInputs, plan: "RunPlan",
+                 store: BlockStore) -> dict:
+    """The sparsity profile's pre-pass (``plan.profile``, OWL: ``pyprune.owl``): walk the blocks with their dense
+    weights, each selected block observed over the calibration batches for the L2 norms of its matrices' input
+    columns alone (``observe_block(diagonal=True)``: no Hessian), its outlier ratio computed, the next block's inputs
+    from the dense block; then every selected block's sparsity allocated (``owl.allocate``, weighted by the blocks'
+    prunable weights, so the pruned matrices together hold the target). ``inputs`` is left as it was, for the prune
+    that follows. With ``plan.comm`` the norms are summed over the ranks. Returns the record the report keeps:
+    {"name", "m", "lambda", "target", "blocks": [{"block", "outlier_ratio", "weights", "sparsity"}, ...]}."""
+    profile, selection, comm = plan.profile, plan.selection, plan.comm
+    work = BlockInputs(list(inputs.hidden), inputs.calls, inputs.output_format)
+    shared = PrunedParams()
+    rows: list[dict] = []
+
+    def step(i: int, block: torch.nn.Module, inp: BlockInputs) -> list[LayerReport]:
+        check_finite(block, f"{path}.{i}")
+        if not selection.wants_block(i):
+            return []
+        prefix = f"{path}.{i}."
+
+        def wanted(site: Site) -> bool:
+            return selection.wants(site.name, f"{prefix}{site.name}")
+
+        obs = observe_block(block, inp, i, backend=plan.config.backend, shared=shared, collect=wanted,
+                            diagonal=True)
+        sites = [(slot, s) for slot in obs.slots for s in slot.sites if wanted(s)]
+        squares = {s.name: (slot.H.cpu() if slot.H is not None else None) for slot, s in sites}
+        if comm is not None:  # every rank's tokens (an expert one rank's tokens missed: the others')
+            total: dict[str, torch.Tensor | None] = dict.fromkeys(squares)
+            for part in comm.all_gather_object(squares):
+                for name, sq in part.items():
+                    if sq is not None:
+                        total[name] = sq if total.get(name) is None else total[name] + sq
+            squares = total
+        params = dict(block.named_parameters())
+        weights, norms = [], []
+        for slot, s in sites:
+            w = s.view(params).detach()
+            sq = squares[s.name]
+            weights.append(w)
+            norms.append(torch.zeros(w.shape[1], dtype=torch.float64) if sq is None else sq.sqrt())
+            shared.add(params[s.param], f"block {i}")
+        if weights:
+            rows.append({"block": i, "outlier_ratio": outlier_ratio(weights, norms, profile.m),
+                         "weights": sum(w.numel() for w in weights)})
+        return []
+
+    walk_blocks(blocks, work, store, step, last=plan.last, progress=plan.options.progress, desc="outliers")
+    if not rows:
+        raise ValueError("sparsity_profile: no block has a prunable matrix to allocate sparsity to")
+    fractions = allocate([r["outlier_ratio"] for r in rows], plan.config.sparsity.fraction, profile.lam,
+                         sizes=[r["weights"] for r in rows])
+    for r, f in zip(rows, fractions):
+        r["sparsity"] = f
+    return {"name": profile.name, "m": profile.m, "lambda": profile.lam, "target": plan.config.sparsity.fraction,
+            "blocks": rows}
+
+
+def profile_sparsities(record: dict | None) -> dict[int, float] | None:
+    """Block index -> target fraction from ``outlier_pass``'s record (None: no profile)."""
+    return None if record is None else {int(r["block"]): float(r["sparsity"]) for r in record["blocks"]}
 
 
 def nonfinite_params(module: torch.nn.Module, skip: set[int] | None = None) -> list[str]:
@@ -670,6 +754,7 @@ class RunPlan:
     last: int                                        # the last block to prune (the loop stops after it)
     settings: dict = field(compare=False, hash=False)
     labels: tuple[str, ...] = ()                     # settings that only label the report (e.g. the text's name)
+    profile: SparsityProfile | None = None           # a per-block sparsity allocation (``outlier_pass``)
 
     def fingerprint_settings(self) -> dict:
         """The settings a streamed run's resume fingerprint is made from: all but the device (a run may resume on
@@ -680,20 +765,25 @@ class RunPlan:
 def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=None, dense=None, blocks=None,
              device=None, batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
              expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto", progress: bool = False,
-             comm=None, streaming: bool = False, labels: dict | None = None, **extra_settings) -> RunPlan:
+             comm=None, streaming: bool = False, labels: dict | None = None, sparsity_profile: str | None = None,
+             owl_m: float | None = None, owl_lambda: float | None = None, **extra_settings) -> RunPlan:
     """Check a run's choices against ``model`` (loaded, or on the meta device: nothing is run) and freeze them:
-    selection, device, calibration batches (token ids, windows no longer than the model's positions), options and
-    the settings the report records (``extra_settings`` and ``labels`` among them: the labels, e.g. the calibration
-    text's name and seed, are left out of the resume fingerprint). Raises ``ValueError`` naming the option at
-    fault."""
+    selection, device, calibration batches (token ids, windows no longer than the model's positions), options, the
+    sparsity profile (``owl.make_profile``) and the settings the report records (``extra_settings`` and ``labels``
+    among them: the labels, e.g. the calibration text's name and seed, are left out of the resume fingerprint).
+    Raises ``ValueError`` naming the option at fault."""
     labels = dict(labels or {})
     config = PruneConfig() if config is None else config
+    profile = make_profile(sparsity_profile, config.sparsity, owl_m, owl_lambda)
     path, block_list = find_blocks(model)
     selection = make_selection(modules, dense, blocks, len(block_list))
     device = resolve_device(comm.device if comm is not None and device is None else device)
     batches = as_batches(calibration, batch_size)
     if not batches and config.method != "magnitude":
         raise ValueError(f"method {config.method!r} needs calibration data (token ids)")
+    if not batches and profile is not None:
+        raise ValueError(f"sparsity_profile={profile.name!r} weighs the weights by their inputs' norms over the "
+                         "calibration tokens: it needs calibration data (token ids), also with method 'magnitude'")
     if batches and getattr(model, "config", None) is not None:
         from .io import check_seqlen
         check_seqlen(model.config, int(batches[0].shape[1]), "the calibration window length")
@@ -703,9 +793,10 @@ def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=N
     last = max(selection.blocks) if selection.blocks is not None else len(block_list) - 1
     settings = run_settings(config, model_type=getattr(getattr(model, "config", None), "model_type", None),
                             blocks_path=path, batches=batches, device=device, selection=selection, options=options,
-                            batch_size=batch_size, comm=comm, streaming=streaming, **{**extra_settings, **labels})
+                            batch_size=batch_size, comm=comm, streaming=streaming,
+                            **(profile.settings() if profile is not None else {}), **{**extra_settings, **labels})
     return RunPlan(config, selection, options, tuple(batches), device, comm, path, len(block_list), last, settings,
-                   tuple(labels))
+                   tuple(labels), profile)
 
 
 def prune_model(model, calibration, config: PruneConfig | None = None, *, modules: Sequence[str] | None = None,
@@ -713,7 +804,8 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
                 batch_size: int = 1, true_sequential: bool = False, calibrate_all_experts: bool = False,
                 expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto",
                 progress: bool = False, on_block_done: Callable[[int, list[LayerReport]], None] | None = None,
-                comm=None, labels: dict | None = None) -> PruneReport:
+                comm=None, labels: dict | None = None, sparsity_profile: str | None = None,
+                owl_m: float | None = None, owl_lambda: float | None = None) -> PruneReport:
     """Prune a transformers causal LM in place, one decoder block at a time, and return a ``PruneReport``.
 
     model:        any ``*ForCausalLM`` (decoder-only) that transformers builds: its blocks, their weight matrices and
@@ -743,13 +835,20 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
     comm:         a ``pyprune.distributed.Comm`` to prune on several ranks (torchrun): every rank calls this with the
                   same model and its own calibration shard; all ranks end with identical weights and reports.
     labels:       further settings for the report to record as given (e.g. the source, the calibration text's name).
+    sparsity_profile: None (every block at ``config``'s sparsity) or "owl": each block its own unstructured fraction
+                  by its outlier ratio (OWL, Yin et al. 2024; ``pyprune.owl``): a pre-pass over the dense blocks
+                  collects the input column norms, blocks with more outliers of Wanda's score (above ``owl_m``
+                  times the block's mean, default 5) are pruned less, the fractions spread over about
+                  +-``owl_lambda`` (default 0.08) around the target with their mean weighted by the blocks' prunable
+                  weights equal to it. The report's ``profile`` records each block's ratio and target.
 
     If a block fails, the blocks before it are pruned and the failing one may be partly pruned; the error says which.
     """
     plan = plan_run(model, calibration, config, modules=modules, dense=dense, blocks=blocks, device=device,
                     batch_size=batch_size, true_sequential=true_sequential,
                     calibrate_all_experts=calibrate_all_experts, expert_min_tokens=expert_min_tokens,
-                    hessian_budget=hessian_budget, progress=progress, comm=comm, labels=labels)
+                    hessian_budget=hessian_budget, progress=progress, comm=comm, labels=labels,
+                    sparsity_profile=sparsity_profile, owl_m=owl_m, owl_lambda=owl_lambda)
     path, block_list = find_blocks(model)
     device = plan.device
 
@@ -766,12 +865,17 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
                 inputs = capture_inputs(model, block_list, list(plan.batches) or synthetic_batches(model), device)
             check_inputs_finite(inputs, model, block_list)
             times["capture"] = time.perf_counter() - t0
+            profile = None
+            if plan.profile is not None:
+                t0 = time.perf_counter()
+                profile = outlier_pass(block_list, path, inputs, plan, BlockStore(block_list, device))
+                times["outliers"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             layers, dense = [], []
             try:
                 run_blocks(block_list, path, inputs, plan.config, plan.selection, plan.options,
                            BlockStore(block_list, device), last=plan.last, comm=comm, on_block_done=on_block_done,
-                           layers=layers, dense=dense)
+                           layers=layers, dense=dense, sparsities=profile_sparsities(profile))
             except Exception as e:
                 done = sorted({r.block for r in layers})
                 e.add_note(f"pyprune: blocks {done[0]}-{done[-1]} of {path} were pruned before this error; the "
@@ -782,7 +886,7 @@ def prune_model(model, calibration, config: PruneConfig | None = None, *, module
         model.train(was_training)
     times["total"] = time.perf_counter() - t_start
     return PruneReport(dict(plan.settings), layers, times, device_peak_memory(device), host_peak_rss(), plan.last + 1,
-                       dense, outside_matrices(model, block_list))
+                       dense, outside_matrices(model, block_list), profile)
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

@@ -64,9 +64,14 @@ def prune_pretrained(model: str, out, calibration, config: PruneConfig | None = 
     name and seed); ``times``: seconds spent before the call (e.g. tokenizing), first among the report's times.
     ``out`` may be an ``outdir.OutputDir`` already checked against the input (not yet prepared). Other keyword
     arguments go to ``prune_model`` / ``prune_checkpoint`` (modules, dense, blocks, device, batch_size,
-    true_sequential, calibrate_all_experts, expert_min_tokens, progress, comm)."""
+    true_sequential, calibrate_all_experts, expert_min_tokens, progress, comm, sparsity_profile, owl_m,
+    owl_lambda)."""
+    from ..owl import make_profile
     from .io import check_supported, load_model, resolve_model, save_model
     from .outdir import OutputDir
+    # the profile's options fail before the model loads (plan_run checks them again against the model)
+    make_profile(kwargs.get("sparsity_profile"), (config or PruneConfig()).sparsity, kwargs.get("owl_m"),
+                 kwargs.get("owl_lambda"))
     source = resolve_model(model)
     od = out if isinstance(out, OutputDir) else OutputDir(out, input_path=str(source))  # checks it, once
     check_supported(source)

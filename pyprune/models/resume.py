@@ -23,24 +23,27 @@ class ResumeMismatchError(ValueError):
 @dataclass
 class ResumeState:
     """What ``state.json`` holds: the run's fingerprint, the last finished block, the activations file entering the
-    next block (None: none needed), and the reports of the finished blocks."""
+    next block (None: none needed), the reports of the finished blocks, and a sparsity profile's allocation (made
+    from the dense model before block 0: a resumed run prunes the remaining blocks with the same one)."""
     fingerprint: str
     done: int
     activations: str | None
     layers: list[LayerReport] = field(default_factory=list)
     dense: list[DenseMatrix] = field(default_factory=list)
+    profile: dict | None = None
 
     def to_json(self, settings: dict) -> str:
         reports = PruneReport(settings, self.layers, dense=self.dense).to_dict()
         return json.dumps({"fingerprint": self.fingerprint, "done": self.done, "activations": self.activations,
-                           "layers": reports["layers"], "dense": reports["dense"]})
+                           "layers": reports["layers"], "dense": reports["dense"], "profile": self.profile})
 
     @classmethod
     def read(cls, path: str) -> "ResumeState":
         with open(path) as f:
             data = json.load(f)
         return cls(data.get("fingerprint"), int(data["done"]), data.get("activations"),
-                   [layer_from_dict(d) for d in data["layers"]], [dense_from_dict(d) for d in data.get("dense", [])])
+                   [layer_from_dict(d) for d in data["layers"]], [dense_from_dict(d) for d in data.get("dense", [])],
+                   data.get("profile"))
 
 
 def partial_run(out: str) -> int | None:

@@ -27,8 +27,8 @@ from ..report import (DenseMatrix, LayerReport, PruneReport, atomic_open, atomic
                       host_peak_rss, reset_device_peak_memory, reset_host_peak_rss)
 from .capture import BlockInputs, capture_inputs
 from .discover import eager_experts, find_blocks
-from .driver import (BlockStore, MoveNonBlock, check_inputs_finite, outside_matrices, plan_run, run_blocks,
-                     synthetic_batches)
+from .driver import (BlockStore, MoveNonBlock, check_inputs_finite, outlier_pass, outside_matrices, plan_run,
+                     profile_sparsities, run_blocks, synthetic_batches)
 from .io import REPORT_NAME, ModelSource, check_supported, meta_model
 from .keymap import KeyMap
 from .outdir import JOURNAL_NAME, MANIFEST_NAME, OutputDir
@@ -71,6 +71,39 @@ def _block_file(i: int) -> str:
 NONBLOCK_FILE = "model-nonblock.safetensors"
 
 
+def _read_block(block_list: torch.nn.ModuleList, i: int, ckpt: "ShardedCheckpoint", keymap: KeyMap, device,
+                src: str) -> dict[str, torch.Tensor]:
+    """Give block ``i`` its tensors from the input shards (on ``device``); returns what the model has no place for
+    (legacy buffers)."""
+    tensors = ckpt.read(keymap.block_keys[i], device=device)
+    raw = keymap.load(tensors)
+    del tensors
+    still_meta = [n for n, p in block_list[i].named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise ValueError(f"checkpoint {src!r} lacks tensors of block {i}: {still_meta[:5]}")
+    return raw
+
+
+class _DenseStore(BlockStore):
+    """A read-only walk over the input checkpoint's blocks (the sparsity profile's pre-pass, ``outlier_pass``): a
+    block's tensors are read for its turn and dropped after it; nothing is written."""
+
+    def __init__(self, block_list: torch.nn.ModuleList, device, ckpt: "ShardedCheckpoint", keymap: KeyMap, src: str):
+        super().__init__(block_list, device)
+        self.ckpt, self.keymap, self.src = ckpt, keymap, src
+
+    def load(self, i: int) -> torch.nn.Module:
+        _read_block(self.blocks, i, self.ckpt, self.keymap, self.device, self.src)
+        return self.blocks[i]
+
+    def done(self, i: int, block: torch.nn.Module, inputs: BlockInputs, reports: list[LayerReport]) -> None:
+        _to_meta(block)
+        release_host_memory()
+
+    def skip(self, i: int) -> None:
+        pass
+
+
 # ----------------------------------------------------------------------------------------------------- the run
 class _ShardStore(BlockStore):
     """The streamed ``BlockStore``: a block's tensors are read from the input shards when its turn comes; when it is
@@ -84,14 +117,9 @@ class _ShardStore(BlockStore):
 
     def load(self, i: int) -> torch.nn.Module:
         r = self.run
-        block = r.block_list[i]
-        tensors = r.ckpt.read(r.keymap.block_keys[i], device=r.device)
-        self.raw = r.keymap.load(tensors)  # what the model has no place for (legacy buffers): written back as is
-        del tensors
-        still_meta = [n for n, p in block.named_parameters() if p.device.type == "meta"]
-        if still_meta:
-            raise ValueError(f"checkpoint {r.src!r} lacks tensors of block {i}: {still_meta[:5]}")
-        return block
+        # what the model has no place for (legacy buffers): written back as is
+        self.raw = _read_block(r.block_list, i, r.ckpt, r.keymap, r.device, r.src)
+        return r.block_list[i]
 
     def done(self, i: int, block: torch.nn.Module, inputs: BlockInputs, reports: list[LayerReport]) -> None:
         r = self.run
@@ -141,6 +169,7 @@ class _StreamRun:
     acts_file: str | None            # the activations entering the block after the last finished one
     last: int                        # the last block to prune
     od: OutputDir | None             # rank 0's output directory
+    profile: dict | None = None      # the sparsity profile's allocation (driver.outlier_pass), kept in the state
 
     def claim(self, name: str) -> str:
         """The path to write output file ``name`` at, claimed in the output directory's journal (rank 0)."""
@@ -164,7 +193,7 @@ class _StreamRun:
         if self.main:
             self.claim(f"{STATE_DIR}/state.json")
             atomic_write_text(self.state_file, ResumeState(self.fingerprint, i, new_acts, self.layers,
-                                                           self.dense).to_json(self.settings))
+                                                           self.dense, self.profile).to_json(self.settings))
         if comm is not None:  # ... and the state names the new ones before the old ones go
             comm.barrier()
         if self.acts_file is not None and self.acts_file != new_acts:
@@ -187,7 +216,9 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
                      progress: bool = False, resume: bool = True,
                      overwrite: bool = False,
                      on_block_done: Callable[[int, list[LayerReport]], None] | None = None,
-                     comm=None, labels: dict | None = None, times: dict | None = None) -> PruneReport:
+                     comm=None, labels: dict | None = None, times: dict | None = None,
+                     sparsity_profile: str | None = None, owl_m: float | None = None,
+                     owl_lambda: float | None = None) -> PruneReport:
     """Prune the safetensors checkpoint in directory ``src`` into directory ``out`` without ever holding the whole
     model: see the module docstring. Arguments as ``pyprune.prune_model``; ``resume`` continues a killed run found
     in ``out`` (with the same settings), ``on_block_done(i, reports)`` runs after block ``i`` is durably written.
@@ -198,7 +229,10 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
 
     comm: a ``pyprune.distributed.Comm``: every rank calls this with its calibration shard and reads each block from
     ``src``; rank 0 alone writes the output and the state; each rank persists its own activations in the state
-    directory (which must therefore be on a file system that every rank sees for a resume)."""
+    directory (which must therefore be on a file system that every rank sees for a resume).
+
+    sparsity_profile, owl_m, owl_lambda: as ``prune_model``; the pre-pass reads every block from ``src`` once more
+    (dense, nothing written), and the allocation is kept in the resume state, so a resumed run uses the same one."""
     config = PruneConfig() if config is None else config
     src = os.path.abspath(src)
     if not os.path.isfile(os.path.join(src, "config.json")):
@@ -216,7 +250,7 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
                     batch_size=batch_size, true_sequential=true_sequential,
                     calibrate_all_experts=calibrate_all_experts, expert_min_tokens=expert_min_tokens,
                     hessian_budget=hessian_budget, progress=progress, comm=comm, streaming=True, labels=labels,
-                    source=src)
+                    sparsity_profile=sparsity_profile, owl_m=owl_m, owl_lambda=owl_lambda, source=src)
     device, batches, settings, last = plan.device, list(plan.batches), plan.settings, plan.last
     path, block_list = find_blocks(model)
     num_blocks = len(block_list)
@@ -246,14 +280,14 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
         calib_part = comm.all_gather_object(run_fingerprint(calib_part))
     fingerprint = run_fingerprint(plan.fingerprint_settings(), ckpt.fingerprint(), calib_part)
 
-    done, layers, dense, acts_file = -1, [], [], None
+    done, layers, dense, acts_file, profile = -1, [], [], None, None
     if partial:
         state = on_main(lambda: ResumeState.read(state_file))
         if state.fingerprint != fingerprint:
             raise ResumeMismatchError(f"{out!r} holds a partial run made with other settings, input or calibration; "
                                       "use the same ones to resume, or another output directory")
         done = resumed_after = state.done
-        layers, dense, acts_file = state.layers, state.dense, state.activations
+        layers, dense, acts_file, profile = state.layers, state.dense, state.activations, state.profile
         if acts_file is not None and comm is not None:
             acts_file = acts_name(done, comm)
     os.makedirs(state_dir, exist_ok=True)
@@ -273,17 +307,23 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
             check_inputs_finite(inputs, model, block_list)
             _to_meta(model)
             release_host_memory()
+            if plan.profile is not None and profile is None:  # from the dense blocks, before block 0 is pruned
+                t1 = time.perf_counter()
+                profile = outlier_pass(block_list, path, inputs, plan, _DenseStore(block_list, device, ckpt, keymap,
+                                                                                  src))
+                times["outliers"] = time.perf_counter() - t1
             if acts_file is not None:
                 inputs.hidden = load_activations(os.path.join(state_dir, acts_file), device)
-        times["capture"] = time.perf_counter() - t0
+        times["capture"] = time.perf_counter() - t0 - times.get("outliers", 0.0)
 
         t0 = time.perf_counter()
         run = _StreamRun(src=src, out=out, ckpt=ckpt, keymap=keymap, model=model, path=path, block_list=block_list,
                          device=device, main=main, comm=comm, state_dir=state_dir, state_file=state_file,
                          fingerprint=fingerprint, settings=settings, layers=layers, dense=dense, acts_file=acts_file,
-                         last=last, od=od)
+                         last=last, od=od, profile=profile)
         run_blocks(block_list, path, inputs, plan.config, plan.selection, plan.options, _ShardStore(run),
-                   start=done + 1, last=last, comm=comm, on_block_done=on_block_done, layers=[], dense=run.dense)
+                   start=done + 1, last=last, comm=comm, on_block_done=on_block_done, layers=[], dense=run.dense,
+                   sparsities=profile_sparsities(profile))
     layers = run.layers
     outside = outside_matrices(model, block_list)
     times["prune"] = time.perf_counter() - t0
@@ -292,7 +332,7 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
         comm.barrier()
         if not main:
             return PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks,
-                               run.dense, outside)
+                               run.dense, outside, profile)
 
     # Finish: index, config and tokenizer files, report; removing the state directory marks completion.
     weight_map = {k: NONBLOCK_FILE for k in keymap.other_keys}
@@ -312,7 +352,7 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
     if os.path.isdir(state_dir) and not os.listdir(state_dir):
         os.rmdir(state_dir)
     report = PruneReport(settings, layers, times, device_peak_memory(device), host_peak_rss(), num_blocks, run.dense,
-                         outside)
+                         outside, profile)
     if partial:
         report.settings["resumed_after_block"] = resumed_after
     path = od.claim(REPORT_NAME)
