@@ -114,9 +114,14 @@ def _worker(out_dir: str, split_rows_min: int, stream_src: str | None = None) ->
 
 def _launch(world: int, out_dir: str, split_rows_min: int = 64, stream_src: str | None = None,
             timeout: float = 150.0) -> None:
+    _run_ranks(world, f"from tests.distributed.test_distributed import _worker; "
+               f"_worker({str(out_dir)!r}, {split_rows_min}, {stream_src!r})", timeout)
+
+
+def _run_ranks(world: int, code: str, timeout: float = 150.0) -> None:
+    """Run the Python ``code`` in ``world`` gloo processes (RANK 0..world-1 on a free local port); fails the test
+    with each failing rank's output tail."""
     port = _free_port()
-    code = (f"from tests.distributed.test_distributed import _worker; "
-            f"_worker({str(out_dir)!r}, {split_rows_min}, {stream_src!r})")
     procs = []
     for rank in range(world):
         env = {**os.environ, "PYTHONPATH": ROOT, "RANK": str(rank), "LOCAL_RANK": str(rank),

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from .test_distributed import ROOT, _free_port
+from .test_distributed import _run_ranks
 
 SEED, NSAMPLES, SEQLEN = 4321, 5, 16
 
@@ -53,26 +51,7 @@ def _worker(out_dir: str) -> None:
 
 
 def test_two_ranks_get_the_single_process_allocation(tmp_path):
-    port = _free_port()
-    code = f"from tests.distributed.test_owl_distributed import _worker; _worker({str(tmp_path)!r})"
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": ROOT, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
-               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=150)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    bad = [(i, p.returncode, o[-3000:]) for i, (p, o) in enumerate(zip(procs, outputs)) if p.returncode != 0]
-    assert not bad, f"ranks failed: {bad}"
+    _run_ranks(2, f"from tests.distributed.test_owl_distributed import _worker; _worker({str(tmp_path)!r})")
     r0, r1 = (json.load(open(tmp_path / f"owl-rank{r}.json")) for r in range(2))
     assert r0["profile"] == r1["profile"] and r0["layers"] == r1["layers"]  # every rank alike
     ref = r0["reference"]
