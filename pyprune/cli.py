@@ -471,6 +471,7 @@ def cmd_demo(args) -> int:
     rows = [
         ("model", f"SmolLM2-135M-Instruct (built-in GGUF), {len(report.layers)} linear layers"),
         ("method", f"{config.method}, sparsity {sp}, block size {config.block_size}"
+                   + (f", Hessian shrink {config.shrink:g}" if config.shrink else "")
                    + (f", up to {config.swaps} exchanges per row of a block" if config.swaps else "")
                    + f", device {device}"),
         ("calibration", f"{args.nsamples} x {args.seqlen} tokens of {args.calib_text}"

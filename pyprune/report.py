@@ -163,7 +163,9 @@ class PruneReport:
             lines.append("")
         s = self.settings
         lines.append(f"method {s.get('method')}  sparsity {s.get('sparsity')}  block size {s.get('block_size')}  "
-                     f"modules pruned {len(self.layers)}  blocks {self.blocks}")
+                     + (f"shrink {s['shrink']:g}  " if s.get("shrink") else "")
+                     + (f"exchanges up to {s['swaps']}  " if s.get("swaps") else "")
+                     + f"modules pruned {len(self.layers)}  blocks {self.blocks}")
         if self.profile is not None:
             lines.append(_profile_line(self.profile))
         counted = [d for d in self.dense if d.counted]

@@ -67,6 +67,8 @@ def test_sparsity_is_what_the_saved_blocks_hold(model_type, kw, rng, tmp_path):
     assert saved.sparsity == pytest.approx(report.sparsity) and saved.dense == report.dense
     table = report.table()
     assert f"achieved sparsity {report.sparsity:.4f}" in table and "kept dense: " in table
+    cfg = PruneConfig(block_size=16)  # the settings that shape the weights are on the summary's method line
+    assert f"  shrink {cfg.shrink:g}  exchanges up to {cfg.swaps}  modules pruned" in table
     assert report.outside and all(d.reason == "outside the blocks" and not d.counted for d in report.outside)
     if model_type == "zamba2":
         shared = [d for d in report.dense if d.reason.startswith("shared with block 1")]
