@@ -429,24 +429,51 @@ def calibration(args, train_ids: torch.Tensor, book_ids: torch.Tensor, seed: int
     return mixed_calibration_samples(streams, args.nsamples, args.seqlen, seed=seed)
 
 
-def output_stem(calib: str, train_text: str = "valid") -> str:
+def output_stem(calib: str, train_text: str = "valid", shrink: float | None = None) -> str:
     """mamba_quality (trained and calibrated on valid.txt, the first report), mamba_quality_<calib> (trained on
-    valid.txt), then ``_train<train_text>`` for another training text."""
+    valid.txt), then ``_train<train_text>`` for another training text, then ``_shrink<x>`` when joint runs with a
+    Hessian shrink other than pyprune's default (``--shrink``)."""
+    from pyprune.config import DEFAULT_SHRINK
     stem = "mamba_quality" if calib == "valid" else f"mamba_quality_{calib}"
-    return stem if train_text == "valid" else f"{stem}_train{train_text}"
+    stem = stem if train_text == "valid" else f"{stem}_train{train_text}"
+    return stem if shrink is None or shrink == DEFAULT_SHRINK else f"{stem}_shrink{shrink:g}"
 
 
-def write_outputs(out: str, calib: str, train_text: str, result: dict) -> str:
+def write_outputs(out: str, calib: str, train_text: str, result: dict, shrink: float | None = None) -> str:
     """Write ``<stem>.md`` and ``<stem>.json`` (atomically) to ``out``; the markdown."""
     from pyprune.report import atomic_write_text
     text = markdown(result)
-    stem = os.path.join(out, output_stem(calib, train_text))
+    stem = os.path.join(out, output_stem(calib, train_text, shrink))
     atomic_write_text(stem + ".md", text)
     atomic_write_text(stem + ".json", json.dumps(finite(result), indent=1) + "\n")
     return text
 
 
-def run_grid(args, model, train_ids, book_ids, windows: dict, seeds: list[int]) -> list[dict]:
+def reused_rows(path: str, expect: dict, dense: dict) -> list[dict]:
+    """The rows of every method but joint from an earlier result JSON (``--reuse``): its Wanda, SparseGPT and
+    magnitude runs do not depend on joint's settings, so a run that changes only joint's (``--shrink``) need not
+    repeat them. ``expect``: what must match this run (the model's training settings, the data and calibration
+    settings, the seeds, the block size); ``dense``: this run's own dense row, whose perplexities must equal the
+    file's (the same model and the same windows). Raises ValueError naming the file and what differs."""
+    with open(path) as f:
+        old = json.load(f)
+    have = {"training": {k: old.get("training", {}).get(k) for k in expect["training"]},
+            "data": {k: old.get("data", {}).get(k) for k in expect["data"]},
+            "seeds": old.get("seeds"), "block_size": old.get("settings", {}).get("block_size")}
+    for key in expect:
+        if have[key] != expect[key]:
+            raise ValueError(f"--reuse {path}: its {key} ({have[key]}) differ from this run's ({expect[key]}); reuse "
+                             "only a result of the same model, data, seeds and block size")
+    old_dense = next((r for r in old["rows"] if r["method"] == "dense"), None)
+    if old_dense is None or any(not math.isclose(old_dense["ppl"][k], v, rel_tol=1e-9) for k, v in dense["ppl"].items()):
+        raise ValueError(f"--reuse {path}: its dense perplexities differ from this model's: not the same model or "
+                         "windows")
+    return [r for r in old["rows"] if r["method"] not in ("dense", "joint")]
+
+
+def run_grid(args, model, train_ids, book_ids, windows: dict, seeds: list[int], reuse=None) -> list[dict]:
+    """Every run of ``plan`` (``reuse(dense_row)``: the rows of every method but joint, taken from an earlier run
+    instead; joint is pruned with ``--shrink`` when given, else pyprune's default)."""
     from tqdm.auto import tqdm
 
     from pyprune import PruneConfig
@@ -454,12 +481,16 @@ def run_grid(args, model, train_ids, book_ids, windows: dict, seeds: list[int]) 
     rows = [{"method": "dense", "sparsity": "0", "seed": None, "order": 0, **evaluate_all(model, windows,
              args.eval_batch), "sparsity_achieved": zero_fraction(model), "total_loss": None,
              "prune_seconds": None}]
+    if reuse is not None:
+        rows += reuse(rows[0])
     calib = {s: calibration(args, train_ids, book_ids, s) for s in seeds}
-    bar = tqdm(plan(seeds), desc="prune+eval", unit="run", dynamic_ncols=True)
+    runs = [r for r in plan(seeds) if reuse is None or r[0] == "joint"]
+    bar = tqdm(runs, desc="prune+eval", unit="run", dynamic_ncols=True)
     for method, sp, seed, order in bar:
         bar.set_postfix_str(f"{method} {sp} seed {seed}" + (f" order {order}" if order else ""))
         pruned = copy.deepcopy(model)
-        cfg = PruneConfig(method=method, sparsity=sp, block_size=args.block_size)
+        extra = {"shrink": args.shrink} if method == "joint" and args.shrink is not None else {}
+        cfg = PruneConfig(method=method, sparsity=sp, block_size=args.block_size, **extra)
         report = prune_model(pruned, reorder(calib[seeds[0] if seed is None else seed], order), cfg, device="cpu")
         ev = evaluate_all(pruned, windows, args.eval_batch)
         by_kind = {k: sum(layer.loss for layer in report.layers if layer.name.endswith(k)) for k in MODULE_KINDS}
@@ -629,7 +660,12 @@ def markdown(result: dict) -> str:
         + ("valid.txt, " if d.get("calib", "valid") == "valid" else "valid.txt (half) and A Tale of Two Cities "
            f"(half; {d['calib_book_unknown_fraction']:.1%} of its tokens unknown; not scored), ")
         + f"one draw per calibration seed ({', '.join(map(str, result['seeds']))}; magnitude reads no calibration data "
-        f"and runs once), block size {result['settings']['block_size']}, default masks. Evaluation: the first "
+        f"and runs once), block size {result['settings']['block_size']}, default masks, "
+        + (f"joint with Hessian shrink {result['settings']['joint_shrink']:g} and the default exchanges"
+           if "joint_shrink" in result["settings"] else "joint with the defaults of its time (no Hessian shrink)")
+        + (f" (the other methods' runs taken from `{os.path.basename(result['settings']['reused'])}`)"
+           if result["settings"].get("reused") else "")
+        + ". Evaluation: the first "
         + ", ".join(f"{d['texts'][n]['eval_windows']} x {d['eval_seqlen']} tokens of {TEXTS[n][1]}" for n in names)
         + " (the books after their Gutenberg licence header; text unlike the calibration text).",
         "",
@@ -749,7 +785,16 @@ def main(argv=None) -> int:
     p.add_argument("--book-windows", type=int, default=64, help="windows of each Gutenberg book")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--shrink", type=float, default=None,
+                   help="joint's Hessian shrink (PruneConfig.shrink; default: pyprune's default for joint). Another "
+                   "value adds _shrink<x> to the output names")
+    p.add_argument("--reuse", default=None, metavar="JSON",
+                   help="take the Wanda, SparseGPT and magnitude runs from this earlier result of the same model, "
+                   "data, seeds and block size (checked) and prune only joint: for a run that changes only "
+                   "--shrink")
     args = p.parse_args(argv)
+    if args.shrink is not None and not 0.0 <= args.shrink <= 1.0:
+        p.error(f"--shrink: expected a fraction in [0, 1], got {args.shrink:g}")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if not seeds or len(set(seeds)) != len(seeds):
         p.error(f"--seeds: expected distinct integers, got {args.seeds!r}")
@@ -757,10 +802,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     from pyprune.data import eval_windows
     if args.report_only:
-        with open(os.path.join(args.out, output_stem(args.calib, args.train_text) + ".json")) as f:
+        with open(os.path.join(args.out, output_stem(args.calib, args.train_text, args.shrink) + ".json")) as f:
             result = json.load(f)
         result.update(report(result["rows"]))
-        print(write_outputs(args.out, args.calib, args.train_text, result))
+        print(write_outputs(args.out, args.calib, args.train_text, result, args.shrink))
         return 0
 
     t_start = time.perf_counter()
@@ -774,7 +819,15 @@ def main(argv=None) -> int:
     eval_check = check_eval(model, windows, args.eval_batch)
     if eval_check > 1e-5:
         raise RuntimeError(f"the benchmark's scoring disagrees with pyprune.evaluate.perplexity: {eval_check}")
-    rows = run_grid(args, model, train_ids, book_ids, windows, seeds)
+    reuse = None
+    if args.reuse:
+        expect = {"training": settings,
+                  "data": {"train_text": args.train_text, "calib_samples": args.nsamples, "calib_seqlen": args.seqlen,
+                           "calib": args.calib, "eval_seqlen": args.seqlen},
+                  "seeds": seeds, "block_size": args.block_size}
+        reuse = lambda dense: reused_rows(args.reuse, expect, dense)  # noqa: E731
+    rows = run_grid(args, model, train_ids, book_ids, windows, seeds, reuse)
+    from pyprune.config import DEFAULT_SHRINK
 
     n_params = sum(p.numel() for p in model.parameters())
     n_pruned = sum(mod.weight.numel() for name, mod in model.named_modules() if name.rsplit(".", 1)[-1] in MODULE_KINDS)
@@ -796,13 +849,15 @@ def main(argv=None) -> int:
                                "eval_windows": int(windows[n].shape[0]),
                                "eval_unknown_fraction": float((windows[n] == 0).float().mean())}
                            for n, ids in texts.items()}},
-        "settings": {"block_size": args.block_size, "device": "cpu"}, "eval_check": eval_check,
+        "settings": {"block_size": args.block_size, "device": "cpu",
+                     "joint_shrink": DEFAULT_SHRINK if args.shrink is None else args.shrink,
+                     "reused": args.reuse}, "eval_check": eval_check,
         "seeds": seeds,
         **report(rows),
         "rows": rows, "seconds": time.perf_counter() - t_start, "threads": args.threads,
         "host": platform.machine(), "torch": torch.__version__,
     }
-    print(write_outputs(args.out, args.calib, args.train_text, result))
+    print(write_outputs(args.out, args.calib, args.train_text, result, args.shrink))
     return 0
 
 

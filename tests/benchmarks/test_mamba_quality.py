@@ -175,3 +175,34 @@ def test_score_windows_known_targets(mq):
     assert ev["ppl"]["wikitext2/known"] == pytest.approx(math.exp((h + lo) / 2))
     assert ev["window_nll"]["wikitext2/known"][1] is None
     assert ev["unknown_target_nll"]["wikitext2"] == pytest.approx(lo)
+
+
+def test_output_stem_names_a_non_default_shrink(mq):
+    from pyprune.config import DEFAULT_SHRINK
+    assert mq.output_stem("mix", "books") == "mamba_quality_mix_trainbooks"
+    assert mq.output_stem("mix", "books", DEFAULT_SHRINK) == "mamba_quality_mix_trainbooks"
+    assert mq.output_stem("mix", "books", 0.25) == "mamba_quality_mix_trainbooks_shrink0.25"
+    assert mq.output_stem("valid", "valid", 0.0) == "mamba_quality_shrink0"
+
+
+def test_reused_rows_checks_the_run_it_reuses(mq, tmp_path):
+    rows = _rows(mq)
+    expect = {"training": {"steps": 180, "seed": 0}, "data": {"calib": "mix", "calib_samples": 32},
+              "seeds": [0, 1, 2], "block_size": 128}
+    old = {"training": {"steps": 180, "seed": 0, "train_seconds": 3.0}, "data": {"calib": "mix", "calib_samples": 32,
+           "texts": {}}, "seeds": [0, 1, 2], "settings": {"block_size": 128}, "rows": rows}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    dense = dict(rows[0])
+    got = mq.reused_rows(str(path), expect, dense)
+    assert got and {r["method"] for r in got} == {"magnitude", "wanda", "sparsegpt"}
+    assert len(got) == len([r for r in rows if r["method"] in ("magnitude", "wanda", "sparsegpt")])
+    # another model: the dense perplexities differ
+    other = dict(dense, ppl={k: v * 1.001 for k, v in dense["ppl"].items()})
+    with pytest.raises(ValueError, match="dense perplexities differ"):
+        mq.reused_rows(str(path), expect, other)
+    # other settings: each named
+    for key, value in (("seeds", [0, 1]), ("block_size", 64), ("data", {"calib": "valid", "calib_samples": 32}),
+                       ("training", {"steps": 90, "seed": 0})):
+        with pytest.raises(ValueError, match=f"its {key} "):
+            mq.reused_rows(str(path), dict(expect, **{key: value}), dense)
