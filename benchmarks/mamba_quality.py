@@ -465,7 +465,8 @@ def reused_rows(path: str, expect: dict, dense: dict) -> list[dict]:
             raise ValueError(f"--reuse {path}: its {key} ({have[key]}) differ from this run's ({expect[key]}); reuse "
                              "only a result of the same model, data, seeds and block size")
     old_dense = next((r for r in old["rows"] if r["method"] == "dense"), None)
-    if old_dense is None or any(not math.isclose(old_dense["ppl"][k], v, rel_tol=1e-9) for k, v in dense["ppl"].items()):
+    if old_dense is None or any(not math.isclose(old_dense["ppl"][k], v, rel_tol=1e-9)
+                                for k, v in dense["ppl"].items()):
         raise ValueError(f"--reuse {path}: its dense perplexities differ from this model's: not the same model or "
                          "windows")
     return [r for r in old["rows"] if r["method"] not in ("dense", "joint")]
