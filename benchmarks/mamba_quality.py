@@ -490,8 +490,8 @@ def run_grid(args, model, train_ids, book_ids, windows: dict, seeds: list[int], 
     for method, sp, seed, order in bar:
         bar.set_postfix_str(f"{method} {sp} seed {seed}" + (f" order {order}" if order else ""))
         pruned = copy.deepcopy(model)
-        extra = {"shrink": args.shrink} if method == "joint" and args.shrink is not None else {}
-        cfg = PruneConfig(method=method, sparsity=sp, block_size=args.block_size, **extra)
+        cfg = PruneConfig(method=method, sparsity=sp, block_size=args.block_size,
+                          shrink=args.shrink if method == "joint" else None)  # None: the method's default
         report = prune_model(pruned, reorder(calib[seeds[0] if seed is None else seed], order), cfg, device="cpu")
         ev = evaluate_all(pruned, windows, args.eval_batch)
         by_kind = {k: sum(layer.loss for layer in report.layers if layer.name.endswith(k)) for k in MODULE_KINDS}
@@ -794,8 +794,11 @@ def main(argv=None) -> int:
                    "data, seeds and block size (checked) and prune only joint: for a run that changes only "
                    "--shrink")
     args = p.parse_args(argv)
-    if args.shrink is not None and not 0.0 <= args.shrink <= 1.0:
-        p.error(f"--shrink: expected a fraction in [0, 1], got {args.shrink:g}")
+    from pyprune import PruneConfig
+    try:  # PruneConfig's own check, before the slow work; its shrink is joint's effective one (None: the default)
+        joint_shrink = PruneConfig(method="joint", shrink=args.shrink).shrink
+    except ValueError as e:
+        p.error(f"--shrink: {e}")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if not seeds or len(set(seeds)) != len(seeds):
         p.error(f"--seeds: expected distinct integers, got {args.seeds!r}")
@@ -828,7 +831,6 @@ def main(argv=None) -> int:
                   "seeds": seeds, "block_size": args.block_size}
         reuse = lambda dense: reused_rows(args.reuse, expect, dense)  # noqa: E731
     rows = run_grid(args, model, train_ids, book_ids, windows, seeds, reuse)
-    from pyprune.config import DEFAULT_SHRINK
 
     n_params = sum(p.numel() for p in model.parameters())
     n_pruned = sum(mod.weight.numel() for name, mod in model.named_modules() if name.rsplit(".", 1)[-1] in MODULE_KINDS)
@@ -851,7 +853,7 @@ def main(argv=None) -> int:
                                "eval_unknown_fraction": float((windows[n] == 0).float().mean())}
                            for n, ids in texts.items()}},
         "settings": {"block_size": args.block_size, "device": "cpu",
-                     "joint_shrink": DEFAULT_SHRINK if args.shrink is None else args.shrink,
+                     "joint_shrink": joint_shrink,
                      "reused": args.reuse}, "eval_check": eval_check,
         "seeds": seeds,
         **report(rows),
