@@ -73,9 +73,7 @@ def prune_group(weights: Sequence[torch.Tensor], H: torch.Tensor | None, config:
             continue
         result = ALGORITHMS[config.method](W, H, config, mask=m, setup=setup)
         if setup.shrink:  # the loss on the calibration H, not on the shrunk one the method solved with
-            W_ref = W.to(dtype).clone()
-            W_ref[:, setup.dead] = 0.0
-            result.row_loss = calibration_row_loss(W_ref, result.weight, H, setup, result.row_loss)
+            result.row_loss = calibration_row_loss(W, result.weight, H, setup, result.row_loss)
             result.loss = float(result.row_loss.sum())
         result.mask[:, setup.dead] = True  # zeroed by obs_setup
         result.damp = setup.damp

@@ -13,7 +13,7 @@ import torch
 from .. import ops
 from ..config import PruneConfig
 from .greedy import greedy_mask
-from .common import HessianSetup, PruneResult, nm_smallest_mask, obs_setup, smallest_mask
+from .common import HessianSetup, PruneResult, nm_smallest_mask, obs_setup, smallest_mask, zero_masked_
 
 
 def select_block_mask(W1: torch.Tensor, U_B: torch.Tensor, G: torch.Tensor, config: PruneConfig,
@@ -38,8 +38,9 @@ def select_block_mask(W1: torch.Tensor, U_B: torch.Tensor, G: torch.Tensor, conf
         return greedy_mask(W1, G, counts)
     if sp.structured:
         if config.mask == "exact":
-            return ops.nm_select(W1, G, sp.n, sp.m, exact=True, backend=config.backend)
-        return ops.nm_select(W1, torch.diag(d), sp.n, sp.m, exact=False, backend=config.backend)
+            return ops.nm_select(W1, G, sp.n, sp.m, exact=True, backend=config.backend, check_values=False)
+        return ops.nm_select(W1, torch.diag(d), sp.n, sp.m, exact=False, backend=config.backend,
+                             check_values=False)
     return smallest_mask(W1 * W1 / d, sp.fraction, config.mask_scope)
 
 
@@ -48,6 +49,8 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
     """Prune ``W`` (rows, cols) given its Hessian ``H`` (cols, cols). ``mask`` (bool, True = prune) fixes the
     pruned set instead of selecting it; the sparsity setting is then ignored."""
     Wc, U, pruned, row_loss = obs_setup(W, H, config, mask, setup)
+    # The ops below skip their value checks (check_values=False): W and H were checked once for the layer, and each
+    # block's W1 and G = U_B^T U_B are finite and symmetric by construction.
     cols = Wc.shape[1]
     B = config.block_size
     h_diag = torch.diagonal(H) if config.mask == "wanda" and mask is None else None
@@ -62,13 +65,13 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
         if mask is None and config.swaps:  # exchanges, then the solve of the final set, from one factor per row
             t0 = time.perf_counter()
             E, loss, M1, made = ops.refine_solve(G, U_B, W1, M1, config.swaps, m=config.sparsity.m,
-                                                 backend=config.backend)
+                                                 backend=config.backend, check_values=False)
             exchanges += int(made.sum())  # a host sync, as the op's status check already is
             exchange_s += time.perf_counter() - t0
         else:
-            E, loss = ops.masked_solve(G, U_B, W1, M1, backend=config.backend)
+            E, loss = ops.masked_solve(G, U_B, W1, M1, backend=config.backend, check_values=False)
         W1 -= E @ U_B
-        W1.masked_fill_(M1, 0.0)
+        zero_masked_(W1, M1)
         Wc[:, b1:].addmm_(E, U[b0:b1, b1:], alpha=-1.0)  # in place: no rows x cols temporary
         pruned[:, b0:b1] = M1
         row_loss += loss

@@ -13,7 +13,8 @@ from .masked_solve import check_masked_solve_args, check_status, masked_solve
 
 
 def refine_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: torch.Tensor, rounds: int, *,
-                 m: int = 0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 m: int = 0, backend: str = "auto", check_values: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (E, loss, final mask, exchanges per row (int32)). G, U_B, W1, mask as ``masked_solve``'s; ``mask`` is
     the starting mask; ``rounds`` >= 0 bounds the exchanges per row; ``m`` > 0 keeps them inside groups of ``m``
     consecutive columns (N:M: the count per group never changes). ``rounds=0`` is ``masked_solve`` itself (the same
@@ -22,16 +23,17 @@ def refine_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: tor
     Backends: "cpp" / "cuda" (the fused engine), "torch" (the reference: ``reference.swap`` then the padded solve),
     "triton" (the reference's exchanges, then the Triton masked solve: there is no Triton engine yet); "auto" takes the
     fused engine where it is built (on the CPU: with AVX2 and FMA), else torch. float64 inputs take the torch path.
-    Raises the masked solve's ValueError for a row whose G[M, M] is not positive definite."""
+    Raises the masked solve's ValueError for a row whose G[M, M] is not positive definite. ``check_values``: as
+    ``masked_solve``'s."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
         raise ValueError(f"m (the N:M group size, 0 for none) must be an integer >= 0, got {m!r}")
     if rounds == 0:
-        E, loss = masked_solve(G, U_B, W1, mask, backend=backend)
+        E, loss = masked_solve(G, U_B, W1, mask, backend=backend, check_values=check_values)
         return E, loss, mask, torch.zeros(W1.shape[0] if W1.dim() == 2 else 0, dtype=torch.int32,
                                           device=W1.device)
-    check_masked_solve_args(G, U_B, W1, mask)
+    check_masked_solve_args(G, U_B, W1, mask, values=check_values)
     if m and W1.shape[1] % m:
         raise ValueError(f"m={m} does not divide the block's {W1.shape[1]} columns")
     float64 = G.dtype == torch.float64 or W1.dtype == torch.float64

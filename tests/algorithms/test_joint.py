@@ -159,3 +159,21 @@ def test_inputs_are_not_modified(rng):
     for method in ("joint", "sparsegpt", "wanda", "magnitude"):
         prune_layer(W, H, PruneConfig(shrink=0.0, method=method))
     assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_zero_masked_is_masked_fill(dtype, rng):
+    """The driver's zeroing of a block's pruned weights (a bit AND on a strided column block) gives masked_fill_'s
+    bits: +0.0 where pruned (also over -0.0, NaN and Inf), every other bit unchanged, nothing outside the block."""
+    from pyprune.algorithms.common import zero_masked_
+    W = torch.randn(37, 300, generator=rng).to(dtype)
+    block = W[:, 51:178]
+    block[0, :4] = torch.tensor([float("nan"), -float("inf"), -0.0, -2.5]).to(dtype)
+    mask = torch.rand(37, 127, generator=rng) < 0.5
+    mask[0, :4] = torch.tensor([True, True, True, False])
+    want = W.clone()
+    want[:, 51:178].masked_fill_(mask, 0.0)
+    zero_masked_(block, mask)
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[W.element_size()]
+    assert torch.equal(W.view(ints), want.view(ints))
+    assert int(block[0, 3].float()) == -2 and block[mask].view(ints).eq(0).all()

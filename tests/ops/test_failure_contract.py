@@ -128,6 +128,39 @@ def test_ops_reject_asymmetric_G(backend, device, rng):
     ops.nm_select(W1, G, 2, 4, backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_check_values_false_skips_only_the_value_checks(backend, device, rng):
+    """check_values=False (the drivers' blocks, finite and symmetric by construction) skips the passes over the values
+    (finite entries, G's symmetry) and nothing else: the results are those of the checked call, and wrong shapes,
+    dtypes and masks are still refused, naming the argument."""
+    _need(backend, device)
+    G, U = kernel_block(16, rng)
+    G, U = G.to(device), U.to(device)
+    W1 = torch.randn(5, 16, generator=rng).to(device)
+    mask = ops.nm_select(W1, G, 2, 4, backend=backend)
+    assert torch.equal(ops.nm_select(W1, G, 2, 4, backend=backend, check_values=False), mask)
+    for a, b in zip(ops.masked_solve(G, U, W1, mask, backend=backend),
+                    ops.masked_solve(G, U, W1, mask, backend=backend, check_values=False)):
+        assert torch.equal(a, b)
+    for a, b in zip(ops.refine_solve(G, U, W1, mask, 4, m=4, backend=backend),
+                    ops.refine_solve(G, U, W1, mask, 4, m=4, backend=backend, check_values=False)):
+        assert torch.equal(a, b)
+    bad = W1.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="W1 contains NaN"):
+        ops.masked_solve(G, U, bad, mask, backend=backend)
+    with pytest.raises(ValueError, match="G .* must be symmetric"):
+        ops.refine_solve(G.triu(), U, W1, mask, 4, m=4, backend=backend)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        ops.refine_solve(G, U, W1, mask[:, :12], 4, m=4, backend=backend, check_values=False)
+    with pytest.raises(ValueError, match="U_B must have shape"):
+        ops.masked_solve(G, U[:8, :8], W1, mask, backend=backend, check_values=False)
+    with pytest.raises(ValueError, match="G must have shape"):
+        ops.nm_select(W1, G[:8, :8], 2, 4, backend=backend, check_values=False)
+    with pytest.raises(TypeError, match="mask has dtype"):
+        ops.masked_solve(G, U, W1, mask.float(), backend=backend, check_values=False)
+
+
 # ------------------------------------------------------------------------------------ item 7: check, then write
 @pytest.mark.parametrize("bad,err,match", [(-1, ValueError, "n must be a non-negative int, got -1"),
                                            (-5, ValueError, "non-negative"), (True, TypeError, "got bool"),
