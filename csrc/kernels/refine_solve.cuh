@@ -36,6 +36,15 @@
 #define PP_RS_X86_FMA 1
 #endif
 
+// Phase timers for benchmarks/bench_refine_solve_phases.py, which defines PP_RS_PHASE_TIMERS and pp_rs_phase(i)
+// (charge the time since the previous call to phase i; i < 0: start) before including this header; compiled out
+// everywhere else.
+#if defined(PP_RS_PHASE_TIMERS) && !defined(__CUDACC__)
+#define PP_RS_PHASE(i) pp_rs_phase(i)
+#else
+#define PP_RS_PHASE(i) ((void)0)
+#endif
+
 namespace pyprune {
 
 // Fused multiply-add where the target has it (the CPU op compiles this header for AVX2 + FMA and defines PP_RS_FMA:
@@ -655,6 +664,7 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     rs_combine(t, z, G, B, iM, lam, c, B);           // z = G[:, M] lam
     for (int q = R; q < K; q += S) yK[q] = z[iK[q]];
   }
+  PP_RS_PHASE(9);
   for (int round = 0; round < rounds && K > 0; ++round) {
     for (int q = R; q < K; q += S) {  // per kept slot: t, the score's first term r t / 2, and 1 / s
       const float v = wK[q] - yK[q], sq = rs_max(s[q], tiny);
@@ -884,6 +894,7 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     t.sync();
   }
 
+  PP_RS_PHASE(10);
   // 4. The solve for the final set: lambda = Ainv w_M, one refinement step against G[M, M] (fp64 accumulation).
 #if !defined(__CUDACC__)
   if constexpr (Team::kSerial) {
@@ -927,6 +938,7 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
       if (ln == 0) lam64[i] += acc;
     }
   }
+  PP_RS_PHASE(11);
   for (int jj = R; jj < B; jj += S) {
     z[jj] = 0.f;
     tmp[jj] = 0.f;
@@ -950,6 +962,7 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     if (UbT) {  // e = sum over i of z[M_i] U_B[:, M_i], rows of U_B^T (zero below the diagonal of U_B)
       for (int i = 0; i < c; ++i) tmp[i] = z[iM[i]];
       rs_gemv_host(e, UbT, B, iM, tmp, c, B);
+      PP_RS_PHASE(12);
       return MS_DONE;
     }
   }
@@ -1178,12 +1191,14 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
     }
   for (int q = 0; q < K; ++q)
     for (int l = 0; l < V; ++l) cK[q * V + l] = rw[l].iK[q];
+  PP_RS_PHASE(0);
   // A = G[M, M], lower triangle
   for (int i = 0; i < c; ++i) {
     const rs_v8i oi = rs_load8i(oM + i * V);
     for (int j = 0; j <= i; ++j) rs_store8(Xp(i, j), rs_gather8(G, oi + rs_load8i(cM + j * V)));
   }
 
+  PP_RS_PHASE(1);
   // Cholesky, left-looking in panels of four columns: entry (i, l) takes its updates t = 0..l-1 in the order of
   // the row code's right-looking loop (the columns left of the panel together, then the panel's own columns one
   // by one), then 1 / the pivot goes to rdiag and the column is scaled.
@@ -1248,6 +1263,7 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
   }
   if (!spd) return false;
 
+  PP_RS_PHASE(2);
   // X = L^-1 in place, in stripes of four columns (outer) and pairs of rows (top-down): entry (i, l) = -d_i sum
   // over q = l0 .. i - 1 of L[i][q] X[q][l] (q ascending; the row code's terms q < l vanish), X[i][i] = d_i, zero
   // above the diagonal. Row i + 1 takes its last term (q = i) from the finished row i.
@@ -1287,6 +1303,7 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
     });
   }
 
+  PP_RS_PHASE(3);
   // Ainv = X^T X: entry (i, l) = sum over q = i .. c - 1 of X[q][i] X[q][l] (q ascending), for the blocks that
   // meet the lower triangle (an entry above the diagonal computed so equals its mirror bit for bit: its extra
   // terms are exact zeros), the rest mirrored; then every row's Ai, row by row.
@@ -1311,11 +1328,13 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
     rs8_to_rows(Ap(i, 0), c, dst);
   }
 
+  PP_RS_PHASE(4);
   // G[M, K]
   for (int i = 0; i < c; ++i) {
     const rs_v8i oi = rs_load8i(oM + i * V);
     for (int q = 0; q < K; ++q) rs_store8(Yp(i, q), rs_gather8(G, oi + rs_load8i(cK + q * V)));
   }
+  PP_RS_PHASE(5);
   // Y = X G[M, K] in place, in stripes of six columns (outer), blocks of four rows (bottom-up) and three columns:
   // row i = sum over l = 0 .. i of X[i][l] G[M_l, K] (l ascending; rows <= i are still G's).
   for (int q1 = 0; q1 < K; q1 += 6) {
@@ -1337,6 +1356,7 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
     }
   }
 
+  PP_RS_PHASE(6);
   // s_k = G_kk - |Y[:, k]|^2 (i ascending)
   for (int q0 = 0; q0 < K; q0 += 8) {
     const int nq = K - q0 < 8 ? K - q0 : 8;
@@ -1351,6 +1371,7 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
     for (int j = 0; j < nq; ++j) rs8_scatter(acc[j], dst, q0 + j);
   }
 
+  PP_RS_PHASE(7);
   if (grouped) {
     // Ug[p][b] = sum over q = p .. c - 1 of X[q][p] Y[q][(p / nn) kg + b] (q ascending), the nn rows of a group
     // together
@@ -1395,6 +1416,7 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
       rs8_to_rows(Yp(i, 0), K, dst);
     }
   }
+  PP_RS_PHASE(8);
   return true;
 }
 
@@ -1410,6 +1432,7 @@ inline void refine_solve_rows8(const float* G, const float* Ub, const T* w, cons
   SerialTeam t;
   RsRow rw[kRsLanes];
   bool go[kRsLanes];
+  PP_RS_PHASE(-1);
   bool same = true;
   for (int l = 0; l < kRsLanes; ++l) {
     const int64_t r = rows[l];
@@ -1417,6 +1440,7 @@ inline void refine_solve_rows8(const float* G, const float* Ub, const T* w, cons
                          mout + r * B, nswaps + r, rw[l]) < 0;
     same = same && go[l] && rw[l].c == rw[0].c && rw[l].grouped == rw[0].grouped;
   }
+  PP_RS_PHASE(13);
   if (!(same && rs8_setup(G, B, rw, soa))) {
     for (int l = 0; l < kRsLanes; ++l) {
       const int64_t r = rows[l];
