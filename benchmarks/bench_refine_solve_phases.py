@@ -121,14 +121,6 @@ int main(int argc, char** argv) {
 """
 
 
-def cpu_has_avx2_fma() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
-
-
 def build(workdir: Path) -> Path:
     src = workdir / "rs_phases.cpp"
     src.write_text(HARNESS)
@@ -141,15 +133,18 @@ def build(workdir: Path) -> Path:
 
 def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dict]:
     from pyprune import ops
+    from pyprune.ops.refine_solve import cpu_engine_supported
     from pyprune.reference.swap import REL_TOL_LOW
 
     if device.type != "cpu":
         raise SystemExit("bench_refine_solve_phases times the CPU engine: run it with --device cpu")
-    if not (cpu_has_avx2_fma() and shutil.which(os.environ.get("CXX", "g++"))):
-        raise SystemExit("bench_refine_solve_phases needs an x86-64 CPU with AVX2 and FMA and a C++ compiler (g++)")
+    if not (cpu_engine_supported() and shutil.which(os.environ.get("CXX", "g++"))):
+        raise SystemExit("bench_refine_solve_phases needs the built CPU engine (an x86-64 CPU with AVX2 and FMA) and "
+                         "a C++ compiler (g++)")
     torch.set_num_threads(1)
     peaks = measure_peaks(device, quick)
     rows, cols, B, rounds = (256, 256, 128, 16) if quick else (1024, 1024, 128, 16)
+    reps = 1 if quick else REPS
     W, H = layer_problem(rows, cols, device, torch.Generator().manual_seed(0))
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,7 +159,7 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
             for name, t in (("G", G), ("U", U_B), ("W", W1)):
                 t.float().contiguous().numpy().tofile(work / f"{name}.bin")
             M0.to(torch.uint8).contiguous().numpy().tofile(work / "M.bin")
-            res = subprocess.run([str(exe), str(rows), str(B), str(m), str(rounds), str(1 if quick else REPS),
+            res = subprocess.run([str(exe), str(rows), str(B), str(m), str(rounds), str(reps),
                                   repr(float(REL_TOL_LOW))],
                                  cwd=work, check=True, capture_output=True, text=True).stdout.split("\n")
             vals = dict(line.split(" ", 1) for line in res if " " in line and not line.startswith("phase"))
@@ -172,7 +167,8 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
             # the op on the same block: the harness must compute what the op computes
             E, loss, final, made = ops.refine_solve(G, U_B, W1, M0, rounds, m=m, backend="cpp")
             op_loss, op_swaps = float(loss.double().sum()), int(made.sum())
-            if abs(float(vals["loss"]) - op_loss) > 1e-5 * abs(op_loss) or int(vals["swaps"]) != op_swaps:
+            if (int(vals["bad"]) or not abs(float(vals["loss"]) - op_loss) <= 1e-5 * abs(op_loss)
+                    or int(vals["swaps"]) != op_swaps):
                 raise SystemExit(f"{sp}: the harness (loss {vals['loss']}, {vals['swaps']} exchanges) is not the op "
                                  f"(loss {op_loss}, {op_swaps} exchanges)")
             total = sum(cyc.values())
@@ -181,13 +177,13 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
             for idx, name, fma in PHASES:
                 f = fma(c, K, B) if fma else None
                 out.append(dict(sparsity=sp, phase=name, share=cyc.get(idx, 0) / total,
-                                mcycles_per_1k_rows=cyc.get(idx, 0) / (1 if quick else REPS) / rows * 1024 / 1e6,
-                                fma_per_cycle=(f * rows / 8 * (1 if quick else REPS) / cyc[idx]) if f and cyc.get(idx)
+                                mcycles_per_1k_rows=cyc.get(idx, 0) / reps / rows * 1024 / 1e6,
+                                fma_per_cycle=(f * rows / 8 * reps / cyc[idx]) if f and cyc.get(idx)
                                 else None))
             out.append(dict(sparsity=sp, phase="engine (best pass)", share=1.0,
-                            mcycles_per_1k_rows=total / (1 if quick else REPS) / rows * 1024 / 1e6,
+                            mcycles_per_1k_rows=total / reps / rows * 1024 / 1e6,
                             seconds=float(vals["best_s"]), exchanges_per_row=op_swaps / rows,
-                            cycles_per_s=int(vals["total_cycles"]) / (1 if quick else REPS) / float(vals["best_s"])))
+                            cycles_per_s=int(vals["total_cycles"]) / reps / float(vals["best_s"])))
             if report:
                 report(out, peaks)
     return out, peaks

@@ -7,16 +7,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from pyprune.ops._backend import native_has
+from pyprune.ops.refine_solve import cpu_engine_supported
 
 from .util import ROOT, load_benchmark
 
-pytestmark = pytest.mark.skipif(
-    not (native_has("refine_solve", torch.device("cpu")) and shutil.which(os.environ.get("CXX", "g++"))
-         and load_benchmark("bench_refine_solve_phases").cpu_has_avx2_fma()),
-    reason="needs the built CPU op, g++ and a CPU with AVX2 and FMA")
+pytestmark = pytest.mark.skipif(not (cpu_engine_supported() and shutil.which(os.environ.get("CXX", "g++"))),
+                                reason="needs the built CPU engine (AVX2 and FMA) and g++")
 
 
 def test_quick_run_matches_the_op_and_accounts_for_every_cycle(tmp_path):
