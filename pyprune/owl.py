@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from .ops._checks import all_finite
+
 PROFILES = ("owl",)
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
@@ -108,9 +110,9 @@ def outlier_ratio(weights, col_norms, m: float = OWL_M) -> float:
                              f"{tuple(n.shape) if isinstance(n, torch.Tensor) else type(n).__name__}")
         dtype = torch.promote_types(torch.promote_types(w.dtype, n.dtype), torch.float32)
         n = n.to(device=w.device, dtype=dtype)
-        if not bool(torch.isfinite(n).all()) or bool((n < 0).any()):
+        if not all_finite(n) or bool((n < 0).any()):
             raise ValueError(f"col_norms[{k}] must be finite and >= 0")
-        if not bool(torch.isfinite(w).all()):
+        if not all_finite(w):
             raise ValueError(f"weights[{k}] holds NaN or Inf values")
         pairs.append((w, n, dtype))
 

@@ -75,7 +75,8 @@ def prune_group(weights: Sequence[torch.Tensor], H: torch.Tensor | None, config:
         if setup.shrink:  # the loss on the calibration H, not on the shrunk one the method solved with
             result.row_loss = calibration_row_loss(W, result.weight, H, setup, result.row_loss)
             result.loss = float(result.row_loss.sum())
-        result.mask[:, setup.dead] = True  # zeroed by obs_setup
+        if setup.has_dead:
+            result.mask[:, setup.dead] = True  # zeroed by obs_setup
         result.damp = setup.damp
         results.append(result)
     return results

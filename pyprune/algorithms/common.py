@@ -2,7 +2,7 @@
 the damping retry), unstructured mask selection, the result type and the layer objective."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,6 +67,10 @@ class HessianSetup:
     all_dead: bool
     shrink: float = 0.0
     lam: float = 0.0  # the damping added to the diagonal, damp * mean(diag(H)) (dead columns counted as 1)
+    has_dead: bool = field(init=False)  # dead.any(), read once: the per-weight steps skip their dead-column passes
+
+    def __post_init__(self):
+        self.has_dead = bool(self.dead.any())
 
 
 def compute_dtype(W: torch.Tensor) -> torch.dtype:
@@ -108,9 +112,10 @@ def damped_hessian(W: torch.Tensor, H: torch.Tensor, damp: float,
     """Return (W', H_d, dead): a compute-dtype copy of W with dead columns zeroed, the damped (and ``shrink``-ed)
     Hessian with ``H[j, j] = 1`` on dead columns (zero diagonal), and the dead-column mask (docs/ALGORITHM.md
     section 1)."""
-    W = W.to(compute_dtype(W)).clone()
+    W = W.to(compute_dtype(W), copy=True)
     H, dead, _ = _damped(H, damp, W.dtype, shrink)
-    W[:, dead] = 0.0
+    if bool(dead.any()):
+        W[:, dead] = 0.0
     return W, H, dead
 
 
@@ -190,7 +195,7 @@ def calibration_row_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, 
         return row_loss
     dtype = row_loss.dtype
     D = W.to(dtype, copy=True).sub_(W_hat)
-    if bool(setup.dead.any()):
+    if setup.has_dead:
         D[:, setup.dead] = 0.0
     if s > 0.9:
         q = ((D @ H.to(dtype)) * D).sum(1)
@@ -246,8 +251,9 @@ def obs_setup(W: torch.Tensor, H: torch.Tensor, config, mask: torch.Tensor | Non
     if setup.all_dead:
         raise ValueError("every input of this layer is dead (zero Hessian): prune it with pyprune.prune_layer or "
                          "prune_group, which fall back to magnitude pruning")
-    Wc = W.to(compute_dtype(W)).clone()
-    Wc[:, setup.dead] = 0.0
+    Wc = W.to(compute_dtype(W), copy=True)
+    if setup.has_dead:
+        Wc[:, setup.dead] = 0.0
     rows, cols = Wc.shape
     return (Wc, setup.U, torch.zeros(rows, cols, dtype=torch.bool, device=W.device),
             torch.zeros(rows, dtype=Wc.dtype, device=W.device))

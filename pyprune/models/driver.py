@@ -25,6 +25,7 @@ from ..algorithms import prune_group, prune_layer
 from ..config import PruneConfig, Sparsity
 from ..owl import SparsityProfile, allocate, make_profile, outlier_ratio
 from ..ops.hessian import accumulate_hessian
+from ..ops._checks import all_finite
 from ..report import (DenseMatrix, LayerReport, PruneReport, device_peak_memory, host_peak_rss, reset_device_peak_memory,
                       reset_host_peak_rss)
 from .architectures import get_submodule
@@ -703,7 +704,7 @@ def nonfinite_params(module: torch.nn.Module, skip: set[int] | None = None) -> l
     """Names of the floating-point parameters of ``module`` (not on meta, not in ``skip`` by id) holding NaN or Inf."""
     return [name for name, p in module.named_parameters()
             if p.is_floating_point() and p.device.type != "meta" and (skip is None or id(p) not in skip)
-            and not bool(torch.isfinite(p).all())]
+            and not all_finite(p)]
 
 
 def _damaged(names: list[str], prefix: str = "") -> ValueError:
@@ -726,7 +727,7 @@ def check_inputs_finite(inputs: BlockInputs, model, blocks: torch.nn.ModuleList)
     if bad:
         raise _damaged(bad)
     for h in inputs.hidden:
-        if h.is_floating_point() and not bool(torch.isfinite(h).all()):
+        if not all_finite(h):
             raise ValueError("the hidden states entering the first block hold NaN or Inf values (the embeddings' "
                              "output overflows its dtype?)")
 

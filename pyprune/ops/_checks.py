@@ -30,6 +30,19 @@ def check_tensor_device(name: str, t: torch.Tensor) -> None:
                          "CPU or a CUDA device (materialise it first, e.g. with .to_empty() and loading the weights)")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite (non-floating tensors always are). NaN and Inf propagate into the
+    minimum or the maximum, so one ``aminmax`` pass decides it with no temporary the size of ``t``, where
+    ``torch.isfinite(t).all()`` makes a bool tensor (on the CPU, several passes for half precision). The one place
+    pyprune checks a tensor's values for NaN/Inf. One host sync."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype not in FLOATS:  # float8 and other formats that aminmax and isfinite may not cover: widened
+        return bool(torch.isfinite(t.float()).all())
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(torch.stack((lo, hi))).all())
+
+
 def check_matrix(name: str, t: torch.Tensor, *, dtypes=FLOATS, shape=None, finite: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -40,7 +53,7 @@ def check_matrix(name: str, t: torch.Tensor, *, dtypes=FLOATS, shape=None, finit
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of {', '.join(str(d) for d in dtypes)}")
-    if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if finite and not all_finite(t):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise ValueError(f"{name} contains {bad} values")
 
