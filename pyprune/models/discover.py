@@ -340,7 +340,10 @@ def classify(block: torch.nn.Module, events: list[tuple[Site, torch.Tensor]],
         for pname, p in module.named_parameters(recurse=False):
             owner[f"{mname}.{pname}" if mname else pname] = module
     params = dict(block.named_parameters())
-    experts = max((params[s.param].shape[0] for s, _ in events if s.expert is not None), default=0)
+    # a fused parameter holds numel / (rows x cols) expert matrices, whatever its layout: (E, out, in), (E, in, out)
+    # or DBRX's 2-D (E * ffn, hidden), whose first dimension is not the count
+    experts = max((params[s.param].numel() // (s.shape[0] * s.shape[1]) for s, _ in events if s.expert is not None),
+                  default=0)
     result = BlockMatrices(experts=experts)
     by_input: dict = {}
     order: list = []

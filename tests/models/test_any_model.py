@@ -269,3 +269,12 @@ def test_hessian_budget_collects_in_passes(model_type, rng):
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # passes see the partly pruned block
+
+
+def test_inspect_counts_experts_of_a_2d_fused_parameter(rng):
+    """DBRX keeps each expert kind as one 2-D parameter (experts x ffn, hidden): the count is the matrices it holds
+    (4), not its first dimension (4 x 128)."""
+    model = tiny_model("dbrx", rng)
+    info = inspect_model(model)
+    assert {b.experts for b in info.blocks} == {4}
+    assert "4 experts" in info.table() and "512" not in info.table()

@@ -15,12 +15,14 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox", 
                "gemma3_text", "phi", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss",
                "llama4_text", "olmo2", "granite", "cohere", "starcoder2", "falcon", "gptj", "bloom", "stablelm",
                "falcon_mamba", "jamba", "zamba2")
-# ... and 17 more that worked without a change when first tried (2026-12): hybrids, linear attention, more MoE
+# ... and 19 more that worked without a change when first tried (2026-12): hybrids, linear attention, more MoE (DBRX,
+# with 2-D fused experts, and DeepSeek-V2 need a few config fields set to build tiny: _PER_TYPE)
 MORE_TYPES = ("bamba", "falcon_h1", "nemotron_h", "granitemoehybrid", "qwen3_next", "olmoe", "phimoe", "jetmoe",
               "glm4_moe", "minimax", "cohere2", "recurrent_gemma", "lfm2", "ernie4_5_moe", "seed_oss", "smollm3",
-              "exaone4")
+              "exaone4", "dbrx", "deepseek_v2")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text", "jamba", "nemotron_h",
-             "granitemoehybrid", "qwen3_next", "olmoe", "phimoe", "jetmoe", "glm4_moe", "minimax", "ernie4_5_moe")
+             "granitemoehybrid", "qwen3_next", "olmoe", "phimoe", "jetmoe", "glm4_moe", "minimax", "ernie4_5_moe",
+             "dbrx", "deepseek_v2")
 
 # Every config field that sets a size, shrunk where the model type has it; then the few per-type constraints.
 _SHRINK = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -42,6 +44,10 @@ _PER_TYPE = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
     "deepseek_v3": dict(head_dim=8),
     "zamba2": dict(layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], num_mem_blocks=1),
+    # sizes in nested configs, and fields whose default is None (the model cannot run with it)
+    "dbrx": dict(d_model=64, n_heads=4, max_seq_len=256, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
+                 ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
+    "deepseek_v2": dict(num_experts_per_tok=2, n_group=1, topk_group=1, head_dim=16),
 }
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # kept for tests written against the first table of architectures
