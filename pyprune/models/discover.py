@@ -397,11 +397,12 @@ def eager_experts(model: torch.nn.Module):
 
 
 def expert_modules(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int]]:
-    """Modules of the block that own fused expert parameters (a parameter of 3 or more dimensions): (name, module,
-    number of experts)."""
+    """Modules of the block that own fused expert parameters (a parameter of 3 or more dimensions that stacks
+    matrices: its last two dimensions both above 1; RWKV's (1, 1, hidden) time-mix vectors stack none): (name,
+    module, number of experts)."""
     out = []
     for name, module in block.named_modules():
-        ps = [p for p in module.parameters(recurse=False) if p.dim() >= 3]
+        ps = [p for p in module.parameters(recurse=False) if p.dim() >= 3 and min(p.shape[-2:]) > 1]
         if ps:
             out.append((name, module, int(ps[0].shape[0])))
     return out
@@ -421,10 +422,10 @@ def all_experts_statistics(block: torch.nn.Module, observer: MatrixObserver):
             continue  # experts called on every token already (Llama-4: inputs scaled by the router's scores)
 
         def forward(hidden_states, top_k_index=None, top_k_weights=None, *args, _orig=original, _n=count,
-                    _name=name, **kwargs):
+                    _name=name, _mod=module, **kwargs):
             if top_k_index is None or not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2:
                 raise UnsupportedModelError(
-                    f"{_name} ({type(module).__name__}): calibrate_all_experts needs the experts call "
+                    f"{_name} ({type(_mod).__name__}): calibrate_all_experts needs the experts call "
                     "experts(hidden_states, top_k_index, top_k_weights) of transformers 5")
             tokens = top_k_index.shape[0]
             idx = torch.arange(_n, device=top_k_index.device, dtype=top_k_index.dtype).expand(tokens, _n)

@@ -278,3 +278,12 @@ def test_inspect_counts_experts_of_a_2d_fused_parameter(rng):
     info = inspect_model(model)
     assert {b.experts for b in info.blocks} == {4}
     assert "4 experts" in info.table() and "512" not in info.table()
+
+
+def test_expert_modules_are_stacks_of_matrices(rng):
+    """A fused experts parameter stacks matrices; RWKV's (1, 1, hidden) time-mix vectors are 3-D too but stack none
+    (inspect raised calibrate_all_experts' call-convention error on its attention before)."""
+    from pyprune.models.discover import expert_modules
+    assert expert_modules(tiny_model("rwkv", rng)) == []
+    found = expert_modules(tiny_model("mixtral", rng))
+    assert [count for _, _, count in found] == [4, 4] and all(n.endswith("mlp.experts") for n, _, _ in found)

@@ -15,11 +15,12 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox", 
                "gemma3_text", "phi", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss",
                "llama4_text", "olmo2", "granite", "cohere", "starcoder2", "falcon", "gptj", "bloom", "stablelm",
                "falcon_mamba", "jamba", "zamba2")
-# ... and 20 more that worked without a change when first tried (2026-12): hybrids, linear attention, more MoE (DBRX,
-# with 2-D fused experts, DeepSeek-V2 and Gemma 4 need a few config fields set to build tiny: _PER_TYPE)
+# ... and 21 more that worked without a change when first tried (2026-12): hybrids, linear attention, more MoE (DBRX,
+# with 2-D fused experts, DeepSeek-V2 and Gemma 4 need a few config fields set to build tiny: _PER_TYPE); RWKV
+# after its (1, 1, hidden) time-mix vectors stopped counting as stacked expert matrices
 MORE_TYPES = ("bamba", "falcon_h1", "nemotron_h", "granitemoehybrid", "qwen3_next", "olmoe", "phimoe", "jetmoe",
               "glm4_moe", "minimax", "cohere2", "recurrent_gemma", "lfm2", "ernie4_5_moe", "seed_oss", "smollm3",
-              "exaone4", "dbrx", "deepseek_v2", "gemma4_text")
+              "exaone4", "dbrx", "deepseek_v2", "gemma4_text", "rwkv")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text", "jamba", "nemotron_h",
              "granitemoehybrid", "qwen3_next", "olmoe", "phimoe", "jetmoe", "glm4_moe", "minimax", "ernie4_5_moe",
              "dbrx", "deepseek_v2", "gemma4_text")
