@@ -551,9 +551,10 @@ def default_mask(sp: str) -> str:
 
 
 def default_joint(sp: str) -> str:
-    """The key of the joint method's defaults at sparsity ``sp`` (pyprune.config's DEFAULT_SHRINK, DEFAULT_SWAPS)."""
-    from pyprune.config import DEFAULT_SHRINK, DEFAULT_SWAPS
-    return "/".join(["joint", sp, default_mask(sp)] + ([f"shrink{DEFAULT_SHRINK:g}"] if DEFAULT_SHRINK else [])
+    """The key of the joint method's defaults at sparsity ``sp`` (pyprune.config's default_shrink, DEFAULT_SWAPS)."""
+    from pyprune.config import DEFAULT_SWAPS, default_shrink
+    s = default_shrink(sp)
+    return "/".join(["joint", sp, default_mask(sp)] + ([f"shrink{s:g}"] if s else [])
                     + ([f"swap{DEFAULT_SWAPS}"] if DEFAULT_SWAPS else []))
 
 

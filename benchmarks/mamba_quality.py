@@ -432,7 +432,8 @@ def calibration(args, train_ids: torch.Tensor, book_ids: torch.Tensor, seed: int
 def output_stem(calib: str, train_text: str = "valid", shrink: float | None = None) -> str:
     """mamba_quality (trained and calibrated on valid.txt, the first report), mamba_quality_<calib> (trained on
     valid.txt), then ``_train<train_text>`` for another training text, then ``_shrink<x>`` when joint runs with a
-    Hessian shrink other than pyprune's default (``--shrink``)."""
+    Hessian shrink other than pyprune's default (``--shrink``; the default at the sparsities this benchmark runs, 50%
+    and 2:4, is DEFAULT_SHRINK: pyprune.config.default_shrink)."""
     from pyprune.config import DEFAULT_SHRINK
     stem = "mamba_quality" if calib == "valid" else f"mamba_quality_{calib}"
     stem = stem if train_text == "valid" else f"{stem}_train{train_text}"

@@ -115,13 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="relative damping of the Hessian diagonal")
     p.add_argument("--shrink", type=float, default=None,
                    help="joint/sparsegpt: the fraction of the Hessian's off-diagonal removed before the solve, 0 to 1 "
-                   "(default: 0.5 for joint, 0 for sparsegpt). The correlations between inputs are what differs most "
-                   "between kinds of text, so trusting them less keeps the update from over-fitting the calibration "
-                   "text: on the built-in model (2:4, 50%% and 60%%, 3 seeds, calibrated on prose or on code) joint "
-                   "with 0.5 was below SparseGPT and Wanda on every text of another kind but one tie (benchmarks/"
-                   "results/heldout_domains.md). 0.25 fits the calibration kind 2-10%% closer and text of other kinds "
-                   "worse (take it when you calibrate on the text the model will read); 0 is the paper's method, 1 "
-                   "Wanda's mask with no update")
+                   "(default for joint: 0.5 up to 60%% sparsity, 0.25 from 70%%, linear between; 0 for sparsegpt). "
+                   "The correlations between inputs are what differs most between kinds of text, so trusting them "
+                   "less keeps the update from over-fitting the calibration text: on the built-in model (2:4, 50%%, "
+                   "60%% and 70%%, 3 seeds, calibrated on prose or on code) joint with its default was below "
+                   "SparseGPT and Wanda on every text of another kind but one tie, and at 70%% on the calibration "
+                   "kind too (benchmarks/results/heldout_domains.md). Up to 60%%, 0.25 fits the calibration kind "
+                   "closer and text of other kinds worse (take it when you calibrate on the text the model will "
+                   "read); 0 is the paper's method, 1 Wanda's mask with no update")
     p.add_argument("--mask", default=None, choices=MASKS, help="mask selection (default: exact for N:M, "
                    "sparsegpt for unstructured)")
     p.add_argument("--mask-scope", default=None, choices=MASK_SCOPES,
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--owl-lambda (most to fewest outliers), their mean weighted by the blocks' weights equal to "
                    "--sparsity; the report lists each block's target (default: none, every block at --sparsity; "
                    "not with N:M). Recommended at 70%% and above: there it lowered the joint method's perplexity on "
-                   "every held-out text by 13-32%% (3 seeds), for 30-60%% more prune time (README, issue 22)")
+                   "every held-out text by 9-28%% (3 seeds), for 30-60%% more prune time (README, issue 22)")
     p.add_argument("--owl-m", type=float, default=None, metavar="M",
                    help=f"--sparsity-profile owl: a score is an outlier above M times its block's mean (default "
                    f"{OWL_M:g})")

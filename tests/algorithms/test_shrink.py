@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pyprune import PruneConfig, prune_layer
-from pyprune.config import DEFAULT_SHRINK
+from pyprune.config import DEFAULT_SHRINK, HIGH_SPARSITY_SHRINK, default_shrink
 from pyprune.algorithms import layer_objective
 from pyprune.algorithms.common import damped_hessian
 from tests.helpers import optimal_for_mask, random_layer
@@ -26,12 +26,23 @@ def test_defaults():
     assert PruneConfig(shrink=0.2).replace(damp=0.1).shrink == 0.2
 
 
-@pytest.mark.parametrize("sparsity", [0.5, "2:4"])
-def test_the_default_is_the_shrunk_run(sparsity, rng):
+def test_default_shrink_rule():
+    """DEFAULT_SHRINK up to 60% pruned, HIGH_SPARSITY_SHRINK from 70%, linear between; N:M by its fraction N/M."""
+    assert (DEFAULT_SHRINK, HIGH_SPARSITY_SHRINK) == (0.5, 0.25)
+    for sparsity, want in ((0.2, 0.5), (0.5, 0.5), ("2:4", 0.5), ("4:8", 0.5), (0.6, 0.5), (0.625, 0.4375),
+                           (0.65, 0.375), (0.7, 0.25), ("6:8", 0.25), (0.9, 0.25)):
+        assert default_shrink(sparsity) == want and PruneConfig(sparsity=sparsity).shrink == want, sparsity
+        assert PruneConfig(method="sparsegpt", sparsity=sparsity).shrink == 0.0
+    assert PruneConfig(sparsity=0.5).replace(sparsity=0.7).shrink == 0.25  # re-derived for the new sparsity
+    assert PruneConfig(sparsity=0.7, shrink=0.5).shrink == 0.5  # an explicit value is kept
+
+
+@pytest.mark.parametrize("sparsity,shrink", [(0.5, 0.5), ("2:4", 0.5), (0.7, 0.25)])
+def test_the_default_is_the_shrunk_run(sparsity, shrink, rng):
     W, H = random_layer(24, 64, rng, dead=2, dtype=torch.float32)
     H = H.float()
     a = prune_layer(W, H, PruneConfig(sparsity=sparsity))
-    b = prune_layer(W, H, PruneConfig(sparsity=sparsity, shrink=DEFAULT_SHRINK))
+    b = prune_layer(W, H, PruneConfig(sparsity=sparsity, shrink=shrink))
     assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask) and a.loss == b.loss
 
 

@@ -131,6 +131,8 @@ def test_block_config_keeps_every_other_choice():
     assert (got.method, got.mask, got.mask_scope, got.swaps, got.shrink, got.damp) == ("joint", "diag", "block", 2,
                                                                                        0.3, 0.05)
     assert driver.block_config(PruneConfig(method="sparsegpt", sparsity=0.7), 0.75).shrink == 0.0
+    # the joint default shrink follows the model's target, not each block's share of it
+    assert driver.block_config(PruneConfig(sparsity=0.7), 0.62).shrink == 0.25
 
 
 def test_bad_inputs_fail_before_any_work(rng, monkeypatch):
