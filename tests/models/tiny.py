@@ -15,15 +15,15 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox", 
                "gemma3_text", "phi", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss",
                "llama4_text", "olmo2", "granite", "cohere", "starcoder2", "falcon", "gptj", "bloom", "stablelm",
                "falcon_mamba", "jamba", "zamba2")
-# ... and 21 more that worked without a change when first tried (2026-12): hybrids, linear attention, more MoE (DBRX,
-# with 2-D fused experts, DeepSeek-V2 and Gemma 4 need a few config fields set to build tiny: _PER_TYPE); RWKV
+# ... and 22 more that worked without a change when first tried (2026-12): hybrids, linear attention, more MoE (DBRX,
+# with 2-D fused experts, DeepSeek-V2 and -V4 and Gemma 4 need a few config fields set to build tiny: _PER_TYPE); RWKV
 # after its (1, 1, hidden) time-mix vectors stopped counting as stacked expert matrices
 MORE_TYPES = ("bamba", "falcon_h1", "nemotron_h", "granitemoehybrid", "qwen3_next", "olmoe", "phimoe", "jetmoe",
               "glm4_moe", "minimax", "cohere2", "recurrent_gemma", "lfm2", "ernie4_5_moe", "seed_oss", "smollm3",
-              "exaone4", "dbrx", "deepseek_v2", "gemma4_text", "rwkv")
+              "exaone4", "dbrx", "deepseek_v2", "gemma4_text", "rwkv", "deepseek_v4")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text", "jamba", "nemotron_h",
              "granitemoehybrid", "qwen3_next", "olmoe", "phimoe", "jetmoe", "glm4_moe", "minimax", "ernie4_5_moe",
-             "dbrx", "deepseek_v2", "gemma4_text")
+             "dbrx", "deepseek_v2", "gemma4_text", "deepseek_v4")
 
 # Every config field that sets a size, shrunk where the model type has it; then the few per-type constraints.
 _SHRINK = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -49,6 +49,7 @@ _PER_TYPE = {
     "dbrx": dict(d_model=64, n_heads=4, max_seq_len=256, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
                  ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
     "deepseek_v2": dict(num_experts_per_tok=2, n_group=1, topk_group=1, head_dim=16),
+    "deepseek_v4": dict(o_lora_rank=16),
     # per-layer head sizes (block 1 twice block 0's) and the optional MoE block beside the dense MLP
     "gemma4_text": dict(head_dim=16, per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,
                         vocab_size_per_layer_input=VOCAB, enable_moe_block=True, num_experts=4, top_k_experts=2,
