@@ -50,10 +50,13 @@ _PER_TYPE = {
                  ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
     "deepseek_v2": dict(num_experts_per_tok=2, n_group=1, topk_group=1, head_dim=16),
     "deepseek_v4": dict(o_lora_rank=16),
-    # per-layer head sizes (block 1 twice block 0's) and the optional MoE block beside the dense MLP
-    "gemma4_text": dict(head_dim=16, per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=16,
-                        vocab_size_per_layer_input=VOCAB, enable_moe_block=True, num_experts=4, top_k_experts=2,
-                        moe_intermediate_size=32),
+    # per-layer head sizes (the last block, full attention, twice the others') and the optional MoE block beside the
+    # dense MLP; a callable: the layout depends on the number of layers
+    "gemma4_text": lambda layers: dict(
+        head_dim=16, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        per_layer_config={f"{layers - 1:02d}": {"head_dim": 32}}, hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=VOCAB, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=32),
 }
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # kept for tests written against the first table of architectures
@@ -87,7 +90,8 @@ def tiny_config(model_type: str, layers: int = 2, **overrides):
     if kinds is not None and _settable(base, "layer_types"):
         distinct = list(dict.fromkeys(kinds))
         kw["layer_types"] = [distinct[i % len(distinct)] for i in range(layers)]
-    kw.update(_PER_TYPE.get(model_type, {}))
+    extra = _PER_TYPE.get(model_type, {})
+    kw.update(extra(layers) if callable(extra) else extra)
     kw.update(overrides)
     try:
         return AutoConfig.for_model(model_type, vocab_size=VOCAB, **kw)
