@@ -408,35 +408,68 @@ def expert_modules(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module, i
     return out
 
 
+def routed_expert_count(observer: "MatrixObserver") -> int | None:
+    """The number of experts the block's routers chose from: the output width of the last matrix seen choosing
+    experts (None when none was seen)."""
+    widths = [site.out_in[0] for site, why in observer.routers.items() if why.startswith("router:")]
+    return widths[-1] if widths else None
+
+
+def _experts_call(hidden, index) -> bool:
+    """Whether a call's first two arguments are an experts call's: hidden states and, per token, the indices of its
+    chosen experts (an integer (tokens, k) tensor, one row per hidden-state row)."""
+    return (isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and hidden.dim() >= 2
+            and isinstance(index, torch.Tensor) and index.dim() == 2 and not index.is_floating_point()
+            and index.dtype != torch.bool and index.shape[0] == hidden.numel() // max(1, hidden.shape[-1]))
+
+
 @contextlib.contextmanager
 def all_experts_statistics(block: torch.nn.Module, observer: MatrixObserver):
-    """Calibrate every expert on every token: each fused experts module is called once more with every token routed
-    to every expert (weights 1) while the observer records, and then with the router's own choice while it does not,
-    so the block's outputs stay exactly the routed ones. Needs the experts call convention of transformers 5,
-    ``experts(hidden_states, top_k_index, top_k_weights)``; experts modules called with the hidden states alone
-    (Llama-4) already run every expert on every token, scaled by its router score, and are left as they are."""
+    """Calibrate every expert on every token: a module of the block called as experts are, ``experts(hidden_states,
+    chosen_indices, weights, ...)`` with an integer (tokens, k) index tensor, is called once more with every token
+    routed to every expert (weights 1) while the observer records, and then with the router's own choice while it
+    does not, so the block's outputs stay exactly the routed ones. The number of experts: the stack of its fused
+    parameter (``expert_modules``), else the width of the router's output that chose them (``routed_expert_count``;
+    DBRX keeps its experts as 2-D stacks in a child module). A module with a stacked parameter called otherwise is an
+    error; any other module with three or more arguments passes its calls through. Experts modules called with the
+    hidden states alone (Llama-4) already run every expert on every token, scaled by its router score."""
+    stacked = {name: count for name, _, count in expert_modules(block)}
     patched = []
-    for name, module, count in expert_modules(block):
+    for name, module in block.named_modules():
+        if not name:
+            continue  # the block itself
         original = module.forward
-        if len(inspect.signature(original).parameters) < 3:
-            continue  # experts called on every token already (Llama-4: inputs scaled by the router's scores)
+        sig = inspect.signature(original)
+        params = list(sig.parameters)
+        if len(params) < 3 or any(sig.parameters[p].kind in (inspect.Parameter.VAR_POSITIONAL,
+                                                               inspect.Parameter.VAR_KEYWORD) for p in params[:3]):
+            continue  # not the experts call (Llama-4's experts take the hidden states alone)
 
-        def forward(hidden_states, top_k_index=None, top_k_weights=None, *args, _orig=original, _n=count,
-                    _name=name, _mod=module, **kwargs):
-            if top_k_index is None or not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2:
-                raise UnsupportedModelError(
-                    f"{_name} ({type(_mod).__name__}): calibrate_all_experts needs the experts call "
-                    "experts(hidden_states, top_k_index, top_k_weights) of transformers 5")
-            tokens = top_k_index.shape[0]
-            idx = torch.arange(_n, device=top_k_index.device, dtype=top_k_index.dtype).expand(tokens, _n)
-            w = torch.ones(tokens, _n, device=hidden_states.device,
-                           dtype=top_k_weights.dtype if isinstance(top_k_weights, torch.Tensor)
-                           else hidden_states.dtype)
+        def forward(*args, _orig=original, _sig=sig, _params=params, _name=name, _mod=module,
+                    _count=stacked.get(name), **kwargs):
+            bound = _sig.bind(*args, **kwargs)
+            hidden, index, weights = (bound.arguments.get(p) for p in _params[:3])
+            if not _experts_call(hidden, index):
+                if _count is not None:
+                    raise UnsupportedModelError(
+                        f"{_name} ({type(_mod).__name__}): calibrate_all_experts needs the experts call "
+                        "experts(hidden_states, top_k_index, top_k_weights) of transformers 5")
+                return _orig(*args, **kwargs)
+            count = _count if _count is not None else routed_expert_count(observer)
+            if count is None:
+                raise UnsupportedModelError(f"{_name} ({type(_mod).__name__}): calibrate_all_experts cannot tell how "
+                                            "many experts it holds (no fused parameter, no router seen)")
+            tokens = index.shape[0]
+            bound.arguments[_params[1]] = torch.arange(count, device=index.device, dtype=index.dtype).expand(
+                tokens, count)
+            bound.arguments[_params[2]] = torch.ones(
+                tokens, count, device=hidden.device,
+                dtype=weights.dtype if isinstance(weights, torch.Tensor) else hidden.dtype)
             was = observer.enabled
-            _orig(hidden_states, idx, w, *args, **kwargs)  # every expert on every token: recorded
-            observer.enabled = False                         # the router's own choice: the output, not recorded
+            _orig(*bound.args, **bound.kwargs)  # every expert on every token: recorded
+            observer.enabled = False             # the router's own choice: the output, not recorded
             try:
-                return _orig(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+                return _orig(*args, **kwargs)
             finally:
                 observer.enabled = was
 

@@ -200,10 +200,12 @@ def test_moe_experts_get_routed_hessians_and_fallbacks(rng):
         check_pattern(r.name, views[r.name], "0.5")
 
 
-def test_calibrate_all_experts_keeps_routed_outputs(rng):
-    """Every expert sees every token for its statistics, while the block's outputs stay the routed ones."""
+@pytest.mark.parametrize("model_type,param", [("qwen3_moe", "gate_up"), ("gpt_oss", "gate_up"), ("dbrx", "w1")])
+def test_calibrate_all_experts_keeps_routed_outputs(model_type, param, rng):
+    """Every expert sees every token for its statistics, while the block's outputs stay the routed ones: 3-D fused
+    experts, and DBRX's 2-D stacks in a child module (their count from the router's output width)."""
     from pyprune.models.discover import MatrixObserver, all_experts_statistics
-    model = tiny_model("qwen3_moe", rng, layers=1)
+    model = tiny_model(model_type, rng, layers=1)
     ids = calibration(rng, 2, 16)
     _, blocks = find_blocks(model)
     with torch.no_grad(), eager_experts(model):
@@ -215,7 +217,7 @@ def test_calibrate_all_experts_keeps_routed_outputs(rng):
     assert torch.equal(got, ref)
     tokens = {}
     for site, x in obs.events:
-        if site.expert is not None and "gate_up" in site.param:
+        if site.expert is not None and param in site.param:
             tokens[site.expert] = tokens.get(site.expert, 0) + x.shape[0]
     assert tokens == {e: ids.numel() for e in range(4)}
 

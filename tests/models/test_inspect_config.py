@@ -14,14 +14,7 @@ from pyprune.models.pipeline import inspect_model
 from .tiny import MODEL_TYPES, MORE_TYPES, tiny_model
 
 
-# DBRX keeps its experts as 2-D stacks in a child of the module the router calls, which all_experts_statistics does
-# not find: each expert is observed only where tokens reach it, and on the meta device other experts are reached than
-# with real weights, so those experts' groups differ (README, "Tested types")
-_KNOWN = {"dbrx": pytest.mark.xfail(strict=True, reason="all-experts calibration misses DBRX's 2-D expert stacks")}
-
-
-@pytest.mark.parametrize("model_type", [pytest.param(t, marks=_KNOWN[t]) if t in _KNOWN else t
-                                        for t in MODEL_TYPES + MORE_TYPES])
+@pytest.mark.parametrize("model_type", MODEL_TYPES + MORE_TYPES)
 def test_inspect_from_the_config_equals_the_loaded_model(model_type, rng, tmp_path):
     model = tiny_model(model_type, rng, layers=3)
     model.save_pretrained(str(tmp_path))
