@@ -85,10 +85,23 @@ class KeyMap:
                                                  load_config=LoadStateDictConfig(weight_mapping=self.mapping))
         return {}
 
-    def save_form(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Model-named tensors -> checkpoint-named ones (the layout of the input checkpoint)."""
+    def save_form(self, state: dict[str, torch.Tensor], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Model-named tensors -> checkpoint-named ones (the layout of the input checkpoint), ``keys`` the checkpoint's
+        names for them. transformers' reverse conversion writes the layout its own class saves: where the model is
+        part of the checkpoint's (a multimodal checkpoint's ``language_model.model.layers...``, pruned through its
+        text model), a name it gives that is the end of exactly one of ``keys`` takes that key."""
         if not self.converts:
             back = {v: k for k, v in self.to_model.items()}
             return {back.get(k, k): v for k, v in state.items()}
         from transformers.core_model_loading import revert_weight_conversion
-        return dict(revert_weight_conversion(self.model, state))
+        out = dict(revert_weight_conversion(self.model, state))
+        missing = [k for k in keys if k not in out]
+        if not missing:
+            return out
+        moved = {}
+        for name in [n for n in out if n not in set(keys)]:
+            hits = [k for k in missing if k.endswith("." + name)]
+            if len(hits) == 1:
+                moved[hits[0]] = out.pop(name)
+        out.update(moved)
+        return out

@@ -125,7 +125,7 @@ class _ShardStore(BlockStore):
         r = self.run
         if r.main:
             lead = f"{r.path}.{i}."
-            written = r.keymap.save_form({lead + k: v for k, v in block.state_dict().items()})
+            written = r.keymap.save_form({lead + k: v for k, v in block.state_dict().items()}, r.keymap.block_keys[i])
             written.update(self.raw)
             missing = set(r.keymap.block_keys[i]) - set(written)
             if missing:

@@ -145,3 +145,41 @@ def test_stream_memory_is_bounded_by_one_block(tmp_path):
     # +72 MiB once with the machine at a load average of 4. A leak of one block per block would reach +280 MiB.
     assert added < 6 * block_bytes, (added, block_bytes)
     assert added * 3 < size, (added, size)
+
+
+def test_streams_a_multimodal_checkpoint_through_its_text_model(rng, tmp_path):
+    """A multimodal Llama-4 checkpoint (``language_model.model.layers...`` beside a vision tower) loads for causal LM
+    as its text model, whose own save layout drops ``language_model.``: the streamed output keeps the checkpoint's
+    names (it could not write block 0 back before), holds the in-memory pruned weights bit for bit, and leaves the
+    vision tower as it was."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                num_local_experts=4, num_experts_per_tok=1, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    dense = AutoModelForImageTextToText.from_config(
+        AutoConfig.for_model("llama4", text_config=text, vision_config=vision, image_token_index=255)).eval()
+    src = str(tmp_path / "src")
+    dense.save_pretrained(src)
+    src_hash = dir_hash(src)
+    ids = calibration(rng, 4, 16)
+    config = PruneConfig(sparsity="0.5", block_size=16)
+    prune_checkpoint(src, str(tmp_path / "out"), ids, config, device="cpu", expert_min_tokens=1)
+    assert dir_hash(src) == src_hash
+
+    mem = AutoModelForCausalLM.from_pretrained(src)  # the text model alone
+    report = prune_model(mem, ids, config, device="cpu", expert_min_tokens=1)
+    assert report.layers
+    mine = mem.state_dict()
+    got = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out")).state_dict()
+    ref = dense.state_dict()
+    pruned = 0
+    for k, v in got.items():
+        if k.startswith("language_model."):
+            assert torch.equal(v, mine[k[len("language_model."):]]), k
+            pruned += not torch.equal(v, ref[k])
+        else:
+            assert torch.equal(v, ref[k]), k
+    assert pruned == 2 * (4 + 2 + 3)  # per block: q, k, v, o; the two fused expert stacks; the shared expert's three
