@@ -3,6 +3,7 @@ its prefix; and where transformers converts a checkpoint layout when it loads on
 experts, renamed modules), its own conversion and its reverse are applied one block at a time."""
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch
@@ -21,6 +22,18 @@ def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         raise KeyError(name)
 
 
+def _prefix_change_applies(m, keys: list[str]) -> bool:
+    """Whether transformers' mapping entry ``m`` applies to a checkpoint with ``keys``: every entry but a
+    ``PrefixChange``, which only where it removes a prefix that the checkpoint's keys carry (Qwen 3.5's multimodal
+    ``model.language_model.layers...`` read by its text model); one that adds a prefix would match every key."""
+    if type(m).__name__ != "PrefixChange":
+        return True
+    if getattr(m, "prefix_to_remove", None) is None:
+        return False
+    patterns = [re.compile(p) for p in m.source_patterns]
+    return any(p.match(k) for p in patterns for k in keys)
+
+
 class KeyMap:
     """Checkpoint keys <-> model names. Usually identical; checkpoints saved from the base model lack its prefix; and
     where transformers converts a checkpoint layout when it loads one (per-expert tensors fused into 3-D experts,
@@ -32,7 +45,7 @@ class KeyMap:
         from transformers.conversion_mapping import get_model_conversion_mapping
         try:
             self.mapping = [m for m in (get_model_conversion_mapping(model, add_legacy=True) or [])
-                            if type(m).__name__ != "PrefixChange"]
+                            if _prefix_change_applies(m, keys)]
         except Exception:  # noqa: BLE001 - models without a mapping
             self.mapping = []
         names = set(model.state_dict().keys())
