@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty directory")
     p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                    help="stream a safetensors checkpoint block by block from disk (auto: when the weights exceed "
-                        "half of the available memory)")
+                        "half of the available memory, or when the causal LM is only part of the checkpoint, as in "
+                        "a multimodal Llama 4 or Qwen 3.5: streaming writes the whole checkpoint back, the vision "
+                        "tower as it was; off writes the text model alone)")
     p.add_argument("--no-resume", action="store_true", help="streaming: refuse to continue a partial run")
     p.add_argument("--distributed", action="store_true",
                    help="prune on the ranks of a torchrun launch (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; "

@@ -30,10 +30,27 @@ def mem_available() -> int | None:
     return None
 
 
+def causal_lm_is_a_part(path: str) -> bool:
+    """Whether the causal LM transformers loads from the checkpoint at ``path`` is only a part of it: its class reads
+    another config type than the checkpoint's (a multimodal Llama 4 or Qwen 3.5 loads as its text model), so an
+    in-memory run would write the text model alone."""
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+        from .io import quiet_transformers
+        with quiet_transformers():
+            cfg = AutoConfig.from_pretrained(path)
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
+    except Exception:  # noqa: BLE001 - not a transformers checkpoint we can tell about: the loader reports it
+        return False
+    return getattr(cls.config_class, "model_type", cfg.model_type) != cfg.model_type
+
+
 def should_stream(source, stream: str = "auto", copies: int = 1) -> bool:
     """Whether a run streams the checkpoint block by block: ``on``/``off`` as asked (``on`` needs an HF directory
     with safetensors shards); ``auto`` when the weights times ``copies`` (processes on this machine that each hold
-    the model) exceed half of the available memory."""
+    the model) exceed half of the available memory, or when the causal LM is only a part of the checkpoint
+    (``causal_lm_is_a_part``): streaming writes the whole checkpoint back, the parts it does not prune as they were."""
     from .io import ModelSource
     if stream not in STREAM_CHOICES:
         raise ValueError(f"stream must be one of {', '.join(STREAM_CHOICES)}, got {stream!r}")
@@ -48,6 +65,8 @@ def should_stream(source, stream: str = "auto", copies: int = 1) -> bool:
         size = checkpoint_bytes(source.path)
     except FileNotFoundError:
         return False
+    if causal_lm_is_a_part(source.path):
+        return True
     available = mem_available()
     return available is not None and size * copies > available // 2
 

@@ -163,24 +163,8 @@ def test_streams_a_multimodal_checkpoint_through_its_text_model(model_type, rng,
     differ: the streamed output keeps the checkpoint's names (Llama 4 could not write block 0 back before; Qwen 3.5
     found no tensors for any block), holds the in-memory pruned weights bit for bit, and leaves the vision tower as
     it was."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                shared_expert_intermediate_size=64, linear_key_head_dim=16, linear_value_head_dim=16,
-                linear_num_key_heads=2, linear_num_value_heads=4, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,
-                  num_heads=2, image_size=32, patch_size=16, vision_output_dim=64, projector_input_dim=64,
-                  projector_output_dim=64, out_hidden_size=64)
-    base = AutoConfig.for_model(model_type)
-    text = {k: v for k, v in text.items() if hasattr(base.text_config, k)}
-    kinds = getattr(base.text_config, "layer_types", None)
-    if kinds:  # one block of each kind (Qwen 3.5: linear attention, then full)
-        text["layer_types"] = list(dict.fromkeys(kinds))[:2]
-    vision = {k: v for k, v in vision.items() if hasattr(base.vision_config, k)}
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
-    dense = AutoModelForImageTextToText.from_config(
-        AutoConfig.for_model(model_type, text_config=text, vision_config=vision)).eval()
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    dense = _tiny_multimodal(model_type, rng)
     src = str(tmp_path / "src")
     dense.save_pretrained(src)
     src_hash = dir_hash(src)
@@ -205,3 +189,37 @@ def test_streams_a_multimodal_checkpoint_through_its_text_model(model_type, rng,
             assert torch.equal(v, ref[k]), k
     want = {r.name.rsplit("[", 1)[0] for r in report.layers}  # fused experts: one tensor for all
     assert {n[:-len(".weight")] if n.endswith(".weight") else n for n in pruned} == want
+
+
+def test_auto_streams_a_checkpoint_whose_causal_lm_is_a_part(rng, tmp_path):
+    """In memory a multimodal Llama 4 would be written as its text model alone (model type llama4_text, no vision
+    tower); --stream auto streams it, which writes the whole checkpoint back. A text model's own checkpoint is not a
+    part of anything."""
+    from pyprune.models.io import ModelSource
+    from pyprune.models.pipeline import causal_lm_is_a_part, should_stream
+    _tiny_multimodal("llama4", rng).save_pretrained(str(tmp_path / "mm"))
+    tiny_model("llama", rng).save_pretrained(str(tmp_path / "text"))
+    assert causal_lm_is_a_part(str(tmp_path / "mm")) and not causal_lm_is_a_part(str(tmp_path / "text"))
+    assert should_stream(ModelSource("hf", str(tmp_path / "mm")), "auto")
+    assert not should_stream(ModelSource("hf", str(tmp_path / "mm")), "off")
+
+
+def _tiny_multimodal(model_type, rng):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                shared_expert_intermediate_size=64, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_num_key_heads=2, linear_num_value_heads=4, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,
+                  num_heads=2, image_size=32, patch_size=16, vision_output_dim=64, projector_input_dim=64,
+                  projector_output_dim=64, out_hidden_size=64)
+    base = AutoConfig.for_model(model_type)
+    text = {k: v for k, v in text.items() if hasattr(base.text_config, k)}
+    kinds = getattr(base.text_config, "layer_types", None)
+    if kinds:  # one block of each kind (Qwen 3.5: linear attention, then full)
+        text["layer_types"] = list(dict.fromkeys(kinds))[:2]
+    vision = {k: v for k, v in vision.items() if hasattr(base.vision_config, k)}
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    return AutoModelForImageTextToText.from_config(
+        AutoConfig.for_model(model_type, text_config=text, vision_config=vision)).eval()
