@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Sparsity
-from ..ops._checks import check_matrix, check_same_device, check_symmetric
+from ..ops._checks import all_finite, check_matrix, check_same_device, check_symmetric
 
 # Damping retry (hessian_setup): when the Cholesky factorisation of H + damp * mean(diag(H)) * I fails, damp is
 # multiplied by DAMP_STEP (0 becomes DAMP_FROM_ZERO) and the setup tried again, up to MAX_DAMP: config.damp = 0.01
@@ -177,8 +177,7 @@ def inverse_cholesky_upper(H_d: torch.Tensor, *, overwrite: bool = False) -> tor
     U.diagonal().fill_(1.0)
     torch.linalg.solve_triangular(A, U, upper=True, out=U)  # R^{-1}, in place over I
     del A
-    lo, hi = torch.aminmax(U)  # NaN or Inf anywhere shows in one of them; no cols x cols temporary
-    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+    if not all_finite(U):
         raise NotPositiveDefiniteError("the inverse of the damped Hessian overflows in this precision; increase damp")
     return U
 

@@ -84,6 +84,11 @@ class Site:
     transposed: bool
     expert: int | None = None
 
+    def stacked_in(self, p: torch.Tensor) -> int:
+        """How many matrices of this view's shape the parameter ``p`` holds (a fused expert parameter, in any
+        layout: (E, out, in), (E, in, out) or DBRX's 2-D (E * ffn, hidden), whose first dimension is not the count)."""
+        return p.numel() // (self.shape[0] * self.shape[1])
+
     @property
     def name(self) -> str:
         """``q_proj`` style module names for a module's own weight, ``experts.down_proj[3]`` for expert matrices."""
@@ -340,10 +345,7 @@ def classify(block: torch.nn.Module, events: list[tuple[Site, torch.Tensor]],
         for pname, p in module.named_parameters(recurse=False):
             owner[f"{mname}.{pname}" if mname else pname] = module
     params = dict(block.named_parameters())
-    # a fused parameter holds numel / (rows x cols) expert matrices, whatever its layout: (E, out, in), (E, in, out)
-    # or DBRX's 2-D (E * ffn, hidden), whose first dimension is not the count
-    experts = max((params[s.param].numel() // (s.shape[0] * s.shape[1]) for s, _ in events if s.expert is not None),
-                  default=0)
+    experts = max((s.stacked_in(params[s.param]) for s, _ in events if s.expert is not None), default=0)
     result = BlockMatrices(experts=experts)
     by_input: dict = {}
     order: list = []

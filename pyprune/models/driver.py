@@ -219,7 +219,7 @@ def _add_unseen_experts(result: Observed, params: dict, shared) -> None:
         if shared is not None and shared.where(p) is not None:
             continue
         size = site.shape[0] * site.shape[1]
-        for e in range(p.numel() // size):
+        for e in range(site.stacked_in(p)):
             if (name, e) not in have:
                 result.slots.append(_Slot((Site(name, e * size, site.shape, site.stride, site.transposed, e),),
                                           seen=False))

@@ -108,11 +108,12 @@ class KeyMap:
             return {back.get(k, k): v for k, v in state.items()}
         from transformers.core_model_loading import revert_weight_conversion
         out = dict(revert_weight_conversion(self.model, state))
+        keys = set(keys)
         missing = [k for k in keys if k not in out]
         if not missing:
             return out
         moved = {}
-        for name in [n for n in out if n not in set(keys)]:
+        for name in [n for n in out if n not in keys]:
             hits = [k for k in missing if k.endswith("." + name)]
             if len(hits) == 1:
                 moved[hits[0]] = out.pop(name)

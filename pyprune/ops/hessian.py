@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve
-from ._checks import (SYMMETRY_RTOL, check_count, check_matrix, check_same_device, check_tensor_device,
+from ._checks import (SYMMETRY_RTOL, all_finite, check_count, check_matrix, check_same_device, check_tensor_device,
                       symmetry_error, symmetry_stats)
 
 # Rows of H compared with its columns by accumulate_hessian when it reads an existing H (n > 0): a spot check that
@@ -113,7 +113,7 @@ def _check_update_values(H: torch.Tensor, X: torch.Tensor, alpha: float, beta: f
     fmax = torch.finfo(H.dtype).max
     sq = vals[0] ** 2
     if not sq <= fmax / 2:  # NaN, Inf or too large
-        if bool(torch.isfinite(X).all()):
+        if all_finite(X):
             raise ValueError(f"X^T X overflows {H.dtype}: the calibration activations X have a sum of squares of "
                              f"{sq:.3g}; scale them down (H is unchanged)")
         raise ValueError(f"X contains NaN or Inf values (found {'NaN' if bool(torch.isnan(X).any()) else 'Inf'}): "
