@@ -25,13 +25,29 @@ at::Tensor nm_select_cpu(const at::Tensor& W1, const at::Tensor& G, int64_t n64,
     using T = decltype(tag);
     const T* w = W1.data_ptr<T>();
     if (!exact) {
+      // the scores of a whole row first (w^2 / G_jj over contiguous columns: vectorised divisions), then the
+      // groups' bits; the same arithmetic per entry as nm_saliency_group
+      std::vector<float> gd(B);
+      for (int c = 0; c < B; ++c) gd[c] = g[(size_t)c * (B + 1)];
       at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-        std::vector<float> wf(B);
+        std::vector<float> sc(B);
         for (int64_t r = r0; r < r1; ++r) {
-          for (int c = 0; c < B; ++c) wf[c] = to_f32(w[r * B + c]);
+          const T* wr = w + r * B;
+          for (int c = 0; c < B; ++c) {
+            const float x = to_f32(wr[c]);
+            sc[c] = x * x / gd[c];
+          }
+          uint8_t* orow = o + r * B;
+          if (m == 4) {  // 2:4 and 1:4 with the group size known to the compiler (unrolled compares)
+            for (int gi = 0; gi < ngroups; ++gi) {
+              const uint32_t bits = nm_smallest_bits(sc.data() + gi * 4, 1, n, 4);
+              for (int j = 0; j < 4; ++j) orow[gi * 4 + j] = (bits >> j) & 1u;
+            }
+            continue;
+          }
           for (int gi = 0; gi < ngroups; ++gi) {
-            const uint32_t bits = nm_saliency_group(wf.data() + gi * m, 1, g + (size_t)gi * m * (B + 1), B + 1, n, m);
-            for (int j = 0; j < m; ++j) o[r * B + gi * m + j] = (bits >> j) & 1u;
+            const uint32_t bits = nm_smallest_bits(sc.data() + gi * m, 1, n, m);
+            for (int j = 0; j < m; ++j) orow[gi * m + j] = (bits >> j) & 1u;
           }
         }
       });

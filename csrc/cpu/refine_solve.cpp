@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <cstdint>
 #include <memory>
 #include <thread>
@@ -133,8 +134,15 @@ bool cpu_supported() {
 
 using RsOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The outputs, filled with `fill` (the emulation's tiers leave rows to each other), or uninitialised (fill = NaN:
+// the serial op writes every row's e, loss, status, mask and count, MS_SKIPPED never happening with kmin = 0 and
+// kmax = B; two passes over rows x B saved per block)
 RsOut refine_outputs(const at::Tensor& G, const at::Tensor& W1, float fill) {
   const int64_t rows = W1.size(0), B = G.size(0);
+  if (fill != fill)
+    return {at::empty({rows, B}, G.options()), at::empty({rows}, G.options()),
+            at::empty({rows}, G.options().dtype(at::kInt)), at::empty({rows, B}, G.options().dtype(at::kBool)),
+            at::empty({rows}, G.options().dtype(at::kInt))};
   return {at::full({rows, B}, fill, G.options()), at::full({rows}, fill, G.options()),
           at::full({rows}, (int)fill, G.options().dtype(at::kInt)),
           at::zeros({rows, B}, G.options().dtype(at::kBool)), at::full({rows}, (int)fill, G.options().dtype(at::kInt))};
@@ -161,7 +169,7 @@ RsOut refine_solve_cpu_impl(const at::Tensor& G, const at::Tensor& U_B, const at
   TORCH_CHECK(cpu_supported(), "pyprune.refine_solve: the C++ CPU op needs a processor with AVX2 and FMA; use "
                                "backend='torch' (backend='auto' does)");
   const int B = (int)G.size(0);
-  return run(G, U_B, W1, mask, 0.f, [&](const float* g, const float* u, const auto* w, const uint8_t* mk, float* e,
+  return run(G, U_B, W1, mask, std::numeric_limits<float>::quiet_NaN(), [&](const float* g, const float* u, const auto* w, const uint8_t* mk, float* e,
                                         float* l, int32_t* st, uint8_t* mo, int32_t* ns) {
     refine_rows_serial(g, u, w, mk, W1.size(0), B, (int)m, (int)rounds, (float)tol, e, l, st, mo, ns, multi);
   });

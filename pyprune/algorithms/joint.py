@@ -58,18 +58,19 @@ def prune_joint(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneCon
     for b0 in range(0, cols, B):
         b1 = min(b0 + B, cols)
         W1 = Wc[:, b0:b1]
+        W1c = W1.contiguous()  # one copy of the strided block for the mask and the solve (each would make its own)
         U_B = U[b0:b1, b0:b1]
         G = U_B.T @ U_B
         M1 = mask[:, b0:b1] if mask is not None else select_block_mask(
-            W1, U_B, G, config, None if h_diag is None else h_diag[b0:b1])
+            W1c, U_B, G, config, None if h_diag is None else h_diag[b0:b1])
         if mask is None and config.swaps:  # exchanges, then the solve of the final set, from one factor per row
             t0 = time.perf_counter()
-            E, loss, M1, made = ops.refine_solve(G, U_B, W1, M1, config.swaps, m=config.sparsity.m,
+            E, loss, M1, made = ops.refine_solve(G, U_B, W1c, M1, config.swaps, m=config.sparsity.m,
                                                  backend=config.backend, check_values=False)
             exchanges += int(made.sum())  # a host sync, as the op's status check already is
             exchange_s += time.perf_counter() - t0
         else:
-            E, loss = ops.masked_solve(G, U_B, W1, M1, backend=config.backend, check_values=False)
+            E, loss = ops.masked_solve(G, U_B, W1c, M1, backend=config.backend, check_values=False)
         W1 -= E @ U_B
         zero_masked_(W1, M1)
         Wc[:, b1:].addmm_(E, U[b0:b1, b1:], alpha=-1.0)  # in place: no rows x cols temporary
