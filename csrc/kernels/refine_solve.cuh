@@ -67,8 +67,8 @@ PP_HD float rs_max(float a, float b) { return a > b ? a : b; }
 PP_HD size_t rs_smem_words(int kcap, int B, int m) {
   return 2 * (size_t)kcap * kcap + (size_t)kcap * (B + (m > 0 ? m : 0)) + 20 * (size_t)B + 8;
 }
-// the same for the CPU op (one-thread teams pad the rows of X and Ainv: refine_solve_row's cs; three more arrays
-// of U's in-group entries past Ug for the scores)
+// the same for the CPU op (one-thread teams pad the rows of X and Ainv: refine_solve_row's cs; past Ug, the scores
+// and the slot map of rs_row_finish, as large as Ug each)
 PP_HD size_t rs_host_words(int B) {
   const size_t cs = ((size_t)(B + 7) / 8) * 8 + 8;
   return 2 * cs * B + (size_t)2 * B * B + 20 * (size_t)B + 16;
@@ -87,6 +87,131 @@ inline rs_v8 rs_load8(const float* p) {
 }
 
 inline void rs_store8(float* p, rs_v8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+typedef int rs_v8i __attribute__((vector_size(32)));
+
+inline rs_v8i rs_load8i(const int* p) {
+  rs_v8i v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// lane r = base[off[r]]
+inline rs_v8 rs_gather8(const float* base, rs_v8i off) {
+#ifdef PP_RS_X86_FMA
+  return (rs_v8)_mm256_i32gather_ps(base, (__m256i)off, 4);
+#else
+  rs_v8 v;
+  for (int l = 0; l < 8; ++l) v[l] = base[off[l]];
+  return v;
+#endif
+}
+
+// Per kept slot q < n of rs_row_finish's scoring round: t = (w_K - y_K) / s', the score's first term r = (w_K -
+// y_K) t / 2 and 1 / s', with s' = max(s, tiny) (whole vectors; the same arithmetic as the team loop)
+inline void rs_kept_terms_host(float* __restrict__ tq, float* __restrict__ r, float* __restrict__ isq,
+                               const float* __restrict__ wK, const float* __restrict__ yK, const float* __restrict__ s,
+                               float tiny, int n) {
+  const rs_v8 tv = {tiny, tiny, tiny, tiny, tiny, tiny, tiny, tiny}, one = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+  const rs_v8 half = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
+  int q = 0;
+  for (; q + 8 <= n; q += 8) {
+    const rs_v8 v = rs_load8(wK + q) - rs_load8(yK + q), sv = rs_load8(s + q);
+    const rs_v8 sq = sv > tv ? sv : tv;
+    const rs_v8 tt = v / sq;
+    rs_store8(tq + q, tt);
+    rs_store8(r + q, half * v * tt);
+    rs_store8(isq + q, one / sq);
+  }
+  for (; q < n; ++q) {
+    const float v = wK[q] - yK[q], sq = s[q] > tiny ? s[q] : tiny;
+    const float tt = v / sq;
+    tq[q] = tt;
+    r[q] = 0.5f * v * tt;
+    isq[q] = 1.f / sq;
+  }
+}
+
+// lane j = v[idx[j]]
+inline rs_v8 rs_perm8(rs_v8 v, rs_v8i idx) {
+#ifdef PP_RS_X86_FMA
+  return (rs_v8)_mm256_permutevar8x32_ps((__m256)v, (__m256i)idx);
+#else
+  rs_v8 o;
+  for (int l = 0; l < 8; ++l) o[l] = v[idx[l]];
+  return o;
+#endif
+}
+
+// The vectors of pruned-slot values (lam, Ainv_pp, ...) that rs_row_finish's grouped loops pair with kept slots
+// q .. q + 7 of row a of Ug's order (x = a K + q, pruned slot p = pg[x] = (q / kg) nn + a): a gather through pg,
+// or, when nn == kg and kg divides 8 (2:4, 4:8, 8:16: then c == K and the eight p lie in q .. q + 7), a permutation
+// of the eight values at q (lane j takes (j / kg) kg + a), which needs no gather.
+struct RsGroupLanes {
+  bool perm;
+  int kg;
+  PP_HD RsGroupLanes(int nn, int kg_) : perm(nn == kg_ && 8 % kg_ == 0), kg(kg_) {}
+  rs_v8i ctrl(int a) const {
+    rs_v8i c;
+    for (int j = 0; j < 8; ++j) c[j] = (j / kg) * kg + a;
+    return c;
+  }
+  // the values src[p] for x = a K + q .. + 7 (ctl = ctrl(a), pgx = pg + x)
+  rs_v8 get(const float* src, int q, const int* pgx, rs_v8i ctl) const {
+    return perm ? rs_perm8(rs_load8(src + q), ctl) : rs_gather8(src, rs_load8i(pgx));
+  }
+};
+
+// The grouped scores of rs_row_finish over whole vectors: sc[x] = r[q] - (lam_p - u t_q)^2 / 2 / (Ainv_pp + u^2 / s_q)
+// for x = a K + q (a < nn, q < K), u = Ug[x], p = pg[x], Ainv_pp = ad[p]; tq, isq, r per kept slot.
+inline void rs_group_scores_host(float* __restrict__ sc, const float* __restrict__ Ug, const int* __restrict__ pg,
+                                 const float* __restrict__ lam, const float* __restrict__ ad,
+                                 const float* __restrict__ tq, const float* __restrict__ isq,
+                                 const float* __restrict__ r, int nn, int kg, int K) {
+  const rs_v8 half = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
+  const RsGroupLanes gl(nn, kg);
+  for (int a = 0; a < nn; ++a) {
+    const int x0 = a * K;
+    const rs_v8i ctl = gl.ctrl(a);
+    int q = 0;
+    for (; q + 8 <= K; q += 8) {
+      const int x = x0 + q;
+      const rs_v8 u = rs_load8(Ug + x);
+      const rs_v8 num = gl.get(lam, q, pg + x, ctl) - u * rs_load8(tq + q);
+      const rs_v8 den = gl.get(ad, q, pg + x, ctl) + u * u * rs_load8(isq + q);
+      rs_store8(sc + x, rs_load8(r + q) - half * num * num / den);
+    }
+    for (; q < K; ++q) {
+      const int x = x0 + q;
+      const float u = Ug[x];
+      const float num = lam[pg[x]] - u * tq[q];
+      sc[x] = r[q] - 0.5f * num * num / (ad[pg[x]] + u * u * isq[q]);
+    }
+  }
+}
+
+// Ug[x] += -av_p ia urow[q] + vv_p is vg[q] for x = a K + q, p = pg[x]: the in-group entries of U after an exchange
+// (rs_row_finish then sets the exchanged kept slot's own entries)
+inline void rs_group_update_host(float* __restrict__ Ug, const int* __restrict__ pg, const float* __restrict__ av,
+                                 const float* __restrict__ vv, float ia, float is, const float* __restrict__ urow,
+                                 const float* __restrict__ vg, int nn, int kg, int K) {
+  const rs_v8 iav = {ia, ia, ia, ia, ia, ia, ia, ia}, isv = {is, is, is, is, is, is, is, is};
+  const RsGroupLanes gl(nn, kg);
+  for (int a = 0; a < nn; ++a) {
+    const int x0 = a * K;
+    const rs_v8i ctl = gl.ctrl(a);
+    int q = 0;
+    for (; q + 8 <= K; q += 8) {
+      const int x = x0 + q;
+      const rs_v8 ca = gl.get(av, q, pg + x, ctl) * iav, cv = gl.get(vv, q, pg + x, ctl) * isv;
+      rs_store8(Ug + x, rs_load8(Ug + x) - ca * rs_load8(urow + q) + cv * rs_load8(vg + q));
+    }
+    for (; q < K; ++q) {
+      const int x = x0 + q, p = pg[x];
+      Ug[x] = Ug[x] - av[p] * ia * urow[q] + vv[p] * is * vg[q];
+    }
+  }
+}
 
 // a x + y in one rounding per lane where the target has FMA (the CPU op), else a x + y
 inline rs_v8 rs_fma8(rs_v8 a, rs_v8 x, rs_v8 y) {
@@ -454,7 +579,7 @@ PP_HD int rs_row_begin(Team& t, const T* __restrict__ w, const uint8_t* __restri
   const int cs = Team::kSerial ? ((c + 7) / 8) * 8 + 8 : c;
   float* X = Ai + (size_t)cs * c;
   float* Y = X + (size_t)cs * c;     // c x K: G[M, K], then Y, then U (every pair)
-  float* Ug = Y + (size_t)c * K;     // c x kg: U's in-group entries (grouped N:M)
+  float* Ug = Y + (size_t)c * K;     // U's in-group entries (grouped N:M): U[p][q] at (p % nn) K + q
   rw.c = c;
   rw.K = K;
   rw.cs = cs;
@@ -616,12 +741,12 @@ PP_HD int rs_row_setup(Team& t, const float* __restrict__ G, const uint8_t* __re
   }
   if (grouped) {
     t.sync();
-    // Ug[p][b] = sum over q >= p of X[q][p] Y[q][(p / nn) * kg + b]
+    // U[p][col] = sum over q >= p of X[q][p] Y[q][col], col = (p / nn) * kg + b, at Ug[(p % nn) K + col]
     for (int x = R; x < c * kg; x += S) {
       const int p = x / kg, col = (p / nn) * kg + x % kg;
       float acc = 0.f;
       for (int q = p; q < c; ++q) acc = rs_fma(X[(size_t)q * cs + p], Y[(size_t)q * K + col], acc);
-      Ug[x] = acc;
+      Ug[(p % nn) * K + col] = acc;
     }
   } else {
     // U = X^T Y in place, top-down (row i needs rows >= i of Y); each thread owns columns.
@@ -655,6 +780,12 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
   RS_ROW_UNPACK(rw);
 
   // 3. Exchanges.
+  // One-thread teams, grouped: pg[a K + q] = the pruned slot (q / kg) nn + a that shares kept slot q's group (the
+  // room past the scores)
+  int* const pg = Team::kSerial ? reinterpret_cast<int*>(Ug + 2 * c * kg) : nullptr;
+  if (grouped && Team::kSerial)
+    for (int a = 0; a < nn; ++a)
+      for (int q = 0; q < K; ++q) pg[a * K + q] = (q / kg) * nn + a;
   float* const isq = bv;  // 1 / s while scoring (bv is free until the exchange)
   const float tiny = 1.17549435e-38f;
   const float inf = pp_inf();
@@ -666,13 +797,18 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
   }
   PP_RS_PHASE(9);
   for (int round = 0; round < rounds && K > 0; ++round) {
-    for (int q = R; q < K; q += S) {  // per kept slot: t, the score's first term r t / 2, and 1 / s
-      const float v = wK[q] - yK[q], sq = rs_max(s[q], tiny);
-      const float tt = v / sq;
-      tq[q] = tt;
-      r[q] = 0.5f * v * tt;
-      isq[q] = 1.f / sq;
-    }
+#if !defined(__CUDACC__)
+    if constexpr (Team::kSerial)
+      rs_kept_terms_host(tq, r, isq, wK, yK, s, tiny, K);
+    else
+#endif
+      for (int q = R; q < K; q += S) {  // per kept slot: t, the score's first term r t / 2, and 1 / s
+        const float v = wK[q] - yK[q], sq = rs_max(s[q], tiny);
+        const float tt = v / sq;
+        tq[q] = tt;
+        r[q] = 0.5f * v * tt;
+        isq[q] = 1.f / sq;
+      }
     double part = 0.0;
 #if !defined(__CUDACC__)
     if constexpr (Team::kSerial)
@@ -684,41 +820,31 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     float best = inf;
     int bidx = 0x7fffffff;
     if (grouped && Team::kSerial) {
-      // the same scores in Ug's order (x = p kg + b, in the room past Ug): the terms per pair, then the divisions
-      // over whole vectors, then the first smallest (x and p K + q rise together)
-      float *const nh = Ug + c * kg, *const den = nh + c * kg, *const sc = den + c * kg;
-      for (int p = 0; p < c; ++p) {
-        const int q0 = (p / nn) * kg;
-        const float lp = lam[p], ap = Ai[(size_t)p * cs + p];
-        for (int b = 0; b < kg; ++b) {
-          const int q = q0 + b, x = p * kg + b;
-          const float u = Ug[x];
-          const float num = lp - u * tq[q];
-          nh[x] = 0.5f * num * num;
-          den[x] = ap + u * u * isq[q];
-          sc[x] = r[q];
-        }
-      }
-      const int nx = c * kg;
-      for (int x = 0; x < nx; ++x) sc[x] = sc[x] - nh[x] / den[x];
+      // the same scores over whole vectors in Ug's order (x = a K + q: kept slot q against pruned slot pg[x]), into
+      // the room past Ug; then the smallest, and of the pairs that have it the first in the order p K + q
+      float* const sc = Ug + c * kg;
 #if !defined(__CUDACC__)
-      const float pm = rs_min_host(sc, nx);
+      float* const ad = tmp;  // Ainv's diagonal, contiguous (tmp is free until the exchange)
+      for (int p = 0; p < c; ++p) ad[p] = Ai[(size_t)p * cs + p];
+      rs_group_scores_host(sc, Ug, pg, lam, ad, tq, isq, r, nn, kg, K);
+      const float pm = rs_min_host(sc, c * kg);
 #else
-      float pm = inf;
-      for (int x = 0; x < nx; ++x) pm = sc[x] < pm ? sc[x] : pm;
+      const float pm = inf;  // (never runs: CUDA teams are not serial)
 #endif
-      if (pm < best)
-        for (int x = 0; x < nx; ++x)
-          if (sc[x] == pm) {
-            const int p = x / kg;
-            best = pm;
-            bidx = p * K + (p / nn) * kg + x % kg;
-            break;
-          }
+      if (pm < best) {
+        best = pm;
+        for (int a = 0; a < nn; ++a)
+          for (int q = 0; q < K; ++q)
+            if (sc[a * K + q] == pm) {
+              const int key = pg[a * K + q] * K + q;
+              bidx = key < bidx ? key : bidx;
+              break;
+            }
+      }
     } else if (grouped) {
       for (int x = R; x < c * kg; x += S) {
         const int p = x / kg, q = (p / nn) * kg + x % kg;
-        const float u = Ug[x];
+        const float u = Ug[(p % nn) * K + q];
         const float num = lam[p] - u * tq[q];
         const float d = r[q] - 0.5f * num * num / (Ai[(size_t)p * cs + p] + u * u * isq[q]);
         if (pp_before(d, p * K + q, best, bidx)) {
@@ -857,21 +983,20 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
     const float vgq_is = vg[q] * is;
     for (int qq = R; qq < K; qq += S)
       s[qq] = qq == q ? ia - vg[q] * vgq_is : s[qq] + urow[qq] * urow[qq] * ia - vg[qq] * vg[qq] * is;
-    if (grouped && Team::kSerial) {  // the same updates as below, without the index divisions
-      for (int pp = 0; pp < c; ++pp) {
-        const int q0 = (pp / nn) * kg;
-        const float colq = vv[pp] * vgq_is - av[pp] * ia + (pp == p ? 1.f : 0.f);
-        float* Up = Ug + pp * kg;
-        for (int b = 0; b < kg; ++b) {
-          const int qq = q0 + b;
-          Up[b] = qq == q ? colq : Up[b] - av[pp] * ia * urow[qq] + vv[pp] * is * vg[qq];
-        }
+    if (grouped && Team::kSerial) {  // the same updates as below in Ug's order (pruned slot pg[x] of x = a K + qq)
+#if !defined(__CUDACC__)
+      rs_group_update_host(Ug, pg, av, vv, ia, is, urow, vg, nn, kg, K);
+#endif
+      for (int a = 0; a < nn; ++a) {
+        const int pp = pg[a * K + q];
+        Ug[a * K + q] = vv[pp] * vgq_is - av[pp] * ia + (pp == p ? 1.f : 0.f);
       }
     } else if (grouped) {
       for (int x = R; x < c * kg; x += S) {
         const int pp = x / kg, qq = (pp / nn) * kg + x % kg;
         const float colq = vv[pp] * vgq_is - av[pp] * ia + (pp == p ? 1.f : 0.f);
-        Ug[x] = qq == q ? colq : Ug[x] - av[pp] * ia * urow[qq] + vv[pp] * is * vg[qq];
+        float& u = Ug[(pp % nn) * K + qq];
+        u = qq == q ? colq : u - av[pp] * ia * urow[qq] + vv[pp] * is * vg[qq];
       }
     } else {
 #if !defined(__CUDACC__)
@@ -1017,25 +1142,6 @@ inline rs_v8 rs_fnma8(rs_v8 a, rs_v8 x, rs_v8 y) {  // y - a x, one rounding (as
   return (rs_v8)_mm256_fnmadd_ps((__m256)a, (__m256)x, (__m256)y);
 #else
   return y - a * x;
-#endif
-}
-
-typedef int rs_v8i __attribute__((vector_size(32)));
-
-inline rs_v8i rs_load8i(const int* p) {
-  rs_v8i v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// lane r = base[off[r]]
-inline rs_v8 rs_gather8(const float* base, rs_v8i off) {
-#ifdef PP_RS_X86_FMA
-  return (rs_v8)_mm256_i32gather_ps(base, (__m256i)off, 4);
-#else
-  rs_v8 v;
-  for (int l = 0; l < kRsLanes; ++l) v[l] = base[off[l]];
-  return v;
 #endif
 }
 
@@ -1373,8 +1479,8 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
 
   PP_RS_PHASE(7);
   if (grouped) {
-    // Ug[p][b] = sum over q = p .. c - 1 of X[q][p] Y[q][(p / nn) kg + b] (q ascending), the nn rows of a group
-    // together
+    // U[p][col] = sum over q = p .. c - 1 of X[q][p] Y[q][col] (q ascending), col = (p / nn) kg + b, at
+    // Ug[(p % nn) K + col] (rs_row_begin's layout), the nn rows of a group together
     for (int x = 0; x < V; ++x) dst[x] = rw[x].Ug;
     for (int g0 = 0; g0 < c; g0 += nn)
       for (int p0 = g0; p0 < g0 + nn; p0 += 4)
@@ -1387,7 +1493,8 @@ inline bool rs8_setup(const float* __restrict__ G, int B, RsRow* rw, float* __re
               rs_v8 acc[NR][NB];
               rs8_xt<NR, NB>(acc, Xp(p0, p0), xs, Yp(p0, col0), ys, c - p0);
               for (int a = 0; a < NR; ++a)
-                for (int j = 0; j < NB; ++j) rs8_scatter(acc[a][j], dst, (size_t)(p0 + a) * kg + b0 + j);
+                for (int j = 0; j < NB; ++j)
+                  rs8_scatter(acc[a][j], dst, (size_t)((p0 + a) % nn) * K + col0 + j);
             });
           });
         }
