@@ -1,8 +1,11 @@
 """Build pyprune. The compiled extension ``pyprune._C`` holds the C++ CPU ops (always) and the CUDA kernels (only
 when torch is a CUDA build and nvcc/CUDA_HOME are found). Install with ``pip install --no-build-isolation -e .``:
-torch is deliberately not a build requirement (build isolation would pull a multi-GB CUDA torch)."""
+torch is deliberately not a build requirement (build isolation would pull a multi-GB CUDA torch), and a build that
+cannot import torch stops with that fix instead of installing without pyprune._C (PYPRUNE_PURE_PYTHON=1 does that on
+purpose)."""
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -17,8 +20,19 @@ def extensions():
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:  # no torch yet: install the pure-Python package (ops fall back to torch references)
-        return [], {}
+    except ImportError:
+        # No torch in this build: an isolated build (plain `pip install .`) or torch not installed yet. Installing
+        # without pyprune._C would run every op's torch reference, 20-40x slower for the joint method, with nothing
+        # saying so at install time: refuse, naming the fix. An sdist needs no torch; PYPRUNE_PURE_PYTHON=1 asks
+        # for the package without the compiled ops on purpose.
+        if os.environ.get("PYPRUNE_PURE_PYTHON") == "1" or "sdist" in sys.argv:
+            return [], {}
+        raise RuntimeError(
+            "pyprune builds its compiled ops (pyprune._C) against the torch it will run with, and torch is not "
+            "importable in this build. Install torch first, then build without pip's build isolation: "
+            "pip install torch && pip install --no-build-isolation <pyprune source or sdist> (the README's "
+            "`make install` does both). PYPRUNE_PURE_PYTHON=1 installs without the compiled ops: every op then runs "
+            "its plain torch reference, much slower.")
     cpu_sources = _rel("csrc/bindings.cpp") + _rel("csrc/cpu/*.cpp")
     if not cpu_sources:
         return [], {}

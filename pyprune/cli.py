@@ -296,6 +296,18 @@ def _prune_config(args):
                        swaps=getattr(args, "swaps", None), shrink=getattr(args, "shrink", None))
 
 
+def _note_compiled_ops(config) -> None:
+    """Before any slow work: say so when the compiled ops are missing (backend auto then runs the torch references,
+    much slower), once here instead of the library's warning later."""
+    import warnings
+
+    from .ops._backend import no_native_message
+    msg = no_native_message() if config.backend == "auto" else None
+    if msg:
+        print(f"pyprune: note: {msg}", file=sys.stderr)
+        warnings.filterwarnings("ignore", message="pyprune's compiled ops", category=RuntimeWarning)
+
+
 def cmd_prune(args) -> int:
     from .data import calibration_texts
     from .models.driver import resolve_device
@@ -305,6 +317,7 @@ def cmd_prune(args) -> int:
     from .owl import make_profile
     config = _prune_config(args)
     make_profile(args.sparsity_profile, config.sparsity, args.owl_m, args.owl_lambda)  # before any slow work
+    _note_compiled_ops(config)
     source = resolve_model(args.model)
     resolve_device(args.device)  # before any slow work: --device cuda on a machine without CUDA
     out = os.path.abspath(args.output)
@@ -455,6 +468,7 @@ def cmd_demo(args) -> int:
     from .models.driver import prune_model, resolve_device
     from .models.io import load_model, load_tokenizer, resolve_model, save_model
     config = _prune_config(args)
+    _note_compiled_ops(config)
     texts = calibration_texts(args.calib_text)
     eval_path = shared_file("data", "wikitext2", "test.txt")
     device = resolve_device(args.device)

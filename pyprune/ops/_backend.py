@@ -7,6 +7,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -14,12 +15,31 @@ BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 
 
 @functools.lru_cache(maxsize=None)
-def _native_loaded() -> bool:
+def native_import_error() -> str | None:
+    """None when the compiled extension ``pyprune._C`` imports, else the ImportError's message (not built in this
+    install, or built against another torch)."""
     try:
         importlib.import_module("pyprune._C")
-    except ImportError:
-        return False
-    return True
+    except ImportError as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def _native_loaded() -> bool:
+    return native_import_error() is None
+
+
+def no_native_message() -> str | None:
+    """None when ``pyprune._C`` imports, else one paragraph for the user: what is missing, what it costs, the fix."""
+    err = native_import_error()
+    if err is None:
+        return None
+    why = ("it is not in this install, which was built without torch: PYPRUNE_PURE_PYTHON=1"
+           if "No module named" in err else f"it does not load: {err}")
+    return (f"pyprune's compiled ops (pyprune._C) are not available ({why}). Every op runs its plain torch "
+            "reference instead: the same method, but the joint method's exchanges take 20-40x longer per layer. "
+            "Build them against the installed torch: pip install --no-build-isolation --force-reinstall --no-deps "
+            "<pyprune source or sdist>")
 
 
 def native_has(op: str, device: torch.device) -> bool:
@@ -75,6 +95,8 @@ def resolve(backend: str, op: str, device: torch.device, *, triton_op: bool = Tr
             return "native"
         if device.type == "cuda" and triton_op and triton_usable(device):
             return "triton"
+        if device.type in ("cpu", "cuda") and native_import_error() is not None:
+            warnings.warn(no_native_message(), RuntimeWarning, stacklevel=1)  # one place: shown once
         return "torch"
     if backend in ("cpp", "cuda"):
         want = "cpu" if backend == "cpp" else "cuda"
