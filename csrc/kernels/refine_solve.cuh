@@ -162,6 +162,22 @@ struct RsGroupLanes {
   }
 };
 
+// Ug's order, whole vectors then the rest: vec(x, q, at) for x = a K + q, q a multiple of 8 with q + 8 <= K, where
+// at(src) gives the pruned-slot values src[pg[x .. x + 7]]; tail(x, q, p) for the entries past the last vector.
+template <class Vec, class Tail>
+inline void rs_group_each(const int* pg, int nn, int kg, int K, Vec&& vec, Tail&& tail) {
+  const RsGroupLanes gl(nn, kg);
+  for (int a = 0; a < nn; ++a) {
+    const rs_v8i ctl = gl.ctrl(a);
+    int q = 0;
+    for (; q + 8 <= K; q += 8) {
+      const int x = a * K + q;
+      vec(x, q, [&](const float* src) { return gl.get(src, q, pg + x, ctl); });
+    }
+    for (; q < K; ++q) tail(a * K + q, q, pg[a * K + q]);
+  }
+}
+
 // The grouped scores of rs_row_finish over whole vectors: sc[x] = r[q] - (lam_p - u t_q)^2 / 2 / (Ainv_pp + u^2 / s_q)
 // for x = a K + q (a < nn, q < K), u = Ug[x], p = pg[x], Ainv_pp = ad[p]; tq, isq, r per kept slot.
 inline void rs_group_scores_host(float* __restrict__ sc, const float* __restrict__ Ug, const int* __restrict__ pg,
@@ -169,25 +185,18 @@ inline void rs_group_scores_host(float* __restrict__ sc, const float* __restrict
                                  const float* __restrict__ tq, const float* __restrict__ isq,
                                  const float* __restrict__ r, int nn, int kg, int K) {
   const rs_v8 half = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
-  const RsGroupLanes gl(nn, kg);
-  for (int a = 0; a < nn; ++a) {
-    const int x0 = a * K;
-    const rs_v8i ctl = gl.ctrl(a);
-    int q = 0;
-    for (; q + 8 <= K; q += 8) {
-      const int x = x0 + q;
-      const rs_v8 u = rs_load8(Ug + x);
-      const rs_v8 num = gl.get(lam, q, pg + x, ctl) - u * rs_load8(tq + q);
-      const rs_v8 den = gl.get(ad, q, pg + x, ctl) + u * u * rs_load8(isq + q);
-      rs_store8(sc + x, rs_load8(r + q) - half * num * num / den);
-    }
-    for (; q < K; ++q) {
-      const int x = x0 + q;
-      const float u = Ug[x];
-      const float num = lam[pg[x]] - u * tq[q];
-      sc[x] = r[q] - 0.5f * num * num / (ad[pg[x]] + u * u * isq[q]);
-    }
-  }
+  rs_group_each(
+      pg, nn, kg, K,
+      [&](int x, int q, auto at) {
+        const rs_v8 u = rs_load8(Ug + x);
+        const rs_v8 num = at(lam) - u * rs_load8(tq + q), den = at(ad) + u * u * rs_load8(isq + q);
+        rs_store8(sc + x, rs_load8(r + q) - half * num * num / den);
+      },
+      [&](int x, int q, int p) {
+        const float u = Ug[x];
+        const float num = lam[p] - u * tq[q];
+        sc[x] = r[q] - 0.5f * num * num / (ad[p] + u * u * isq[q]);
+      });
 }
 
 // Ug[x] += -av_p ia urow[q] + vv_p is vg[q] for x = a K + q, p = pg[x]: the in-group entries of U after an exchange
@@ -196,21 +205,13 @@ inline void rs_group_update_host(float* __restrict__ Ug, const int* __restrict__
                                  const float* __restrict__ vv, float ia, float is, const float* __restrict__ urow,
                                  const float* __restrict__ vg, int nn, int kg, int K) {
   const rs_v8 iav = {ia, ia, ia, ia, ia, ia, ia, ia}, isv = {is, is, is, is, is, is, is, is};
-  const RsGroupLanes gl(nn, kg);
-  for (int a = 0; a < nn; ++a) {
-    const int x0 = a * K;
-    const rs_v8i ctl = gl.ctrl(a);
-    int q = 0;
-    for (; q + 8 <= K; q += 8) {
-      const int x = x0 + q;
-      const rs_v8 ca = gl.get(av, q, pg + x, ctl) * iav, cv = gl.get(vv, q, pg + x, ctl) * isv;
-      rs_store8(Ug + x, rs_load8(Ug + x) - ca * rs_load8(urow + q) + cv * rs_load8(vg + q));
-    }
-    for (; q < K; ++q) {
-      const int x = x0 + q, p = pg[x];
-      Ug[x] = Ug[x] - av[p] * ia * urow[q] + vv[p] * is * vg[q];
-    }
-  }
+  rs_group_each(
+      pg, nn, kg, K,
+      [&](int x, int q, auto at) {
+        const rs_v8 ca = at(av) * iav, cv = at(vv) * isv;
+        rs_store8(Ug + x, rs_load8(Ug + x) - ca * rs_load8(urow + q) + cv * rs_load8(vg + q));
+      },
+      [&](int x, int q, int p) { Ug[x] = Ug[x] - av[p] * ia * urow[q] + vv[p] * is * vg[q]; });
 }
 
 // a x + y in one rounding per lane where the target has FMA (the CPU op), else a x + y
