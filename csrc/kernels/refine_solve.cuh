@@ -162,6 +162,65 @@ struct RsGroupLanes {
   }
 };
 
+// The non-grouped rounds of rs_row_finish, every pair at once: the smallest score r_q - (lam_p - u t_q)^2 / 2 /
+// (Ainv_pp + u^2 / s_q), u = U[p][q] (row p of U at U + p K), over pruned slots p < c and kept slots q < K, and its
+// position p K + q (of equal ones the first), kept per vector lane as (value, position): no store and no reduction
+// per pruned slot (those cost more than the scores: 6% of the 50% engine). With m > 0 only the pairs of one group
+// count (gq[q] == gp[p]). Returns +inf (position unchanged) when no pair scores below +inf (NaN never wins).
+inline float rs_pair_scores_host(int* __restrict__ pos, const float* __restrict__ U, const float* __restrict__ lam,
+                                 const float* __restrict__ Ai, size_t cs, const int* __restrict__ gp,
+                                 const int* __restrict__ gq, const float* __restrict__ tq,
+                                 const float* __restrict__ isq, const float* __restrict__ r, int c, int K) {
+  const float inf = pp_inf();
+  const rs_v8 half = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
+  const rs_v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  rs_v8 vbest = {inf, inf, inf, inf, inf, inf, inf, inf};
+  rs_v8i vpos = {0, 0, 0, 0, 0, 0, 0, 0};
+  float tbest = inf;  // the pairs past the last whole vector of a row
+  int tpos = 0;
+  const int K8 = K & ~7;
+  for (int p = 0; p < c; ++p) {
+    const float lp = lam[p], ap = Ai[(size_t)p * cs + p];
+    const rs_v8 lpv = {lp, lp, lp, lp, lp, lp, lp, lp}, apv = {ap, ap, ap, ap, ap, ap, ap, ap};
+    const int g = gp ? gp[p] : 0;
+    const rs_v8i gv = {g, g, g, g, g, g, g, g};
+    const float* Up = U + (size_t)p * K;
+    for (int q = 0; q < K8; q += 8) {
+      const rs_v8 u = rs_load8(Up + q), rv = rs_load8(r + q);
+      const rs_v8 num = lpv - u * rs_load8(tq + q);
+      rs_v8 sc = rv - half * num * num / (apv + u * u * rs_load8(isq + q));
+      if (gq) {
+        const rs_v8 infv = {inf, inf, inf, inf, inf, inf, inf, inf};
+        sc = rs_load8i(gq + q) == gv ? sc : infv;
+      }
+      const rs_v8i lt = sc < vbest;
+      const int at = p * K + q;
+      const rs_v8i atv = {at, at, at, at, at, at, at, at};
+      vbest = lt ? sc : vbest;
+      vpos = lt ? atv + lane : vpos;
+    }
+    for (int q = K8; q < K; ++q) {
+      if (gq && gq[q] != g) continue;
+      const float u = Up[q];
+      const float num = lp - u * tq[q];
+      const float sc = r[q] - 0.5f * num * num / (ap + u * u * isq[q]);
+      if (sc < tbest) {
+        tbest = sc;
+        tpos = p * K + q;
+      }
+    }
+  }
+  float best = tbest;
+  int bp = tpos;
+  for (int l = 0; l < 8; ++l)
+    if (vbest[l] < best || (vbest[l] == best && vbest[l] < inf && vpos[l] < bp)) {
+      best = vbest[l];
+      bp = vpos[l];
+    }
+  if (best < inf) *pos = bp;
+  return best;
+}
+
 // Ug's order, whole vectors then the rest: vec(x, q, at) for x = a K + q, q a multiple of 8 with q + 8 <= K, where
 // at(src) gives the pruned-slot values src[pg[x .. x + 7]]; tail(x, q, p) for the entries past the last vector.
 template <class Vec, class Tail>
@@ -854,42 +913,35 @@ PP_HD int rs_row_finish(Team& t, const float* __restrict__ G, const float* __res
         }
       }
     } else {
+#if !defined(__CUDACC__)
+      if constexpr (Team::kSerial) {
+        // every pair over whole vectors (N:M rows not grouped: the group of each slot, in Ug's unused room)
+        int *const gpa = reinterpret_cast<int*>(Ug), *const gqa = gpa + c;
+        if (m > 0) {
+          for (int pp = 0; pp < c; ++pp) gpa[pp] = iM[pp] / m;
+          for (int qq = 0; qq < K; ++qq) gqa[qq] = iK[qq] / m;
+        }
+        int pos = bidx;
+        const float sb = rs_pair_scores_host(&pos, Y, lam, Ai, cs, m > 0 ? gpa : nullptr, m > 0 ? gqa : nullptr, tq,
+                                             isq, r, c, K);
+        if (sb < best) {
+          best = sb;
+          bidx = pos;
+        }
+      } else
+#endif
       for (int p = wp; p < c; p += NW) {
         const float lp = lam[p], ap = Ai[(size_t)p * cs + p];
         const float* Up = Y + (size_t)p * K;
         const int gp = m > 0 ? iM[p] / m : 0;
-        if constexpr (Team::kSerial) {
-          for (int q = 0; q < K; ++q) {  // scores into tmp (vectorised), then the scan
-            const float u = Up[q];
-            const float num = lp - u * tq[q];
-            tmp[q] = r[q] - 0.5f * num * num / (ap + u * u * isq[q]);
-          }
-          if (m > 0)
-            for (int q = 0; q < K; ++q) tmp[q] = iK[q] / m == gp ? tmp[q] : inf;
-          // the row's smallest score, its first position only when it wins
-#if !defined(__CUDACC__)
-          const float pm = rs_min_host(tmp, K);
-#else
-          float pm = inf;
-          for (int q = 0; q < K; ++q) pm = tmp[q] < pm ? tmp[q] : pm;
-#endif
-          if (pm < best)
-            for (int q = 0; q < K; ++q)
-              if (tmp[q] == pm) {
-                best = pm;
-                bidx = p * K + q;
-                break;
-              }
-        } else {
-          for (int q = ln; q < K; q += W) {
-            if (m > 0 && iK[q] / m != gp) continue;
-            const float u = Up[q];
-            const float num = lp - u * tq[q];
-            const float d = r[q] - 0.5f * num * num / (ap + u * u * isq[q]);
-            if (pp_before(d, p * K + q, best, bidx)) {
-              best = d;
-              bidx = p * K + q;
-            }
+        for (int q = ln; q < K; q += W) {
+          if (m > 0 && iK[q] / m != gp) continue;
+          const float u = Up[q];
+          const float num = lp - u * tq[q];
+          const float d = r[q] - 0.5f * num * num / (ap + u * u * isq[q]);
+          if (pp_before(d, p * K + q, best, bidx)) {
+            best = d;
+            bidx = p * K + q;
           }
         }
       }

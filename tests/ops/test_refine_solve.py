@@ -241,3 +241,29 @@ def test_opcheck_and_fake(rng):
     W = 0.02 * torch.randn(5, 24, generator=rng)
     M0, _ = make_mask(W, G, "half", rng)
     torch.library.opcheck(torch.ops.pyprune.refine_solve.default, (G, U, W, M0, 4, 0, 1e-5))
+
+
+@needs_cpp
+@pytest.mark.parametrize("B,m,rows", [(128, 4, 24), (40, 8, 13), (36, 3, 9)])
+def test_groups_on_an_ungrouped_mask(B, m, rows, rng):
+    """m > 0 with starting masks that are not N:M (per-row counts, uneven across groups): exchanges stay inside groups
+    of m, over the CPU op's every-pair scoring (its group filter) and the CUDA kernel's per-row code (emulated): the
+    same masks and exchange counts, the group counts unchanged, and the float64 reference's exchanges except after a
+    near-tie (the first rounds agree)."""
+    G, U = kernel_block(B, rng)
+    W = (0.02 * torch.randn(rows, B, generator=rng)).to(torch.bfloat16)
+    counts = torch.randint(1, B, (rows,), generator=rng)
+    M0 = counts_mask(W, G, counts)
+    got = torch.ops.pyprune.refine_solve(G, U, W, M0, 16, m, REL_TOL_LOW)
+    emu = torch.ops.pyprune._refine_solve_emulated(G, U, W, M0, 16, m, REL_TOL_LOW, 8, 4)
+    assert torch.all(got[2] == 0) and torch.all(emu[2] == 0)
+    assert torch.equal(got[3], emu[3]) and torch.equal(got[4], emu[4])
+    assert int(got[4].sum()) > 0, "no exchange made: the case tests nothing"
+    groups = lambda M: M.view(rows, B // m, m).sum(-1)  # noqa: E731
+    assert torch.equal(groups(got[3]), groups(M0))
+    one = torch.ops.pyprune.refine_solve(G, U, W, M0, 1, m, REL_TOL_LOW)[3]  # the first exchange of every row
+    ref_one = reference.swap_refine(W.to(F64), G.to(F64), M0, 1, m=m)
+    differ = (~(one == ref_one).all(1)).nonzero().flatten().tolist()
+    for i in differ:  # only near-ties in float64
+        l_got, l_ref = exact_loss(W[i:i + 1], G, one[i:i + 1]), exact_loss(W[i:i + 1], G, ref_one[i:i + 1])
+        assert ((l_got - l_ref).abs() / l_ref.abs().clamp_min(1e-30)).item() < 1e-4
