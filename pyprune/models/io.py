@@ -130,6 +130,14 @@ def _model_config(directory: str, gguf_file: str | None, size: int, mtime_ns: in
         raise UnsupportedModelError(f"{where}: {model_type!r} is an encoder (masked-LM) model; pyprune prunes "
                                     "decoder-only causal LMs")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        own = (cfg.get("auto_map") or {}) if isinstance(cfg.get("auto_map"), dict) else {}
+        if own:  # a checkpoint that ships its own modelling code (trust_remote_code in transformers)
+            cls = own.get("AutoModelForCausalLM") or next(iter(own.values()))
+            raise UnsupportedModelError(
+                f"{where}: model type {model_type!r} is not in transformers (installed: {_transformers_version()}): "
+                f"the checkpoint's config maps it to its own code ({cls}), and pyprune does not run code from a "
+                "checkpoint (transformers' trust_remote_code). Use a version of the model that transformers ships "
+                "natively (a newer transformers, or the checkpoint converted to a built-in architecture).")
         raise UnsupportedModelError(f"{where}: model type {model_type!r} has no causal-LM class in transformers "
                                     f"(installed: {_transformers_version()}); pyprune prunes *ForCausalLM models")
     try:

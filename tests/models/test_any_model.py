@@ -240,6 +240,12 @@ def test_unsupported_models_fail_before_loading(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
     with pytest.raises(UnsupportedModelError, match="no_such_model"):
         check_supported(resolve_model(str(tmp_path)))
+    # a checkpoint with its own modelling code: said so, naming its class, and no code of it runs
+    (tmp_path / "modeling_x.py").write_text("raise SystemExit('the checkpoint code ran')\n")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x_custom", "auto_map": {
+        "AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
+    with pytest.raises(UnsupportedModelError, match=r"own code \(modeling_x\.XForCausalLM\).*trust_remote_code"):
+        check_supported(resolve_model(str(tmp_path)))
 
 
 def test_experts_no_token_reached_are_pruned_by_magnitude(rng):
