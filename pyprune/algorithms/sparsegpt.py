@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..config import PruneConfig
-from .common import HessianSetup, PruneResult, nm_smallest_mask, obs_setup, smallest_mask
+from .common import HessianSetup, PruneResult, obs_setup, smallest_mask
 
 
 def prune_sparsegpt(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = PruneConfig(method="sparsegpt"), *,
@@ -29,9 +30,10 @@ def prune_sparsegpt(W: torch.Tensor, H: torch.Tensor, config: PruneConfig = Prun
         else:
             M1 = smallest_mask(W1 * W1 / d ** 2, sp.fraction, config.mask_scope)
         for i in range(b1 - b0):
-            if mask is None and sp.structured and i % sp.m == 0:
+            if mask is None and sp.structured and i % sp.m == 0:  # the n smallest w^2 / d^2 of the group
                 g = slice(i, i + sp.m)
-                M1[:, g] = nm_smallest_mask(W1[:, g] ** 2 / d[g] ** 2, sp.n, sp.m)
+                M1[:, g] = ops.nm_select(W1[:, g], torch.diag(d[g] ** 2), sp.n, sp.m, exact=False,
+                                         backend=config.backend, check_values=False)
             w = W1[:, i]
             err = torch.where(M1[:, i], w, torch.zeros_like(w)) / d[i]
             row_loss += 0.5 * err ** 2
