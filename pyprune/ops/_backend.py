@@ -34,8 +34,8 @@ def no_native_message() -> str | None:
     err = native_import_error()
     if err is None:
         return None
-    why = ("it is not in this install, which was built without torch: PYPRUNE_PURE_PYTHON=1"
-           if "No module named" in err else f"it does not load: {err}")
+    why = ("it is not in this install: built without torch (PYPRUNE_PURE_PYTHON=1), or a source checkout never "
+           "built" if "No module named" in err else f"it does not load: {err}")
     return (f"pyprune's compiled ops (pyprune._C) are not available ({why}). Every op runs its plain torch "
             "reference instead: the same method, but the joint method's exchanges take 20-40x longer per layer. "
             "Build them against the installed torch: pip install --no-build-isolation --force-reinstall --no-deps "
