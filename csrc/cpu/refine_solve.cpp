@@ -14,8 +14,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <utility>
@@ -134,12 +135,14 @@ bool cpu_supported() {
 
 using RsOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The outputs, filled with `fill` (the emulation's tiers leave rows to each other), or uninitialised (fill = NaN:
-// the serial op writes every row's e, loss, status, mask and count, MS_SKIPPED never happening with kmin = 0 and
-// kmax = B; two passes over rows x B saved per block)
+// `fill` for outputs that every row writes itself: the serial op writes each row's e, loss, status, mask and count
+// (MS_SKIPPED never happens with kmin = 0 and kmax = B), so they stay uninitialised (two passes over rows x B saved
+// per block); the emulation's tiers leave rows to each other and fill them.
+constexpr float kRowsWriteAll = std::numeric_limits<float>::quiet_NaN();
+
 RsOut refine_outputs(const at::Tensor& G, const at::Tensor& W1, float fill) {
   const int64_t rows = W1.size(0), B = G.size(0);
-  if (fill != fill)
+  if (std::isnan(fill))
     return {at::empty({rows, B}, G.options()), at::empty({rows}, G.options()),
             at::empty({rows}, G.options().dtype(at::kInt)), at::empty({rows, B}, G.options().dtype(at::kBool)),
             at::empty({rows}, G.options().dtype(at::kInt))};
@@ -169,8 +172,8 @@ RsOut refine_solve_cpu_impl(const at::Tensor& G, const at::Tensor& U_B, const at
   TORCH_CHECK(cpu_supported(), "pyprune.refine_solve: the C++ CPU op needs a processor with AVX2 and FMA; use "
                                "backend='torch' (backend='auto' does)");
   const int B = (int)G.size(0);
-  return run(G, U_B, W1, mask, std::numeric_limits<float>::quiet_NaN(), [&](const float* g, const float* u, const auto* w, const uint8_t* mk, float* e,
-                                        float* l, int32_t* st, uint8_t* mo, int32_t* ns) {
+  return run(G, U_B, W1, mask, kRowsWriteAll, [&](const float* g, const float* u, const auto* w, const uint8_t* mk,
+                                                float* e, float* l, int32_t* st, uint8_t* mo, int32_t* ns) {
     refine_rows_serial(g, u, w, mk, W1.size(0), B, (int)m, (int)rounds, (float)tol, e, l, st, mo, ns, multi);
   });
 }
