@@ -17,7 +17,7 @@ phase's time is its work, and times are exclusive (a phase nested in another is 
                   MatrixObserver that finds its matrices and their inputs)
   hessian         accumulate_hessian as the driver calls it (argument checks included)
   setup           hessian_setup: the damped H and its inverse Cholesky factor, once per Hessian
-  mask            mask selection: joint's select_block_mask; SparseGPT's smallest_mask / nm_smallest_mask
+  mask            mask selection: joint's select_block_mask; SparseGPT's smallest_mask / ops.nm_select (N:M)
   exchange        joint's exchanges and the solve of their final set (ops.refine_solve: PruneConfig.swaps > 0)
   solve           the method's core (ALGORITHMS[method]) minus mask selection and trailing updates: for joint the
                   batched masked solves (ops.masked_solve, also reported alone as masked_solve_op) plus
@@ -304,7 +304,7 @@ def instrument(ph: Phases):
         patch(algorithms.ALGORITHMS, "sparsegpt", core("sparsegpt"))
         patch(joint, "select_block_mask", timed("mask"))
         patch(sparsegpt, "smallest_mask", timed("mask"))
-        patch(sparsegpt, "nm_smallest_mask", timed("mask"))
+        patch(ops, "nm_select", timed("mask"))  # SparseGPT's N:M groups (inside joint's select_block_mask: nested)
         patch(ops, "masked_solve", timed("masked_solve_op", exclusive=False))
         patch(ops, "refine_solve", exchange)
         torch.Tensor.addmm_ = addmm_
