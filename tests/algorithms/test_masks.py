@@ -45,3 +45,15 @@ def test_smallest_mask_counts(rng):
     x = torch.randint(0, 3, (65, 96), generator=rng).float()  # many ties
     assert torch.equal(smallest_mask(x, 0.5, "row").sum(1), torch.full((65,), 48))
     assert int(smallest_mask(x, 0.37, "block").sum()) == round(0.37 * 65 * 96)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 5)])
+@pytest.mark.parametrize("kind", ["rand", "ties", "inf"])
+def test_nm_smallest_mask_is_the_stable_sort(n, m, kind, rng):
+    x = scores((37, 4 * m), kind, rng)
+    got = nm_smallest_mask(x, n, m)
+    groups = x.view(37, 4, m)
+    want = torch.zeros_like(groups, dtype=torch.bool)
+    want.scatter_(2, torch.sort(groups, dim=2, stable=True).indices[:, :, :n], True)
+    assert torch.equal(got, want.view(37, 4 * m))
+    assert bool((got.view(37, 4, m).sum(2) == n).all())
