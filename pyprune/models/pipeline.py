@@ -30,18 +30,16 @@ def mem_available() -> int | None:
     return None
 
 
-def causal_lm_is_a_part(path: str) -> bool:
-    """Whether the causal LM transformers loads from the checkpoint at ``path`` is only a part of it: its class reads
-    another config type than the checkpoint's (a multimodal Llama 4 or Qwen 3.5 loads as its text model), so an
-    in-memory run would write the text model alone."""
+def causal_lm_is_a_part(source) -> bool:
+    """Whether the causal LM transformers loads from the checkpoint ``source`` (a ``ModelSource``) is only a part of
+    it: its class reads another config type than the checkpoint's (a multimodal Llama 4 or Qwen 3.5 loads as its text
+    model), so an in-memory run would write the text model alone. The config is ``io.model_config``'s."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from .io import model_config
     try:
-        from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-        from .io import quiet_transformers
-        with quiet_transformers():
-            cfg = AutoConfig.from_pretrained(path)
+        cfg = model_config(source)
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
-    except Exception:  # noqa: BLE001 - not a transformers checkpoint we can tell about: the loader reports it
+    except Exception:  # noqa: BLE001 - not a checkpoint pyprune can build: the loader reports it
         return False
     return getattr(cls.config_class, "model_type", cfg.model_type) != cfg.model_type
 
@@ -65,7 +63,7 @@ def should_stream(source, stream: str = "auto", copies: int = 1) -> bool:
         size = checkpoint_bytes(source.path)
     except FileNotFoundError:
         return False
-    if causal_lm_is_a_part(source.path):
+    if causal_lm_is_a_part(source):
         return True
     available = mem_available()
     return available is not None and size * copies > available // 2

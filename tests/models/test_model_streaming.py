@@ -199,7 +199,8 @@ def test_auto_streams_a_checkpoint_whose_causal_lm_is_a_part(rng, tmp_path):
     from pyprune.models.pipeline import causal_lm_is_a_part, should_stream
     _tiny_multimodal("llama4", rng).save_pretrained(str(tmp_path / "mm"))
     tiny_model("llama", rng).save_pretrained(str(tmp_path / "text"))
-    assert causal_lm_is_a_part(str(tmp_path / "mm")) and not causal_lm_is_a_part(str(tmp_path / "text"))
+    assert causal_lm_is_a_part(ModelSource("hf", str(tmp_path / "mm")))
+    assert not causal_lm_is_a_part(ModelSource("hf", str(tmp_path / "text")))
     assert should_stream(ModelSource("hf", str(tmp_path / "mm")), "auto")
     assert not should_stream(ModelSource("hf", str(tmp_path / "mm")), "off")
 
