@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "kernels/nm_select.cuh"
@@ -38,17 +39,17 @@ at::Tensor nm_select_cpu(const at::Tensor& W1, const at::Tensor& G, int64_t n64,
             sc[c] = x * x / gd[c];
           }
           uint8_t* orow = o + r * B;
-          if (m == 4) {  // 2:4 and 1:4 with the group size known to the compiler (unrolled compares)
+          auto groups = [&](auto mm) {  // mm: the group size, a compile-time 4 for 2:4 and 1:4 (unrolled compares)
+            const int M = mm;
             for (int gi = 0; gi < ngroups; ++gi) {
-              const uint32_t bits = nm_smallest_bits(sc.data() + gi * 4, 1, n, 4);
-              for (int j = 0; j < 4; ++j) orow[gi * 4 + j] = (bits >> j) & 1u;
+              const uint32_t bits = nm_smallest_bits(sc.data() + gi * M, 1, n, M);
+              for (int j = 0; j < M; ++j) orow[gi * M + j] = (bits >> j) & 1u;
             }
-            continue;
-          }
-          for (int gi = 0; gi < ngroups; ++gi) {
-            const uint32_t bits = nm_smallest_bits(sc.data() + gi * m, 1, n, m);
-            for (int j = 0; j < m; ++j) orow[gi * m + j] = (bits >> j) & 1u;
-          }
+          };
+          if (m == 4)
+            groups(std::integral_constant<int, 4>());
+          else
+            groups(m);
         }
       });
       return;
