@@ -1,7 +1,8 @@
 """Benchmark of the exchange engine (``pyprune.ops.refine_solve``): one block, and whole layers against SparseGPT.
 
-1. One block of ``rows`` rows at B = 128 (50% per row and 2:4), 16 exchanges: the fused engine (cpp / cuda), the
-   torch reference (``reference.swap`` then the padded solve), and the masked solve alone (what ``swaps=0`` costs).
+1. One block of ``rows`` rows at B = 128 (50% per row and 2:4), 16 exchanges: the fused engine (cpp / cuda), on a
+   GPU the Triton engine, the torch reference (``reference.swap`` then the padded solve), and the masked solve alone
+   (what ``swaps=0`` costs).
    Floor beside each: the engine's arithmetic per row (setup: Cholesky c^3/6, L^-1 c^3/6, Ainv c^3/6, Y = L^-1 G[M,
    K] c^2 K / 2, U c^2 K / 2 (every pair only); per exchange: 3 c B + 3 c^2 (+ 2 c K every pair); final solve
    2 c^2 + B^2 / 2 multiply-adds) over the measured fp32 GEMM peak, and the bytes the row's state needs over the copy
@@ -70,7 +71,7 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
         G, U_B, W1, M0 = block_problem(rows, H, W, sp)
         m = 4 if sp == "2:4" else 0
         base = None
-        for variant in (native, "torch", "masked_solve"):
+        for variant in (native,) + (("triton",) if gpu else ()) + ("torch", "masked_solve"):
             if variant == "masked_solve":
                 fn = lambda: ops.masked_solve(G, U_B, W1, M0, backend="auto")  # noqa: E731
             else:

@@ -20,9 +20,10 @@ def refine_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: tor
     consecutive columns (N:M: the count per group never changes). ``rounds=0`` is ``masked_solve`` itself (the same
     op, bit for bit).
 
-    Backends: "cpp" / "cuda" (the fused engine), "torch" (the reference: ``reference.swap`` then the padded solve),
-    "triton" (the reference's exchanges, then the Triton masked solve: there is no Triton engine yet); "auto" takes the
-    fused engine where it is built (on the CPU: with AVX2 and FMA), else torch. float64 inputs take the torch path.
+    Backends: "cpp" / "cuda" (the fused engine), "triton" (the same rule as a Triton kernel,
+    triton_kernels/refine_solve.py), "torch" (the reference: ``reference.swap`` then the padded solve); "auto" takes
+    the fused engine where it is built (on the CPU: with AVX2 and FMA), else on CUDA tensors the Triton engine, else
+    torch. float64 inputs take the torch path.
     Raises the masked solve's ValueError for a row whose G[M, M] is not positive definite. ``check_values``: as
     ``masked_solve``'s."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
@@ -45,10 +46,13 @@ def refine_solve(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mask: tor
             G.contiguous(), U_B.contiguous(), W1.contiguous(), mask.contiguous(), rounds, m, REL_TOL_LOW)
         check_status(status, final)
         return E, loss, final, swaps
-    final, swaps = reference.swap.swap_refine_counted(W1, G, mask, rounds, m=m)
     if which == "triton":
-        E, loss = masked_solve(G, U_B, W1, final, backend="triton")
+        from ..triton_kernels.refine_solve import refine_solve_triton
+        E, loss, status, final, swaps = refine_solve_triton(G.contiguous(), U_B.contiguous(), W1.contiguous(),
+                                                            mask.contiguous(), rounds, m=m, tol=REL_TOL_LOW)
+        check_status(status, final)
         return E, loss, final, swaps
+    final, swaps = reference.swap.swap_refine_counted(W1, G, mask, rounds, m=m)
     E, loss, status = reference.masked_solve(G, U_B, W1, final)
     check_status(status, final)
     return E, loss, final, swaps

@@ -71,32 +71,25 @@ SHAPES = [(5, 7, "varied"), (33, 24, "half"), (40, 20, "2:4"), (17, 64, "4:8"), 
           (64, 128, "half"), (29, 100, "varied"), (16, 36, "1:3")]
 
 
-@needs_cpp
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rows,B,kind", SHAPES)
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-def test_refine_solve_against_float64_reference(device, rows, B, kind, wdtype, rng):
-    G, U = kernel_block(B, rng)
-    W = (0.02 * torch.randn(rows, B, generator=rng)).to(wdtype)
-    M0, m = make_mask(W, G, kind, rng)
-    E, loss, final, swaps = ops.refine_solve(G.to(device), U.to(device), W.to(device), M0.to(device), 16, m=m,
-                                             backend="cpp" if device == "cpu" else "cuda")
-    E, loss, final, swaps = E.cpu(), loss.cpu(), final.cpu(), swaps.cpu()
-    _, _, _, ref_final, ref_swaps = reference.refine_solve(G.to(F64), U.to(F64), W.to(F64), M0, 16, m)
+def check_against_reference(run, G, U, W, M0, m, rounds=16):
+    """The bounds of this file's docstring for an engine ``run(W, M0, rounds) -> (E, loss, final, swaps)`` (CPU
+    tensors out) on one block, against the float64 reference: the pattern kept, the reference's exchanges except
+    after a near-tie (a differing row is replayed exchange by exchange: its first different exchange must tie within
+    1e-4 of the row's float64 loss), E and the loss for the engine's own final mask within the masked solve's bound,
+    and never a worse set than the start."""
+    rows = W.shape[0]
+    E, loss, final, swaps = run(W, M0, rounds)
+    _, _, _, ref_final, ref_swaps = reference.refine_solve(G.to(F64), U.to(F64), W.to(F64), M0, rounds, m)
     # the pattern: counts per row (per group) never change
     assert torch.equal(final.sum(1), M0.sum(1))
     if m:
         assert torch.equal(final.view(rows, -1, m).sum(-1), M0.view(rows, -1, m).sum(-1))
-    # the same exchanges in the same order, except after a near-tie: replay a differing row exchange by exchange
-    # (rounds=k gives the first k exchanges of both) and require the first different exchange to be a tie within
-    # 1e-4 of the row's loss in float64
     differ = torch.nonzero(~(final == ref_final).all(1) | (swaps != ref_swaps)).flatten().tolist()
     assert len(differ) <= max(1, rows // 8), f"{len(differ)} of {rows} rows took other exchanges"
     for i in differ:
         w, m0 = W[i:i + 1], M0[i:i + 1]
-        for k in range(1, 17):
-            got_k = ops.refine_solve(G.to(device), U.to(device), w.to(device), m0.to(device), k, m=m,
-                                     backend="cpp" if device == "cpu" else "cuda")[2].cpu()
+        for k in range(1, rounds + 1):
+            got_k = run(w, m0, k)[2]
             ref_k = reference.swap_refine(w.to(F64), G.to(F64), m0, k, m=m)
             if not torch.equal(got_k, ref_k):
                 l_got, l_ref = exact_loss(w, G, got_k), exact_loss(w, G, ref_k)
@@ -110,6 +103,23 @@ def test_refine_solve_against_float64_reference(device, rows, B, kind, wdtype, r
     assert_close_rule("loss", loss, loss64, loss32)
     # never worse than the start (float64 losses of both sets)
     assert bool((exact_loss(W, G, final) <= exact_loss(W, G, M0) * (1 + 1e-6) + 1e-12).all())
+    return E, loss, final, swaps
+
+
+@needs_cpp
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,B,kind", SHAPES)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_refine_solve_against_float64_reference(device, rows, B, kind, wdtype, rng):
+    G, U = kernel_block(B, rng)
+    W = (0.02 * torch.randn(rows, B, generator=rng)).to(wdtype)
+    M0, m = make_mask(W, G, kind, rng)
+
+    def run(w, m0, k):
+        out = ops.refine_solve(G.to(device), U.to(device), w.to(device), m0.to(device), k, m=m,
+                               backend="cpp" if device == "cpu" else "cuda")
+        return tuple(x.cpu() for x in out)
+    check_against_reference(run, G, U, W, M0, m)
 
 
 @needs_cpp
