@@ -186,6 +186,13 @@ def _refine_solve_kernel(G, U_B, W, M, E, L, S, MO, NS, ROWS, B, stride_w, strid
         tl.store(MO + row * B + rr, inm.to(tl.uint8), mask=rv & ~failed)
 
 
+def _launch_options(B: int, BC: int, BK: int) -> tuple[dict, dict]:
+    """The kernel's constexprs and launch options for block size B and the tiles BC x BK (one place: the launcher and
+    tests/ops/test_triton_compile.py's sm_90 compile)."""
+    BP = next_pow2(B, 16)
+    return dict(BP=BP, BC=BC, BK=BK, CH=min(BP, 32)), dict(num_warps=min(16, max(BC, BK) // 8))
+
+
 def _bucket(x: torch.Tensor) -> torch.Tensor:
     """Index into _TILES of the smallest tile >= x (x >= 0)."""
     return sum((x > t for t in _TILES[:-1]), torch.zeros_like(x))
@@ -208,16 +215,14 @@ def _refine_solve_impl(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mas
     key = torch.where(counts > 0, 1 + _bucket(counts) * n + _bucket(B - counts), torch.zeros_like(counts))
     order = torch.argsort(key).to(torch.int32)
     sizes = torch.bincount(key, minlength=1 + n * n).tolist()
-    BP = next_pow2(B, 16)
     m8, f8 = mask.view(torch.uint8), final.view(torch.uint8)
     start = sizes[0]
     for i in range(1, len(sizes)):
         if sizes[i]:
-            BC, BK = _TILES[(i - 1) // n], _TILES[(i - 1) % n]
+            consts, opts = _launch_options(B, _TILES[(i - 1) // n], _TILES[(i - 1) % n])
             _refine_solve_kernel[(sizes[i],)](G, U_B, W1, m8, E, loss, status, f8, swaps,
                                               order[start:start + sizes[i]], B, W1.stride(0), m8.stride(0),
-                                              int(rounds), int(m), float(tol), BP=BP, BC=BC, BK=BK,
-                                              CH=min(BP, 32), num_warps=min(16, max(BC, BK) // 8))
+                                              int(rounds), int(m), float(tol), **consts, **opts)
             start += sizes[i]
     return E, loss, status, final, swaps
 
