@@ -1,7 +1,9 @@
-// CPU hessian_update: ATen math (one BLAS addmm_ on X up-cast to fp32), then the upper triangle mirrored onto the
-// lower one in place (blocked), which gives the CUDA kernel's contract: H's upper triangle is what is read and
-// computed, and the result is exactly symmetric (a BLAS GEMM does not guarantee that). beta == 0 does not read H.
-// The CUDA kernel (csrc/cuda/hessian.cu) is the fused one.
+// CPU hessian_update: the upper triangle of H by BLAS GEMMs on X up-cast to fp32, one per strip of rows
+// (H[i0:i1, i0:] += X[:, i0:i1]^T X[:, i0:]: about half the flops of the whole X^T X), then the upper triangle
+// mirrored onto the lower one in place (blocked), which gives the CUDA kernel's contract: H's upper triangle is what
+// is read and computed, and the result is exactly symmetric. beta == 0 does not read H. Measured against the whole
+// GEMM (the torch backend) in benchmarks/results/cpu_ops.md. The CUDA kernel (csrc/cuda/hessian.cu) is the fused
+// one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,8 +33,15 @@ void hessian_update_cpu(at::Tensor H, const at::Tensor& X, double alpha, double 
   (void)allow_tf32;  // no TF32 on the CPU
   check_hessian_update(H, X);
   const at::Tensor Xf = X.scalar_type() == at::kFloat ? X : X.to(at::kFloat);
-  H.addmm_(Xf.t(), Xf, beta, alpha);
-  mirror_upper_to_lower(H.data_ptr<float>(), H.size(0));
+  const int64_t n = H.size(0);
+  // strip height: narrower strips do less work above the diagonal, wider ones make larger GEMMs; 128 up to 1024
+  // columns and 256 past it were within a few percent of the best of 64-384 at 576-4096 columns (1 thread)
+  const int64_t strip = n <= 1024 ? 128 : 256;
+  for (int64_t i0 = 0; i0 < n; i0 += strip) {
+    const int64_t i1 = std::min(n, i0 + strip);
+    H.slice(0, i0, i1).slice(1, i0, n).addmm_(Xf.slice(1, i0, i1).t(), Xf.slice(1, i0, n), beta, alpha);
+  }
+  mirror_upper_to_lower(H.data_ptr<float>(), n);
 }
 
 }  // namespace

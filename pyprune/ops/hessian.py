@@ -28,11 +28,10 @@ def _check_update_args(H: torch.Tensor, X: torch.Tensor) -> None:
 #   Triton kernel and 155 ms for the CUDA (WMMA) kernel; 6.0 / 7.6 / 12.9 ms at 8192 columns. Both kernels compute
 #   only the upper triangle, half the library's flops, and still lose, so they stay as explicit backends
 #   (backend="triton" / "cuda") for benchmarks/bench_hessian.py, which times all of them against the library call.
-# - CPU tensors: the C++ op, which is itself the library GEMM (one addmm_ on X up-cast to fp32) plus a blocked
-#   mirror of the upper triangle in C++. Measured here, 1 thread, 2048 bf16 tokens, median of 25 calls (9 at 2048
-#   columns), bare addmm_ / C++ op / backend "torch": 512 columns 16.5 / 17.0 / 16.6 ms, 1024: 67.0 / 69.7 / 72.7 ms,
-#   2048: 258 / 285 / 273 ms (the torch mirror alone: 0.4 / 2.0 / 7.7 ms). The machine was shared (load 3.3 on 2
-#   cores, about +-10%): the three are the same GEMM and no difference is resolved, so the CPU keeps the C++ op.
+# - CPU tensors: the C++ op (csrc/cpu/hessian.cpp): the upper triangle only, by library GEMMs on strips of 128-256
+#   rows of H (X up-cast to fp32 once), about half the flops of the whole X^T X, then a blocked mirror. Against the
+#   bare library call (the whole product) it is 1.3-1.7x faster at 512-1024 columns and 2048 tokens
+#   (benchmarks/results/cpu_ops.md, hessian_update).
 AUTO_CUDA = "torch"
 # Tile of the torch mirror (``_mirror_upper_``): cache-sized on the CPU; on a GPU few, large launches.
 _MIRROR_TILE = {"cpu": 128}
