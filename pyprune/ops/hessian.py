@@ -30,7 +30,7 @@ def _check_update_args(H: torch.Tensor, X: torch.Tensor) -> None:
 #   (backend="triton" / "cuda") for benchmarks/bench_hessian.py, which times all of them against the library call.
 # - CPU tensors: the C++ op (csrc/cpu/hessian.cpp): the upper triangle only, by library GEMMs on strips of 128-256
 #   rows of H (X up-cast to fp32 once), about half the flops of the whole X^T X, then a blocked mirror. Against the
-#   bare library call (the whole product) it is 1.3-1.7x faster at 512-1024 columns and 2048 tokens
+#   bare library call (the whole product) it is 1.3-1.8x faster at 512-1024 columns and 2048 tokens, 1 thread
 #   (benchmarks/results/cpu_ops.md, hessian_update).
 AUTO_CUDA = "torch"
 # Tile of the torch mirror (``_mirror_upper_``): cache-sized on the CPU; on a GPU few, large launches.
