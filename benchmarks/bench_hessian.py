@@ -9,6 +9,7 @@ fp32. Compared, all in one process against the library call:
   torch_bf16  torch's 16-bit product, H.mul_(beta).add_((X.T @ X).float(), alpha) (16-bit-rounded output)
   torch       pyprune's backend "torch": the library call, then the upper triangle mirrored (exactly symmetric H)
   cpp / cuda / triton   pyprune's kernels through the wrapper (explicit backends)
+  library_strips  (CUDA) the library call on 1024-row strips of H's upper triangle, half the flops, no mirror
   auto        backend="auto"; the picks column names what it ran
 TFLOP/s use the GEMM convention 2 k cols^2; the floor is the symmetric half (k cols (cols + 1) flops) at the
 measured peak for X's dtype (bf16, or fp32 without TF32), or the bytes (X once, H read + written) at the measured
@@ -32,6 +33,21 @@ def library_call(H: torch.Tensor, X: torch.Tensor, a: float, b: float) -> None:
         H.addmm_(Xc.T, Xc, beta=b, alpha=a)
 
 
+def library_strips(H: torch.Tensor, X: torch.Tensor, a: float, b: float, strip: int = 1024) -> None:
+    """The library call on strips of H's upper triangle (H[i0:i1, i0:] from X[:, i0:i1]^T X[:, i0:]), about half
+    the flops, no mirror: what the CPU op does with 128-256-row strips (csrc/cpu/hessian.cpp), measured on a GPU to
+    decide whether backend "torch" should do the same there (it computes the whole product today)."""
+    n = H.shape[0]
+    Xc = X if H.is_cuda and X.dtype in (torch.float16, torch.bfloat16) else X.to(H.dtype)
+    for i0 in range(0, n, strip):
+        i1 = min(n, i0 + strip)
+        out = H[i0:i1, i0:]
+        if H.is_cuda and Xc.dtype != H.dtype:
+            torch.addmm(out, Xc[:, i0:i1].T, Xc[:, i0:], beta=b, alpha=a, out_dtype=torch.float32, out=out)
+        else:
+            out.addmm_(Xc[:, i0:i1].T, Xc[:, i0:], beta=b, alpha=a)
+
+
 def methods(device: torch.device, dtype: torch.dtype) -> dict:
     import pyprune.ops as ops
 
@@ -50,6 +66,7 @@ def methods(device: torch.device, dtype: torch.dtype) -> dict:
     m[native] = lambda H, X, a, b: ops.hessian_update_(H, X, a, b, backend=native)
     if device.type == "cuda":
         m["triton"] = lambda H, X, a, b: ops.hessian_update_(H, X, a, b, backend="triton")
+        m["library_strips"] = library_strips
     m["auto"] = lambda H, X, a, b: ops.hessian_update_(H, X, a, b)
     return m
 
@@ -92,6 +109,8 @@ def run(device: torch.device, quick: bool, report=None) -> tuple[list[dict], dic
             if err:
                 rows.append(dict(cols=cols, tokens=k, dtype=dname, method=name, picks=picks, error=err))
                 continue
+            if name == "library_strips":  # its lower triangle is never written: compare the upper one
+                H = torch.triu(H) + torch.triu(H, 1).T
             acc = ((H - ref).abs().max() / scale).item()
             asym = ((H - H.T).abs().max() / scale).item()
             t = bench(lambda: fn(H, X, alpha, beta), device, warmup=1, iters=5 if gpu else 3,
