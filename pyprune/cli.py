@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-min-tokens", type=_positive_int, default=None, metavar="N",
                    help="MoE: experts with fewer routed tokens get Wanda's mask and no update (default: the "
                         "expert matrix's input width)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="calibration windows per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="calibration windows per forward pass (default: as many as make at most 2048 tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window positions")
     _add_device(p)
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")

@@ -210,7 +210,7 @@ class _StreamRun:
 
 def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = None, *,
                      modules: Sequence[str] | None = None, dense: Sequence[str] | None = None,
-                     blocks: Iterable[int] | None = None, device=None, batch_size: int = 1,
+                     blocks: Iterable[int] | None = None, device=None, batch_size: int | None = None,
                      true_sequential: bool = False, calibrate_all_experts: bool = False,
                      expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto",
                      progress: bool = False, resume: bool = True,

@@ -135,3 +135,25 @@ def test_report_json_roundtrip(rng, tmp_path):
     assert again.sparsity == pytest.approx(report.sparsity)
     for per in ("layer", "block", "none"):
         assert "achieved sparsity" in report.table(per=per)
+
+
+def test_default_batches_windows_up_to_2048_tokens(rng):
+    """batch_size=None (the default): windows batched up to TOKENS_PER_FORWARD tokens, at least one per pass; the
+    report records the windows per pass; the pruned weights equal those of one window per pass up to rounding."""
+    from pyprune.models.driver import TOKENS_PER_FORWARD, as_batches, windows_per_batch
+    assert TOKENS_PER_FORWARD == 2048
+    assert [windows_per_batch(None, s) for s in (512, 700, 2048, 4096)] == [4, 2, 1, 1]
+    assert windows_per_batch(3, 512) == 3
+    assert [b.shape[0] for b in as_batches(torch.zeros(10, 512, dtype=torch.long))] == [4, 4, 2]
+    assert [b.shape[0] for b in as_batches(torch.zeros(3, 16, dtype=torch.long), 2)] == [2, 1]
+    with pytest.raises(ValueError, match="batch_size"):
+        as_batches(torch.zeros(3, 16, dtype=torch.long), 0)
+    model = tiny_model("llama", rng)
+    one = copy.deepcopy(model)
+    ids = calibration(rng, 6, 16)
+    config = PruneConfig(method="joint", sparsity="0.5", block_size=32)
+    report = prune_model(model, ids, config, device="cpu")
+    report1 = prune_model(one, ids, config, batch_size=1, device="cpu")
+    assert report.settings["batch_size"] == 128 and report1.settings["batch_size"] == 1  # 2048 // 16
+    for (name, a), b in zip(model.named_parameters(), one.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3, msg=name)
