@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_2d, check_device, next_pow2
+from ._common import check_block_args, check_device, compact_mask, next_pow2, sweep_inverse
 
 __all__ = ["masked_solve_triton", "MAX_B"]
 
@@ -51,35 +51,13 @@ def _masked_solve_kernel(G, U, W, M, E, L, S, ROWS, B, stride_w, stride_m,
     row = tl.load(ROWS + tl.program_id(0)).to(tl.int64)
     p = tl.arange(0, BC)
     jc = tl.arange(0, CH)
-    # compaction, CH mask columns at a time: idx[p] = the p-th masked column of the row (0 for p >= cnt)
-    cnt = tl.sum(tl.zeros((CH,), dtype=tl.int32), axis=0)
-    idx = tl.zeros((BC,), dtype=tl.int32)
-    for j0 in tl.static_range(0, BP, CH):
-        j = j0 + jc
-        m = (tl.load(M + row * stride_m + j, mask=j < B, other=0) != 0).to(tl.int32)
-        pos = cnt + tl.cumsum(m, axis=0) - m
-        sel = (pos[:, None] == p[None, :]) & (m[:, None] != 0)
-        idx += tl.sum(tl.where(sel, j[:, None], 0), axis=0)
-        cnt += tl.sum(m, axis=0)
+    idx, cnt = compact_mask(M, row, stride_m, B, 1, BP, BC, CH)  # idx[p] = the p-th masked column
     pv = p < cnt
     gmask = pv[:, None] & pv[None, :]
     A = tl.load(G + (idx[:, None] * B + idx[None, :]), mask=gmask, other=0.0)
     A = tl.where(gmask, A, tl.where(p[:, None] == p[None, :], 1.0, 0.0))
     w = tl.load(W + row * stride_w + idx, mask=pv, other=0.0).to(tl.float32)
-    # sweep operator on the cnt used pivots: A -> -A^{-1} (the identity padding is left untouched)
-    bad = tl.sum(tl.zeros((CH,), dtype=tl.int32), axis=0)  # 1 + position of the first non-positive pivot, 0 = none
-    for k in tl.range(0, cnt):
-        ck = p[None, :] == k
-        col = tl.sum(tl.where(ck, A, 0.0), axis=1)  # column k (= row k: A stays symmetric)
-        d = tl.sum(tl.where(p == k, col, 0.0), axis=0)  # pivot
-        ok = d > 0.0  # False for NaN too
-        bad = tl.where(ok | (bad > 0), bad, k + 1)
-        d = tl.where(ok, d, 1.0)
-        # sweep: A[i,j] -= col_i col_j / d off row/col k; A[i,k] = A[k,i] = col_i / d; A[k,k] = -1 / d;
-        # written as one rank-1 update of A with row/col k zeroed: a = col/d (a_k = -1/d), b = col (b_k = -1)
-        a = tl.where(p == k, -1.0 / d, col / d)
-        b = tl.where(p == k, -1.0, col)
-        A = tl.where((p[:, None] == k) | ck, 0.0, A) - a[:, None] * b[None, :]
+    A, bad = sweep_inverse(A, p, cnt)  # A -> -A^{-1} on the cnt used pivots (the identity padding untouched)
     lam = -tl.sum(A * w[None, :], axis=1)
     # one step of iterative refinement against the original system, re-read from memory (L1/L2 hits). The reload is
     # unmasked (padding slots read G[0, 0]; they only meet lambda = 0, and the padded entries of res are discarded by
@@ -146,18 +124,6 @@ def masked_solve_triton(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor,
     Returns E (rows, B) float32, loss (rows,) float32 and status (rows,) int32: 0 = solved, else 1 + the block column
     of the first non-positive pivot (E and loss NaN in that row; nothing raises). B <= 256."""
     op = "masked_solve_triton"
-    check_2d(op, "G", G, dtypes=(torch.float32,))
-    B = G.shape[0]
-    check_2d(op, "G", G, shape=(B, B))
-    check_2d(op, "U_B", U_B, dtypes=(torch.float32,), shape=(B, B))
-    check_2d(op, "W1", W1, dtypes=FLOAT_DTYPES, contiguous=False)
-    if W1.shape[1] != B:
-        raise ValueError(f"{op}: W1 has {W1.shape[1]} columns but G is {B} x {B}")
-    check_2d(op, "mask", mask, dtypes=(torch.bool,), shape=W1.shape, contiguous=False)
-    for name, t in (("W1", W1), ("mask", mask)):
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise ValueError(f"{op}: {name} must have unit column stride (call .contiguous() first)")
-    if B > MAX_B:
-        raise ValueError(f"{op}: block size B={B} is larger than the supported maximum {MAX_B}")
+    check_block_args(op, G, U_B, W1, mask, MAX_B)
     check_device(_masked_solve_kernel, op, G=G, U_B=U_B, W1=W1, mask=mask)
     return torch.ops.pyprune_triton.masked_solve(G, U_B, W1, mask)

@@ -42,31 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_2d, check_device, next_pow2
+from ._common import check_block_args, check_device, compact_mask, next_pow2, sweep_inverse
 
 __all__ = ["refine_solve_triton", "MAX_B"]
 
 MAX_B = 256
 _TILES = (16, 32, 64, 128, 256)
-
-
-@triton.jit
-def _compact(M, row, stride_m, B, want, BP: tl.constexpr, BT: tl.constexpr, CH: tl.constexpr):
-    """idx[t] (t < BT) = the t-th column of the row whose mask byte is nonzero (want = 1) or zero (want = 0); 0 past
-    the count. Returns (idx, count)."""
-    t = tl.arange(0, BT)
-    jc = tl.arange(0, CH)
-    cnt = tl.sum(tl.zeros((CH,), dtype=tl.int32), axis=0)
-    idx = tl.zeros((BT,), dtype=tl.int32)
-    for j0 in tl.static_range(0, BP, CH):
-        j = j0 + jc
-        mj = (tl.load(M + row * stride_m + j, mask=j < B, other=0) != 0).to(tl.int32)
-        hit = tl.where(j < B, tl.where(want != 0, mj, 1 - mj), 0)
-        pos = cnt + tl.cumsum(hit, axis=0) - hit
-        sel = (pos[:, None] == t[None, :]) & (hit[:, None] != 0)
-        idx += tl.sum(tl.where(sel, j[:, None], 0), axis=0)
-        cnt += tl.sum(hit, axis=0)
-    return idx, cnt
 
 
 @triton.jit
@@ -76,8 +57,8 @@ def _refine_solve_kernel(G, U_B, W, M, E, L, S, MO, NS, ROWS, B, stride_w, strid
     p = tl.arange(0, BC)
     q = tl.arange(0, BK)
     jc = tl.arange(0, CH)
-    idxM, c = _compact(M, row, stride_m, B, 1, BP, BC, CH)
-    idxK, K = _compact(M, row, stride_m, B, 0, BP, BK, CH)
+    idxM, c = compact_mask(M, row, stride_m, B, 1, BP, BC, CH)
+    idxK, K = compact_mask(M, row, stride_m, B, 0, BP, BK, CH)
     pv = p < c
     qv = q < K
     mm = tl.maximum(m, 1)
@@ -87,17 +68,7 @@ def _refine_solve_kernel(G, U_B, W, M, E, L, S, MO, NS, ROWS, B, stride_w, strid
     # the sweep operator on the c used pivots: A -> -A^{-1} (identity padding untouched)
     A = tl.load(G + (idxM[:, None] * B + idxM[None, :]), mask=gmask, other=0.0)
     A = tl.where(gmask, A, tl.where(eye, 1.0, 0.0))
-    bad = c * 0  # 1 + slot of the first non-positive pivot, 0 = none
-    for k in tl.range(0, c):
-        ck = p[None, :] == k
-        col = tl.sum(tl.where(ck, A, 0.0), axis=1)
-        d = tl.sum(tl.where(p == k, col, 0.0), axis=0)
-        ok = d > 0.0  # False for NaN too
-        bad = tl.where(ok | (bad > 0), bad, k + 1)
-        d = tl.where(ok, d, 1.0)
-        a = tl.where(p == k, -1.0 / d, col / d)
-        b = tl.where(p == k, -1.0, col)
-        A = tl.where((p[:, None] == k) | ck, 0.0, A) - a[:, None] * b[None, :]
+    A, bad = sweep_inverse(A, p, c)
     Ai = tl.where(gmask, -A, 0.0)  # A^{-1}, zero in the padding
     failed = bad > 0
     wM = tl.load(W + row * stride_w + idxM, mask=pv, other=0.0).to(tl.float32)
@@ -204,7 +175,7 @@ def _refine_solve_impl(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, mas
     E = torch.zeros(rows, B, dtype=torch.float32, device=W1.device)
     loss = torch.zeros(rows, dtype=torch.float32, device=W1.device)
     status = torch.zeros(rows, dtype=torch.int32, device=W1.device)
-    final = mask.clone()
+    final = mask.clone(memory_format=torch.contiguous_format)
     swaps = torch.zeros(rows, dtype=torch.int32, device=W1.device)
     if rows == 0 or B == 0:
         return E, loss, status, final, swaps
@@ -245,25 +216,15 @@ def refine_solve_triton(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, ma
                         m: int = 0, tol: float = 1e-5
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exchanges and the joint solve of one block. G, U_B: (B, B) float32 contiguous (U_B upper triangular, G =
-    U_B^T U_B); W1: (rows, B) float32/float16/bfloat16 with unit column stride; mask: (rows, B) bool, True = pruned,
-    the starting mask; rounds >= 0: at most this many exchanges per row; m > 0: exchanges stay inside groups of m
+    U_B^T U_B); W1: (rows, B) float32/float16/bfloat16 and mask: (rows, B) bool, True = pruned, the starting mask,
+    both with unit column stride; rounds >= 0: at most this many exchanges per row; m > 0: exchanges stay inside groups of m
     consecutive columns; tol: the fraction of the row's loss an exchange must lower it by.
     Returns E (rows, B) float32, loss (rows,) float32, status (rows,) int32 (0 = solved, else 1 + the block column of
     the first non-positive pivot: NaN in that row's E and loss, its starting mask, no exchange; nothing raises), the
     final mask (rows, B) bool and the exchanges made per row (int32). B <= 256."""
     op = "refine_solve_triton"
-    check_2d(op, "G", G, dtypes=(torch.float32,))
+    check_block_args(op, G, U_B, W1, mask, MAX_B)
     B = G.shape[0]
-    check_2d(op, "G", G, shape=(B, B))
-    check_2d(op, "U_B", U_B, dtypes=(torch.float32,), shape=(B, B))
-    check_2d(op, "W1", W1, dtypes=FLOAT_DTYPES, contiguous=False)
-    if W1.shape[1] != B:
-        raise ValueError(f"{op}: W1 has {W1.shape[1]} columns but G is {B} x {B}")
-    check_2d(op, "mask", mask, dtypes=(torch.bool,), shape=W1.shape)
-    if W1.shape[1] > 1 and W1.stride(1) != 1:
-        raise ValueError(f"{op}: W1 must have unit column stride (call .contiguous() first)")
-    if B > MAX_B:
-        raise ValueError(f"{op}: block size B={B} is larger than the supported maximum {MAX_B}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"{op}: rounds must be an integer >= 0, got {rounds!r}")
     if isinstance(m, bool) or not isinstance(m, int) or m < 0 or (m and B % m):
