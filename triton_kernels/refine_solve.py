@@ -50,7 +50,7 @@ MAX_B = 256
 _TILES = (16, 32, 64, 128, 256)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rounds", "m"])  # one compile for every count (1 would be made a constant)
 def _refine_solve_kernel(G, U_B, W, M, E, L, S, MO, NS, ROWS, B, stride_w, stride_m, rounds, m, tol,
                          BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr):
     row = tl.load(ROWS + tl.program_id(0)).to(tl.int64)
