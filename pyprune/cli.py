@@ -371,8 +371,13 @@ def _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream
     if stream and main:
         from .models.streaming import partial_run
         done = partial_run(out)
+        from .models.fp8 import weight_format
+        from .models.io import model_config
+        fp8 = weight_format(model_config(source), str(source)) if source.kind == "hf" else None
         _log(f"streaming {source} block by block into {out}"
              + (f" on {comm.world_size} ranks" if comm is not None else "")
+             + (f"; its weights are {fp8.describe()}: each block dequantized to prune and written back in FP8 with "
+                "new scales" if fp8 is not None else "")
              + (f"; resuming the unfinished run there after block {done}" if done is not None and
                 not args.no_resume else ""))
     generated = getattr(args, "self_generated", None)

@@ -48,10 +48,22 @@ def should_stream(source, stream: str = "auto", copies: int = 1) -> bool:
     """Whether a run streams the checkpoint block by block: ``on``/``off`` as asked (``on`` needs an HF directory
     with safetensors shards); ``auto`` when the weights times ``copies`` (processes on this machine that each hold
     the model) exceed half of the available memory, or when the causal LM is only a part of the checkpoint
-    (``causal_lm_is_a_part``): streaming writes the whole checkpoint back, the parts it does not prune as they were."""
+    (``causal_lm_is_a_part``): streaming writes the whole checkpoint back, the parts it does not prune as they were;
+    always for an FP8 checkpoint (``fp8.weight_format``; ``off`` is refused), whose pruned weights it writes back in
+    FP8. Other quantized checkpoints raise ``UnsupportedModelError``."""
     from .io import ModelSource
     if stream not in STREAM_CHOICES:
         raise ValueError(f"stream must be one of {', '.join(STREAM_CHOICES)}, got {stream!r}")
+    if isinstance(source, ModelSource) and source.kind == "hf":
+        from .fp8 import weight_format
+        from .io import model_config
+        fp8 = weight_format(model_config(source), source.path)  # other quantized formats: refused here
+        if fp8 is not None:  # FP8: streamed, which writes the pruned weights back in FP8
+            if stream == "off":
+                raise ValueError(f"{source.path}: the checkpoint's weights are {fp8.describe()}; pyprune prunes such "
+                                 "a checkpoint streamed (each block dequantized, pruned and written back in FP8), "
+                                 "so stream='off' (--stream off) cannot be used with it")
+            return True
     if not isinstance(source, ModelSource) or source.kind != "hf" or stream == "off":
         if stream == "on":
             raise ValueError("stream='on' (--stream on) needs a Hugging Face directory with safetensors shards")

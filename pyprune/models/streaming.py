@@ -30,6 +30,7 @@ from .discover import eager_experts, find_blocks
 from .driver import (BlockStore, MoveNonBlock, check_inputs_finite, outlier_pass, outside_matrices, plan_run,
                      profile_sparsities, run_blocks, synthetic_batches)
 from .io import REPORT_NAME, ModelSource, check_supported, meta_model
+from .fp8 import Fp8Format, dequantize_tensors, requantize_tensors, weight_format
 from .keymap import KeyMap
 from .outdir import JOURNAL_NAME, MANIFEST_NAME, OutputDir
 from .resume import (STATE_DIR, ResumeMismatchError, ResumeState, acts_name, load_activations,  # noqa: F401
@@ -72,28 +73,34 @@ NONBLOCK_FILE = "model-nonblock.safetensors"
 
 
 def _read_block(block_list: torch.nn.ModuleList, i: int, ckpt: "ShardedCheckpoint", keymap: KeyMap, device,
-                src: str) -> dict[str, torch.Tensor]:
-    """Give block ``i`` its tensors from the input shards (on ``device``); returns what the model has no place for
-    (legacy buffers)."""
+                src: str, fp8: Fp8Format | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Give block ``i`` its tensors from the input shards (on ``device``; FP8 weights dequantized into the block's
+    float dtype); returns what the model has no place for (legacy buffers) and the FP8 weights' old scales (by
+    checkpoint key, for ``requantize_tensors``)."""
     tensors = ckpt.read(keymap.block_keys[i], device=device)
+    scales = {}
+    if fp8 is not None:
+        dtype = next((p.dtype for p in block_list[i].parameters() if p.is_floating_point()), torch.bfloat16)
+        tensors, scales = dequantize_tensors(tensors, fp8, lambda k: dtype)
     raw = keymap.load(tensors)
     del tensors
     still_meta = [n for n, p in block_list[i].named_parameters() if p.device.type == "meta"]
     if still_meta:
         raise ValueError(f"checkpoint {src!r} lacks tensors of block {i}: {still_meta[:5]}")
-    return raw
+    return raw, scales
 
 
 class _DenseStore(BlockStore):
     """A read-only walk over the input checkpoint's blocks (the sparsity profile's pre-pass, ``outlier_pass``): a
     block's tensors are read for its turn and dropped after it; nothing is written."""
 
-    def __init__(self, block_list: torch.nn.ModuleList, device, ckpt: "ShardedCheckpoint", keymap: KeyMap, src: str):
+    def __init__(self, block_list: torch.nn.ModuleList, device, ckpt: "ShardedCheckpoint", keymap: KeyMap, src: str,
+                 fp8: Fp8Format | None = None):
         super().__init__(block_list, device)
-        self.ckpt, self.keymap, self.src = ckpt, keymap, src
+        self.ckpt, self.keymap, self.src, self.fp8 = ckpt, keymap, src, fp8
 
     def load(self, i: int) -> torch.nn.Module:
-        _read_block(self.blocks, i, self.ckpt, self.keymap, self.device, self.src)
+        _read_block(self.blocks, i, self.ckpt, self.keymap, self.device, self.src, self.fp8)
         return self.blocks[i]
 
     def done(self, i: int, block: torch.nn.Module, inputs: BlockInputs, reports: list[LayerReport]) -> None:
@@ -114,11 +121,12 @@ class _ShardStore(BlockStore):
         super().__init__(run.block_list, run.device)
         self.run = run
         self.raw: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, torch.Tensor] = {}
 
     def load(self, i: int) -> torch.nn.Module:
         r = self.run
         # what the model has no place for (legacy buffers): written back as is
-        self.raw = _read_block(r.block_list, i, r.ckpt, r.keymap, r.device, r.src)
+        self.raw, self.scales = _read_block(r.block_list, i, r.ckpt, r.keymap, r.device, r.src, r.fp8)
         return r.block_list[i]
 
     def done(self, i: int, block: torch.nn.Module, inputs: BlockInputs, reports: list[LayerReport]) -> None:
@@ -127,6 +135,8 @@ class _ShardStore(BlockStore):
             lead = f"{r.path}.{i}."
             written = r.keymap.save_form({lead + k: v for k, v in block.state_dict().items()}, r.keymap.block_keys[i])
             written.update(self.raw)
+            if self.scales:  # FP8 again, with scales of the pruned weights
+                written = requantize_tensors(written, r.fp8, self.scales)
             missing = set(r.keymap.block_keys[i]) - set(written)
             if missing:
                 raise RuntimeError(f"block {i}: cannot write {sorted(missing)[:5]} back in the checkpoint's layout")
@@ -170,6 +180,7 @@ class _StreamRun:
     last: int                        # the last block to prune
     od: OutputDir | None             # rank 0's output directory
     profile: dict | None = None      # the sparsity profile's allocation (driver.outlier_pass), kept in the state
+    fp8: Fp8Format | None = None     # the checkpoint's FP8 layout (fp8.weight_format), or None for float weights
 
     def claim(self, name: str) -> str:
         """The path to write output file ``name`` at, claimed in the output directory's journal (rank 0)."""
@@ -244,6 +255,10 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
     out = os.path.abspath(given.given)
     ckpt = ShardedCheckpoint(src)
     hf_config = check_supported(ModelSource("hf", src))  # read and checked as everywhere (io.model_config)
+    fp8 = weight_format(hf_config, src)
+    if fp8 is not None:  # what the weights are, in the report
+        labels = {**(labels or {}), "weight_format": fp8.describe() + ": dequantized per block to prune, written "
+                  "back in FP8 with new scales (amax / 448)"}
     model = meta_model(hf_config)
     # the run's choices, checked against the model before anything is written (as prune_model does)
     plan = plan_run(model, calibration, config, modules=modules, dense=dense, blocks=blocks, device=device,
@@ -310,7 +325,7 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
             if plan.profile is not None and profile is None:  # from the dense blocks, before block 0 is pruned
                 t1 = time.perf_counter()
                 profile = outlier_pass(block_list, path, inputs, plan, _DenseStore(block_list, device, ckpt, keymap,
-                                                                                  src))
+                                                                                  src, fp8))
                 times["outliers"] = time.perf_counter() - t1
             if acts_file is not None:
                 inputs.hidden = load_activations(os.path.join(state_dir, acts_file), device)
@@ -320,7 +335,7 @@ def prune_checkpoint(src: str, out, calibration, config: PruneConfig | None = No
         run = _StreamRun(src=src, out=out, ckpt=ckpt, keymap=keymap, model=model, path=path, block_list=block_list,
                          device=device, main=main, comm=comm, state_dir=state_dir, state_file=state_file,
                          fingerprint=fingerprint, settings=settings, layers=layers, dense=dense, acts_file=acts_file,
-                         last=last, od=od, profile=profile)
+                         last=last, od=od, profile=profile, fp8=fp8)
         run_blocks(block_list, path, inputs, plan.config, plan.selection, plan.options, _ShardStore(run),
                    start=done + 1, last=last, comm=comm, on_block_done=on_block_done, layers=[], dense=run.dense,
                    sparsities=profile_sparsities(profile))
