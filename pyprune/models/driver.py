@@ -777,6 +777,21 @@ class RunPlan:
         return {k: v for k, v in self.settings.items() if k != "device" and k not in self.labels}
 
 
+def check_float_weights(block_list: torch.nn.ModuleList, path: str) -> None:
+    """The blocks' parameters must be float weights pyprune can prune and update: a quantized model in memory (FP8
+    weights of transformers' FP8Linear on a GPU, packed integers of GPTQ/AWQ/bitsandbytes layers) raises
+    ``UnsupportedModelError`` naming the parameter and the fix, before any work."""
+    from .discover import UnsupportedModelError
+    for name, p in block_list.named_parameters():
+        if p.is_floating_point() and p.element_size() >= 2:
+            continue
+        raise UnsupportedModelError(
+            f"{path}.{name} holds {p.dtype} values: the model's weights are quantized in memory, and pyprune prunes "
+            "float weights. Load the model dequantized (for FP8: quantization_config=FineGrainedFP8Config("
+            "dequantize=True)), or give pyprune the checkpoint directory: it prunes an FP8 checkpoint streamed and "
+            "writes it back in FP8")
+
+
 def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=None, dense=None, blocks=None,
              device=None, batch_size: int | None = None, true_sequential: bool = False, calibrate_all_experts: bool = False,
              expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto", progress: bool = False,
@@ -791,6 +806,7 @@ def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=N
     config = PruneConfig() if config is None else config
     profile = make_profile(sparsity_profile, config.sparsity, owl_m, owl_lambda)
     path, block_list = find_blocks(model)
+    check_float_weights(block_list, path)
     selection = make_selection(modules, dense, blocks, len(block_list))
     device = resolve_device(comm.device if comm is not None and device is None else device)
     batches = as_batches(calibration, batch_size)

@@ -110,3 +110,17 @@ def test_fp8_quantize_round_trip(shape, block, rng):
     assert torch.equal(back[..., ::3], torch.zeros_like(back[..., ::3]))
     scale = fmt._expand(s.float(), tuple(w.shape))
     assert bool(((back - w).abs() <= 2.0 ** -4 * w.abs() + 2.0 ** -9 * scale + 1e-12).all())
+
+
+@pytest.mark.parametrize("dtype", [FP8, torch.int8])
+def test_quantized_weights_in_memory_refused(dtype, rng):
+    """A model whose block weights are quantized in memory (transformers' FP8Linear on a GPU keeps float8 weights;
+    GPTQ/bitsandbytes layers hold packed integers) is refused before any work, naming the parameter and the fix."""
+    from pyprune.models.driver import prune_model
+    model = tiny_model("llama", rng, layers=2)
+    lin = model.model.layers[1].mlp.up_proj
+    lin.weight = torch.nn.Parameter(lin.weight.data.to(dtype), requires_grad=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.is_floating_point()}
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds torch\.(float8|int8)"):
+        prune_model(model, calibration(rng, 2, 16), PruneConfig(), device="cpu")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # nothing pruned
