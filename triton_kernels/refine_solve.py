@@ -13,13 +13,12 @@ Design
   weights (vectors). Rows are bucketed on the host by the power-of-two bounds ``BC`` >= c and ``BK`` >= B - c (16 to
   256 each), one launch per bucket over its row ids, so a 50% block works on 64 x 64 tiles; rows that prune nothing
   are not launched (e = 0, loss = 0, the mask unchanged).
-* Compaction as the masked solve's: ``idxM[p]`` = the p-th pruned column, ``idxK[q]`` the q-th kept one (ascending,
-  from a ``cumsum`` of the mask ``CH`` columns at a time).
-* Factorisation: the symmetric sweep operator over the c used pivots turns A into -A^{-1} (triton_kernels/
-  masked_solve.py); a non-positive pivot sets the status (1 + its block column), and the row writes NaN in e and the
-  loss, its starting mask and 0 exchanges, as the C++/CUDA op does. U = A^{-1} G[M, K] is one ``tl.dot`` in IEEE fp32
-  (no TF32; rank-one steps when c > 128, where a 256-wide dot needs more shared memory than an SM has),
-  s_k = G_kk - G[k, M] . U[:, k].
+* Compaction and factorisation shared with the masked solve (``_common.compact_mask``, ``_common.sweep_inverse``):
+  ``idxM[p]`` = the p-th pruned column, ``idxK[q]`` the q-th kept one (ascending); the symmetric sweep operator over
+  the c used pivots turns A into -A^{-1}; a non-positive pivot sets the status (1 + its block column), and the row
+  writes NaN in e and the loss, its starting mask and 0 exchanges, as the C++/CUDA op does. U = A^{-1} G[M, K] is
+  one ``tl.dot`` in IEEE fp32 (no TF32; rank-one steps when c > 128, where a 256-wide dot needs more shared memory
+  than an SM has), s_k = G_kk - G[k, M] . U[:, k].
 * Each round recomputes lambda = A^{-1} w_M and r = w_K - G[K, M] lambda from the state (a few ``BC x BK`` passes,
   G re-read from L1/L2), scores every allowed pair
 
@@ -33,7 +32,8 @@ Design
   they make the same exchanges as the C++ engine and the float64 reference; E and the loss for the final mask meet
   the masked solve's bound against float64 (tests/ops/test_triton_refine_solve.py).
 * What limits B: registers, as for the masked solve (two ``BC x BK``/``BC x BC`` tiles live across the rounds).
-  B <= 256 is enforced.
+  B <= 256 is enforced. Compiled for sm_90 (tests/ops/test_triton_compile.py): the 64 x 64 tiles take 234 registers
+  with 8 warps and do not spill; 128 x 128 spills (about 8 KB) and stages 160 KB of shared memory for its dot.
 * W1 (fp32/fp16/bf16) is up-cast right after loading (what the interpreter needs for bf16 too).
 """
 from __future__ import annotations
@@ -217,8 +217,8 @@ def refine_solve_triton(G: torch.Tensor, U_B: torch.Tensor, W1: torch.Tensor, ma
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exchanges and the joint solve of one block. G, U_B: (B, B) float32 contiguous (U_B upper triangular, G =
     U_B^T U_B); W1: (rows, B) float32/float16/bfloat16 and mask: (rows, B) bool, True = pruned, the starting mask,
-    both with unit column stride; rounds >= 0: at most this many exchanges per row; m > 0: exchanges stay inside groups of m
-    consecutive columns; tol: the fraction of the row's loss an exchange must lower it by.
+    both with unit column stride; rounds >= 0: at most this many exchanges per row; m > 0: exchanges stay inside
+    groups of m consecutive columns; tol: the fraction of the row's loss an exchange must lower it by.
     Returns E (rows, B) float32, loss (rows,) float32, status (rows,) int32 (0 = solved, else 1 + the block column of
     the first non-positive pivot: NaN in that row's E and loss, its starting mask, no exchange; nothing raises), the
     final mask (rows, B) bool and the exchanges made per row (int32). B <= 256."""

@@ -793,10 +793,11 @@ def check_float_weights(block_list: torch.nn.ModuleList, path: str) -> None:
 
 
 def plan_run(model, calibration, config: PruneConfig | None = None, *, modules=None, dense=None, blocks=None,
-             device=None, batch_size: int | None = None, true_sequential: bool = False, calibrate_all_experts: bool = False,
-             expert_min_tokens: int | None = None, hessian_budget: int | str | None = "auto", progress: bool = False,
-             comm=None, streaming: bool = False, labels: dict | None = None, sparsity_profile: str | None = None,
-             owl_m: float | None = None, owl_lambda: float | None = None, **extra_settings) -> RunPlan:
+             device=None, batch_size: int | None = None, true_sequential: bool = False,
+             calibrate_all_experts: bool = False, expert_min_tokens: int | None = None,
+             hessian_budget: int | str | None = "auto", progress: bool = False, comm=None, streaming: bool = False,
+             labels: dict | None = None, sparsity_profile: str | None = None, owl_m: float | None = None,
+             owl_lambda: float | None = None, **extra_settings) -> RunPlan:
     """Check a run's choices against ``model`` (loaded, or on the meta device: nothing is run) and freeze them:
     selection, device, calibration batches (token ids, windows no longer than the model's positions), options, the
     sparsity profile (``owl.make_profile``) and the settings the report records (``extra_settings`` and ``labels``

@@ -62,7 +62,8 @@ def test_fp8_checkpoint_pruned_and_written_back_in_fp8(tmp_path, rng):
     report = prune_pretrained(qdir, str(tmp_path / "out_fp8"), ids, config, device="cpu")
     prune_pretrained(fdir, str(tmp_path / "out_float"), ids, config, device="cpu", stream="on")
     assert "fp8" in report.settings["weight_format"] and "32 x 32" in report.settings["weight_format"]
-    src, got, ref = _all_tensors(qdir), _all_tensors(str(tmp_path / "out_fp8")), _all_tensors(str(tmp_path / "out_float"))
+    src, got = _all_tensors(qdir), _all_tensors(str(tmp_path / "out_fp8"))
+    ref = _all_tensors(str(tmp_path / "out_float"))
     assert set(got) == set(src) and all(got[k].dtype == src[k].dtype and got[k].shape == src[k].shape for k in src)
     cfg = json.load(open(tmp_path / "out_fp8" / "config.json"))
     assert cfg["quantization_config"]["weight_block_size"] == list(BLOCK)
@@ -121,6 +122,7 @@ def test_quantized_weights_in_memory_refused(dtype, rng):
     lin = model.model.layers[1].mlp.up_proj
     lin.weight = torch.nn.Parameter(lin.weight.data.to(dtype), requires_grad=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.is_floating_point()}
-    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds torch\.(float8|int8)"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"model\.layers\.1\.mlp\.up_proj\.weight holds torch\.(float8|int8)"):
         prune_model(model, calibration(rng, 2, 16), PruneConfig(), device="cpu")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # nothing pruned

@@ -1,7 +1,7 @@
-"""The Triton exchange engine and masked solve compiled for a Hopper GPU (sm_90) on this machine, no GPU needed: the interpreter that
-runs the other Triton tests accepts code the compiler rejects (a loop-carried value changing type, a tile that
-needs more shared memory than an SM has), so every tile shape class is compiled here, in a fresh interpreter without
-TRITON_INTERPRET, with Triton's bundled ptxas."""
+"""The Triton exchange engine and masked solve compiled for a Hopper GPU (sm_90) on this machine, no GPU needed: the
+interpreter that runs the other Triton tests accepts code the compiler rejects (a loop-carried value changing type,
+a tile that needs more shared memory than an SM has), so every tile shape class is compiled here, in a fresh
+interpreter without TRITON_INTERPRET, with Triton's bundled ptxas."""
 import json
 import os
 import subprocess
