@@ -140,6 +140,7 @@ class Inspection:
     blocks_path: str
     blocks: list[BlockView]
     outside: list[tuple[str, tuple[int, ...]]]  # parameters outside the blocks (dense)
+    weight_format: str | None = None  # a quantized checkpoint's weights (fp8.weight_format), None for float ones
 
     def table(self, full: bool = False) -> str:
         """Blocks with their prunable matrices (shape as out x in), shared-Hessian groups in brackets, and what stays
@@ -163,6 +164,8 @@ class Inspection:
         total = sum(r * c for b in self.blocks for g in b.groups for _, (r, c) in g)
         lines.append(f"prunable weights: {total:,} in {sum(len(g) for b in self.blocks for g in b.groups)} "
                      "matrices")
+        if self.weight_format:
+            lines.append(f"weights: {self.weight_format}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -170,7 +173,8 @@ class Inspection:
                 "blocks": [{"index": b.index, "kind": b.kind, "experts": b.experts, "dense": b.dense,
                             "groups": [[{"name": n, "shape": list(s)} for n, s in g] for g in b.groups]}
                            for b in self.blocks],
-                "outside": [{"name": n, "shape": list(s)} for n, s in self.outside]}
+                "outside": [{"name": n, "shape": list(s)} for n, s in self.outside],
+                "weight_format": self.weight_format}
 
 
 def _signature(b: BlockView):
@@ -215,10 +219,21 @@ def inspect_model(model, *, device=None) -> Inspection:
     values: every expert runs, routers and gates are found by their use); a block of the same class and parameter
     shapes as an observed one (sharing no parameter with another block) is not run again."""
     if isinstance(model, (str, os.PathLike)):
+        from .discover import UnsupportedModelError
+        from .fp8 import weight_format
         from .io import check_supported, meta_model, resolve_model
-        model = meta_model(check_supported(resolve_model(model)))
+        source = resolve_model(model)
+        config = check_supported(source)
+        try:
+            fmt = weight_format(config, str(source)) if source.kind == "hf" else None
+            wf = fmt and f"{fmt.describe()}: pruned streamed, each block written back in FP8 with new scales"
+        except UnsupportedModelError as e:  # shown, not raised: inspecting is still useful
+            wf = f"not prunable as they are: {e}"
+        model = meta_model(config)
         model.tie_weights()  # as loading ties them: a tied LM head is the embedding, not a matrix of its own
-        return _observe_all(model, device, views=False, skeleton=True)
+        result = _observe_all(model, device, views=False, skeleton=True)
+        result.weight_format = wf
+        return result
     return _observe_all(model, device, views=False)
 
 

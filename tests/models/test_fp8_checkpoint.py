@@ -126,3 +126,17 @@ def test_quantized_weights_in_memory_refused(dtype, rng):
                        match=r"model\.layers\.1\.mlp\.up_proj\.weight holds torch\.(float8|int8)"):
         prune_model(model, calibration(rng, 2, 16), PruneConfig(), device="cpu")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # nothing pruned
+
+
+def test_inspect_says_what_the_weights_are(tmp_path, rng):
+    from pyprune.models.pipeline import inspect_model
+    fdir, qdir, _ = _fp8_and_float_checkpoints(tmp_path, rng)
+    q, f = inspect_model(qdir), inspect_model(fdir)
+    assert q.weight_format.startswith("fp8 (float8_e4m3fn weights, 32 x 32 block scales)")
+    assert "weights: fp8" in q.table() and q.to_dict()["weight_format"] == q.weight_format
+    assert f.weight_format is None and "\nweights:" not in f.table()
+    assert q.to_dict()["blocks"] == f.to_dict()["blocks"]  # the same matrices either way
+    cfg = json.load(open(os.path.join(qdir, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    json.dump(cfg, open(os.path.join(qdir, "config.json"), "w"))
+    assert "not prunable as they are" in inspect_model(qdir).weight_format
