@@ -353,7 +353,9 @@ def cmd_prune(args) -> int:
     try:
         if args.nsamples < comm.world_size:
             raise _BadInput(f"--nsamples {args.nsamples} is smaller than the {comm.world_size} ranks")
-        return _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream, comm)
+        rc = _prune_and_write(args, source, tokenizer, samples, config, od, t_tok, stream, comm)
+        comm.barrier()  # every rank leaves together, after rank 0 has written: none tears the group down early
+        return rc
     finally:
         comm.close()
 

@@ -108,6 +108,7 @@ def _worker(out_dir: str, split_rows_min: int, stream_src: str | None = None) ->
                                        rep.settings["nsamples"])
             torch.save(ref, os.path.join(out_dir, "reference.pt"))
         torch.save(res, os.path.join(out_dir, f"rank{comm.rank}.pt"))
+        comm.barrier()  # leave together (rank 0 computes the references alone first)
     finally:
         comm.close()
 
