@@ -79,14 +79,14 @@ def weight_format(config, where: str) -> Fp8Format | None:
 
 
 def dequantize_tensors(tensors: dict[str, torch.Tensor], fmt: Fp8Format,
-                       dtype_of) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A block's checkpoint tensors with every FP8 weight that has its ``_scale_inv`` dequantized (into
-    ``dtype_of(key)``) and the scales taken out; returns (tensors, {weight key: its old scale}) for ``requantize``."""
+                       dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A block's checkpoint tensors with every FP8 weight that has its ``_scale_inv`` dequantized (into ``dtype``)
+    and the scales taken out; returns (tensors, {weight key: its old scale}) for ``requantize``."""
     out, scales = {}, {}
     for k, v in tensors.items():
         s = tensors.get(k + SCALE_SUFFIX)
         if v.dtype == FP8 and s is not None:
-            out[k] = fmt.dequantize(v, s, dtype_of(k))
+            out[k] = fmt.dequantize(v, s, dtype)
             scales[k] = s
         elif not (k.endswith(SCALE_SUFFIX) and k[:-len(SCALE_SUFFIX)] in tensors
                   and tensors[k[:-len(SCALE_SUFFIX)]].dtype == FP8):

@@ -81,7 +81,7 @@ def _read_block(block_list: torch.nn.ModuleList, i: int, ckpt: "ShardedCheckpoin
     scales = {}
     if fp8 is not None:
         dtype = next((p.dtype for p in block_list[i].parameters() if p.is_floating_point()), torch.bfloat16)
-        tensors, scales = dequantize_tensors(tensors, fp8, lambda k: dtype)
+        tensors, scales = dequantize_tensors(tensors, fp8, dtype)
     raw = keymap.load(tensors)
     del tensors
     still_meta = [n for n, p in block_list[i].named_parameters() if p.device.type == "meta"]
