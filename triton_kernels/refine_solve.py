@@ -91,6 +91,8 @@ def _refine_solve_kernel(G, U_B, W, M, E, L, S, MO, NS, ROWS, B, stride_w, strid
     while go:
         lam = tl.sum(Ai * wM[None, :], axis=1)
         L0 = 0.5 * tl.sum(lam * wM, axis=0)
+        # G[M, K] re-read from L1/L2 every round, though an exchange's update just loaded it: carried across the
+        # rounds instead, it stays live beside Ai and U and the 64 x 64 tiles spill (tests/ops/test_triton_compile.py)
         GMK = tl.load(G + (idxM[:, None] * B + idxK[None, :]), mask=kmask, other=0.0)
         r = wK - tl.sum(GMK * lam[:, None], axis=0)
         sq = tl.maximum(s, tiny)
